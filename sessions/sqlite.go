@@ -1,0 +1,441 @@
+package sessions
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+
+	"github.com/chatproxy/caddy-chatproxy/migrations"
+)
+
+// SQLiteStore is the embedded Store: one file, no server, for a single
+// Caddy (or a few processes on one machine).
+//
+// Writes go through one connection, reads through a small pool. SQLite
+// allows one writer at a time anyway; queueing writers in Go instead of
+// letting them contend for the file lock means no "database is locked"
+// under bursts, and WAL lets readers run beside the writer.
+type SQLiteStore struct {
+	path string
+	w    *sql.DB // one connection, BEGIN IMMEDIATE transactions
+	r    *sql.DB // query_only connections
+	gate migrateGate
+}
+
+var _ Store = (*SQLiteStore)(nil)
+
+// Connection settings, as DSN parameters so that every pooled connection
+// gets them. busy_timeout covers other processes holding the lock;
+// synchronous=NORMAL is durable across crashes of the process in WAL mode
+// (a power cut may lose the last transactions, not corrupt the file).
+const (
+	sqliteCommon = "_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)"
+	sqliteWriter = sqliteCommon + "&_pragma=journal_mode(WAL)&_txlock=immediate"
+	sqliteReader = sqliteCommon + "&_pragma=query_only(1)"
+)
+
+// DefaultSQLitePath is where the embedded store lives when no database is
+// configured: beside Caddy's certificates, in its data directory.
+func DefaultSQLitePath() string {
+	return filepath.Join(caddy.AppDataDir(), "chatproxy", "chatproxy.db")
+}
+
+// OpenSQLite prepares a store in the file at path. It touches nothing on
+// disk: the directory (mode 0700) and the file are created, and the schema
+// migrated, by the first method call, so a bad path is reported there.
+func OpenSQLite(path string) (*SQLiteStore, error) {
+	switch {
+	case path == "":
+		return nil, errors.New("opening sqlite store: empty path")
+	case path == ":memory:" || strings.HasPrefix(path, "file:"):
+		// Each pooled connection would get its own database.
+		return nil, fmt.Errorf("opening sqlite store: %q is not a file path", path)
+	case strings.ContainsRune(path, '?'):
+		// The driver reads everything after '?' as its parameters.
+		return nil, fmt.Errorf("opening sqlite store: path %q contains '?'", path)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("opening sqlite store: %w", err)
+	}
+	w, err := sql.Open("sqlite", abs+"?"+sqliteWriter)
+	if err != nil {
+		return nil, fmt.Errorf("opening sqlite store: %w", err)
+	}
+	r, err := sql.Open("sqlite", abs+"?"+sqliteReader)
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("opening sqlite store: %w", err)
+	}
+	w.SetMaxOpenConns(1)
+	w.SetMaxIdleConns(1)
+	w.SetConnMaxLifetime(0)
+	w.SetConnMaxIdleTime(0)
+	n := max(4, runtime.GOMAXPROCS(0))
+	r.SetMaxOpenConns(n)
+	r.SetMaxIdleConns(n)
+	return &SQLiteStore{path: abs, w: w, r: r, gate: newMigrateGate()}, nil
+}
+
+// Path is the absolute path of the database file.
+func (s *SQLiteStore) Path() string { return s.path }
+
+// Migrate creates the file if needed and applies pending migrations now
+// rather than on first use; running it again is harmless.
+func (s *SQLiteStore) Migrate(ctx context.Context) error {
+	return opErr("migrating", s.gate.run(ctx, s.migrate, true))
+}
+
+func (s *SQLiteStore) migrate(ctx context.Context) error {
+	if err := os.MkdirAll(filepath.Dir(s.path), 0o700); err != nil {
+		return fmt.Errorf("creating directory for sqlite store: %w", err)
+	}
+	// The file holds conversations and client IPs: create it private.
+	// SQLite gives its -wal and -shm files the same mode.
+	f, err := os.OpenFile(s.path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating sqlite store: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("creating sqlite store: %w", err)
+	}
+	if err := migrations.Up(ctx, s.w, migrations.SQLite); err != nil {
+		return fmt.Errorf("sqlite store %s: %w", s.path, err)
+	}
+	return nil
+}
+
+func (s *SQLiteStore) ready(ctx context.Context) error {
+	return s.gate.ensure(ctx, s.migrate)
+}
+
+func opErr(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%s: %w", op, err)
+}
+
+// write runs fn in a write transaction (BEGIN IMMEDIATE, so it holds the
+// file's write lock from the start and cannot fail to upgrade midway).
+func (s *SQLiteStore) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	if err := s.ready(ctx); err != nil {
+		return err
+	}
+	tx, err := s.w.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+const liteInsertSession = `
+INSERT INTO chatproxy_sessions (id, kind, site, page_url, user_agent, client_ip, fingerprint, metadata,
+                      created_at, last_seen_at, expires_at, revoked_at, message_count)
+VALUES (?1, ?2, ?3, nullif(?4, ''), nullif(?5, ''), nullif(?6, ''), nullif(?7, ''), ?8,
+        ?9, ?10, ?11, ?12, 0)
+ON CONFLICT (id) DO NOTHING`
+
+// CreateSession implements Store.
+func (s *SQLiteStore) CreateSession(ctx context.Context, sess *Session) error {
+	const op = "creating session"
+	if err := prepareSession(sess, time.Now()); err != nil {
+		return opErr(op, err)
+	}
+	var revoked any
+	if sess.RevokedAt != nil {
+		revoked = sess.RevokedAt.UnixMicro()
+	}
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, liteInsertSession,
+			sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
+			liteJSON(sess.Metadata), sess.CreatedAt.UnixMicro(), sess.LastSeenAt.UnixMicro(),
+			sess.ExpiresAt.UnixMicro(), revoked)
+		if err != nil {
+			return err
+		}
+		return mustAffect(res, ErrExists)
+	})
+	return opErr(op, err)
+}
+
+const liteGetSession = `
+SELECT id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
+       coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count
+FROM chatproxy_sessions WHERE id = ?1`
+
+// GetSession implements Store.
+func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, error) {
+	const op = "getting session"
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	var (
+		sess                   Session
+		md                     sql.NullString
+		created, seen, expires int64
+		revoked                sql.NullInt64
+	)
+	err := s.r.QueryRowContext(ctx, liteGetSession, id).Scan(
+		&sess.ID, &sess.Kind, &sess.Site, &sess.PageURL, &sess.UserAgent, &sess.ClientIP,
+		&sess.Fingerprint, &md, &created, &seen, &expires, &revoked, &sess.MessageCount)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, opErr(op, ErrNotFound)
+	}
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	if md.Valid {
+		sess.Metadata = []byte(md.String)
+	}
+	sess.CreatedAt = fromMicros(created)
+	sess.LastSeenAt = fromMicros(seen)
+	sess.ExpiresAt = fromMicros(expires)
+	if revoked.Valid {
+		r := fromMicros(revoked.Int64)
+		sess.RevokedAt = &r
+	}
+	return &sess, nil
+}
+
+// TouchSession implements Store.
+func (s *SQLiteStore) TouchSession(ctx context.Context, id string, at time.Time) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx,
+			`UPDATE chatproxy_sessions SET last_seen_at = max(last_seen_at, ?2) WHERE id = ?1`,
+			id, normTime(at).UnixMicro())
+		if err != nil {
+			return err
+		}
+		return mustAffect(res, ErrNotFound)
+	})
+	return opErr("touching session", err)
+}
+
+// RevokeSession implements Store.
+func (s *SQLiteStore) RevokeSession(ctx context.Context, id string, at time.Time) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx,
+			`UPDATE chatproxy_sessions SET revoked_at = coalesce(revoked_at, ?2), message_count = 0 WHERE id = ?1`,
+			id, normTime(at).UnixMicro())
+		if err != nil {
+			return err
+		}
+		if err := mustAffect(res, ErrNotFound); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_messages WHERE session_id = ?1`, id)
+		return err
+	})
+	return opErr("revoking session", err)
+}
+
+// AppendMessage implements Store.
+func (s *SQLiteStore) AppendMessage(ctx context.Context, m *Message) error {
+	const op = "appending message"
+	if err := prepareMessage(m, time.Now()); err != nil {
+		return opErr(op, err)
+	}
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx,
+			`UPDATE chatproxy_sessions SET message_count = message_count + 1 WHERE id = ?1 AND revoked_at IS NULL`,
+			m.SessionID)
+		if err != nil {
+			return err
+		}
+		if err := mustAffect(res, ErrNotFound); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `
+INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
+			m.ID, m.SessionID, m.Role, m.Content, m.Status, liteJSON(m.Metadata), m.CreatedAt.UnixMicro())
+		if liteUniqueViolation(err) {
+			return ErrExists
+		}
+		return err
+	})
+	return opErr(op, err)
+}
+
+// liteListMessages is pgListMessages for SQLite; see there.
+const liteListMessages = `
+WITH b AS (
+    SELECT seq FROM chatproxy_messages WHERE session_id = ?1 AND id = ?2
+), page AS (
+    SELECT seq, id, role, content, status, metadata, created_at
+    FROM chatproxy_messages
+    WHERE session_id = ?1 AND (?2 = '' OR seq < (SELECT seq FROM b))
+    ORDER BY seq DESC
+    LIMIT ?3
+)
+SELECT (SELECT count(*) FROM chatproxy_messages WHERE session_id = ?1),
+       (?2 = '' OR EXISTS (SELECT 1 FROM b)),
+       page.id, page.role, page.content, page.status, page.metadata, page.created_at
+FROM (SELECT 1) AS one LEFT JOIN page ON 1
+ORDER BY page.seq DESC`
+
+// ListMessages implements Store.
+func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string, limit int) (*Page, error) {
+	const op = "listing messages"
+	if limit < 0 {
+		return nil, opErr(op, fmt.Errorf("negative limit %d", limit))
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	rows, err := s.r.QueryContext(ctx, liteListMessages, sessionID, before, int64(limit)+1)
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	defer rows.Close()
+	var (
+		page     Page
+		total    int64
+		beforeOK bool
+	)
+	for rows.Next() {
+		var (
+			id, role, content, status, md sql.NullString
+			created                       sql.NullInt64
+		)
+		if err := rows.Scan(&total, &beforeOK, &id, &role, &content, &status, &md, &created); err != nil {
+			return nil, opErr(op, err)
+		}
+		if !id.Valid {
+			continue
+		}
+		m := Message{
+			ID: id.String, SessionID: sessionID, Role: role.String, Content: content.String,
+			Status: status.String, CreatedAt: fromMicros(created.Int64),
+		}
+		if md.Valid {
+			m.Metadata = []byte(md.String)
+		}
+		page.Messages = append(page.Messages, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, opErr(op, err)
+	}
+	if !beforeOK {
+		return nil, opErr(op, ErrNotFound)
+	}
+	page.TotalCount = int(total)
+	finishPage(&page, limit)
+	return &page, nil
+}
+
+// Purge implements Store.
+func (s *SQLiteStore) Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (int64, int64, error) {
+	exp, old := normTime(expiredBefore).UnixMicro(), normTime(messagesBefore).UnixMicro()
+	var sessions, messages int64
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		// Keep message_count equal to the stored history of the sessions that stay.
+		if _, err := tx.ExecContext(ctx, `
+UPDATE chatproxy_sessions
+SET message_count = max(message_count -
+    (SELECT count(*) FROM chatproxy_messages m WHERE m.session_id = chatproxy_sessions.id AND m.created_at < ?2), 0)
+WHERE expires_at >= ?1 AND id IN (SELECT session_id FROM chatproxy_messages WHERE created_at < ?2)`, exp, old); err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `
+DELETE FROM chatproxy_messages
+WHERE created_at < ?2 OR session_id IN (SELECT id FROM chatproxy_sessions WHERE expires_at < ?1)`, exp, old)
+		if err != nil {
+			return err
+		}
+		if messages, err = res.RowsAffected(); err != nil {
+			return err
+		}
+		res, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE expires_at < ?1`, exp)
+		if err != nil {
+			return err
+		}
+		sessions, err = res.RowsAffected()
+		return err
+	})
+	if err != nil {
+		return 0, 0, opErr("purging", err)
+	}
+	return sessions, messages, nil
+}
+
+// Stats implements Store.
+func (s *SQLiteStore) Stats(ctx context.Context) (*Stats, error) {
+	const op = "reading stats"
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	var st Stats
+	v, err := migrations.Version(ctx, s.r, migrations.SQLite)
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	st.SchemaVersion = v
+	err = s.r.QueryRowContext(ctx, `SELECT (SELECT count(*) FROM chatproxy_sessions), (SELECT count(*) FROM chatproxy_messages)`).
+		Scan(&st.Sessions, &st.Messages)
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	return &st, nil
+}
+
+// Ping implements Store.
+func (s *SQLiteStore) Ping(ctx context.Context) error {
+	const op = "pinging database"
+	if err := s.ready(ctx); err != nil {
+		return opErr(op, err)
+	}
+	if err := s.w.PingContext(ctx); err != nil {
+		return opErr(op, err)
+	}
+	return opErr(op, s.r.PingContext(ctx))
+}
+
+// Close implements Store.
+func (s *SQLiteStore) Close() error {
+	return opErr("closing sqlite store", errors.Join(s.r.Close(), s.w.Close()))
+}
+
+func fromMicros(us int64) time.Time { return time.UnixMicro(us).UTC() }
+
+func liteJSON(md []byte) any {
+	if len(md) == 0 {
+		return nil
+	}
+	return string(md)
+}
+
+// mustAffect turns "no row changed" into notFound.
+func mustAffect(res sql.Result, notFound error) error {
+	n, err := res.RowsAffected()
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return notFound
+	}
+	return nil
+}
+
+func liteUniqueViolation(err error) bool {
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return false
+	}
+	return se.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || se.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
+}

@@ -1,0 +1,274 @@
+// Package sessions holds the visitor session model, the tokens that prove a
+// session, and the Store that keeps sessions and their conversation.
+package sessions
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Errors a Store returns. Callers compare with errors.Is.
+var (
+	// ErrNotFound means no session (or message) has the given id.
+	ErrNotFound = errors.New("not found")
+	// ErrExists means a session with that id is already stored.
+	ErrExists = errors.New("already exists")
+)
+
+// Kinds of session. Visitor sessions are created through the session API;
+// widget sessions are named by the @n8n/chat widget and scoped to a site.
+// They are separate namespaces so one can never read the other's history.
+const (
+	KindVisitor = "visitor"
+	KindWidget  = "widget"
+)
+
+// Roles of a message.
+const (
+	RoleUser      = "user"
+	RoleAssistant = "assistant"
+)
+
+// Statuses of a message. User messages are always complete; an assistant
+// reply is partial when the client left or the stream was cut, and error
+// when the upstream failed before producing a usable reply.
+const (
+	StatusComplete = "complete"
+	StatusPartial  = "partial"
+	StatusError    = "error"
+)
+
+// Session is one visitor conversation.
+type Session struct {
+	ID           string
+	Kind         string
+	Site         string // host of the Origin the session was created from
+	PageURL      string
+	UserAgent    string
+	ClientIP     string
+	Fingerprint  string
+	Metadata     json.RawMessage // a JSON object, or nil
+	CreatedAt    time.Time
+	LastSeenAt   time.Time
+	ExpiresAt    time.Time
+	RevokedAt    *time.Time
+	MessageCount int
+}
+
+// Active reports whether the session may be used at now.
+func (s *Session) Active(now time.Time) bool {
+	return s.RevokedAt == nil && now.Before(s.ExpiresAt)
+}
+
+// Message is one side of an exchange.
+type Message struct {
+	ID        string // time-ordered UUID (v7), also the public id
+	SessionID string
+	Role      string
+	Content   string
+	Status    string
+	Metadata  json.RawMessage // a JSON object, or nil
+	CreatedAt time.Time
+}
+
+// Page is a window of a session's messages, oldest first.
+type Page struct {
+	Messages   []Message
+	TotalCount int
+	HasMore    bool // older messages exist before the first one returned
+}
+
+// Stats summarises a store for operators (`caddy chatproxy status`).
+type Stats struct {
+	SchemaVersion int64
+	Sessions      int64
+	Messages      int64
+}
+
+// Store keeps sessions and messages. Every method takes the request's
+// context; implementations are safe for concurrent use.
+type Store interface {
+	// CreateSession stores a new session. It returns ErrExists if the id is
+	// taken. ID and ExpiresAt are required; an empty Kind becomes
+	// KindVisitor, a zero CreatedAt now and a zero LastSeenAt CreatedAt.
+	// Times are stored in UTC to the microsecond and s is updated to match.
+	CreateSession(ctx context.Context, s *Session) error
+	// GetSession returns the session with the given id, revoked and expired
+	// ones included (the caller decides), or ErrNotFound.
+	GetSession(ctx context.Context, id string) (*Session, error)
+	// TouchSession records activity on a session: last_seen_at moves
+	// forward to at, never back. It returns ErrNotFound if there is no
+	// such session.
+	TouchSession(ctx context.Context, id string, at time.Time) error
+	// RevokeSession marks the session revoked at the given time and deletes
+	// its messages in the same transaction (message_count becomes 0).
+	// Revoking again keeps the first time. It returns ErrNotFound if there
+	// is no such session.
+	RevokeSession(ctx context.Context, id string, at time.Time) error
+	// AppendMessage stores a message and increments the session's
+	// message_count in one transaction. An empty ID or zero CreatedAt is
+	// filled in (with a UUIDv7 and now), as is an empty Status (complete),
+	// and m is updated to match what was stored. It returns ErrNotFound if
+	// the session does not exist or is revoked, so that a reply finishing
+	// after the visitor deleted the session is not kept; ErrExists if a
+	// message with that ID exists.
+	AppendMessage(ctx context.Context, m *Message) error
+	// ListMessages returns up to limit messages of the session, oldest
+	// first: the newest ones, or with before set, the newest ones older
+	// than the message with that id (ErrNotFound if it is not in the session).
+	// TotalCount counts all the session's messages. A session that does not
+	// exist has no messages: the caller is expected to have loaded it.
+	ListMessages(ctx context.Context, sessionID, before string, limit int) (*Page, error)
+	// Purge deletes sessions that expired before expiredBefore (with their
+	// messages) and messages created before messagesBefore. It reports how
+	// many of each it removed; the messages count includes those of the
+	// purged sessions. message_count of the sessions that stay is reduced by
+	// the messages they lost, so it keeps counting the stored history.
+	Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (sessions, messages int64, err error)
+	// Stats reports schema version and row counts.
+	Stats(ctx context.Context) (*Stats, error)
+	// Ping checks the store is reachable (and migrated).
+	Ping(ctx context.Context) error
+	// Close releases the store's resources.
+	Close() error
+}
+
+// Helpers shared by the Store implementations.
+
+// normTime is the form every stored time takes: UTC, truncated to the
+// microsecond both databases keep, so what a caller holds after a write
+// equals what a later read returns.
+func normTime(t time.Time) time.Time {
+	return t.UTC().Truncate(time.Microsecond)
+}
+
+// compactJSON validates raw metadata and strips insignificant white space;
+// empty means none (stored as NULL).
+func compactJSON(raw json.RawMessage) (json.RawMessage, error) {
+	if len(raw) == 0 {
+		return nil, nil
+	}
+	var b bytes.Buffer
+	if err := json.Compact(&b, raw); err != nil {
+		return nil, fmt.Errorf("metadata is not valid JSON: %w", err)
+	}
+	return b.Bytes(), nil
+}
+
+// prepareSession checks s and fills the defaults CreateSession documents,
+// in place, so the caller's copy matches the stored row.
+func prepareSession(s *Session, now time.Time) error {
+	if s.ID == "" {
+		return errors.New("session id is empty")
+	}
+	if s.Kind == "" {
+		s.Kind = KindVisitor
+	}
+	if s.Kind != KindVisitor && s.Kind != KindWidget {
+		return fmt.Errorf("invalid session kind %q", s.Kind)
+	}
+	if s.ExpiresAt.IsZero() {
+		return errors.New("session expiry is not set")
+	}
+	md, err := compactJSON(s.Metadata)
+	if err != nil {
+		return err
+	}
+	s.Metadata = md
+	if s.CreatedAt.IsZero() {
+		s.CreatedAt = now
+	}
+	if s.LastSeenAt.IsZero() {
+		s.LastSeenAt = s.CreatedAt
+	}
+	s.CreatedAt = normTime(s.CreatedAt)
+	s.LastSeenAt = normTime(s.LastSeenAt)
+	s.ExpiresAt = normTime(s.ExpiresAt)
+	if s.RevokedAt != nil {
+		r := normTime(*s.RevokedAt)
+		s.RevokedAt = &r
+	}
+	s.MessageCount = 0 // counted by AppendMessage, never set by hand
+	return nil
+}
+
+// prepareMessage checks m and fills its id (a UUIDv7, so ids sort roughly
+// by time and reveal nothing else), status and time, in place.
+func prepareMessage(m *Message, now time.Time) error {
+	if m.SessionID == "" {
+		return errors.New("message has no session id")
+	}
+	if m.Role != RoleUser && m.Role != RoleAssistant {
+		return fmt.Errorf("invalid message role %q", m.Role)
+	}
+	if m.Status == "" {
+		m.Status = StatusComplete
+	}
+	if m.Status != StatusComplete && m.Status != StatusPartial && m.Status != StatusError {
+		return fmt.Errorf("invalid message status %q", m.Status)
+	}
+	md, err := compactJSON(m.Metadata)
+	if err != nil {
+		return err
+	}
+	m.Metadata = md
+	if m.ID == "" {
+		id, err := uuid.NewV7()
+		if err != nil {
+			return fmt.Errorf("generating message id: %w", err)
+		}
+		m.ID = id.String()
+	}
+	if m.CreatedAt.IsZero() {
+		m.CreatedAt = now
+	}
+	m.CreatedAt = normTime(m.CreatedAt)
+	return nil
+}
+
+// migrateGate runs a store's migrations on first use. Unlike a sync.Once
+// it forgets failures: a database that was down when Caddy started is
+// migrated by the first call after it comes back. Waiting for the gate
+// honours the caller's context.
+type migrateGate struct {
+	sem  chan struct{}
+	done atomic.Bool
+}
+
+func newMigrateGate() migrateGate {
+	return migrateGate{sem: make(chan struct{}, 1)}
+}
+
+// ensure migrates unless a migration already succeeded.
+func (g *migrateGate) ensure(ctx context.Context, migrate func(context.Context) error) error {
+	if g.done.Load() {
+		return nil
+	}
+	return g.run(ctx, migrate, false)
+}
+
+// run migrates; with force it does even after an earlier success, for
+// `caddy chatproxy migrate`.
+func (g *migrateGate) run(ctx context.Context, migrate func(context.Context) error, force bool) error {
+	select {
+	case g.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("preparing database: %w", ctx.Err())
+	}
+	defer func() { <-g.sem }()
+	if !force && g.done.Load() {
+		return nil
+	}
+	if err := migrate(ctx); err != nil {
+		return fmt.Errorf("preparing database: %w", err)
+	}
+	g.done.Store(true)
+	return nil
+}

@@ -1,0 +1,774 @@
+// Package storetest is the one behaviour suite every sessions.Store must
+// pass, so that the Postgres and embedded stores cannot drift apart.
+package storetest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/chatproxy/caddy-chatproxy/migrations"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// Run runs the suite. open must return a new, empty, not yet used store
+// and arrange (with t.Cleanup) for it to be closed; it is called once per
+// subtest, so subtests never see each other's rows.
+func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
+	tests := []struct {
+		name string
+		fn   func(t *testing.T, st sessions.Store)
+	}{
+		{"FirstUseRetriesAfterFailure", testFirstUseRetries},
+		{"Migrate", testMigrate},
+		{"SessionRoundTrip", testSessionRoundTrip},
+		{"SessionDefaults", testSessionDefaults},
+		{"CreateRejectsInvalid", testCreateRejectsInvalid},
+		{"DuplicateID", testDuplicateID},
+		{"NotFound", testNotFound},
+		{"Touch", testTouch},
+		{"Revoke", testRevoke},
+		{"Append", testAppend},
+		{"AppendRejectsInvalid", testAppendRejectsInvalid},
+		{"SameTimestampOrder", testSameTimestampOrder},
+		{"Paging", testPaging},
+		{"PagingBeforeErrors", testPagingBeforeErrors},
+		{"Purge", testPurge},
+		{"Stats", testStats},
+		{"ConcurrentCreate", testConcurrentCreate},
+		{"ConcurrentAppend", testConcurrentAppend},
+		{"RevokeDuringAppends", testRevokeDuringAppends},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.fn(t, open(t))
+		})
+	}
+}
+
+// t0 has nanoseconds and a zone on purpose: stores keep microseconds in UTC.
+var t0 = time.Date(2031, 5, 6, 7, 8, 9, 123456789, time.FixedZone("UTC+2", 2*3600))
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func newSession(id string) *sessions.Session {
+	return &sessions.Session{
+		ID:         id,
+		Site:       "example.com",
+		CreatedAt:  t0,
+		LastSeenAt: t0,
+		ExpiresAt:  t0.Add(7 * 24 * time.Hour),
+	}
+}
+
+func mustCreate(t *testing.T, st sessions.Store, s *sessions.Session) {
+	t.Helper()
+	if err := st.CreateSession(ctx(t), s); err != nil {
+		t.Fatalf("CreateSession(%s): %v", s.ID, err)
+	}
+}
+
+func mustGet(t *testing.T, st sessions.Store, id string) *sessions.Session {
+	t.Helper()
+	s, err := st.GetSession(ctx(t), id)
+	if err != nil {
+		t.Fatalf("GetSession(%s): %v", id, err)
+	}
+	return s
+}
+
+// appendN appends n alternating user/assistant messages at t0+i seconds
+// and returns them in order.
+func appendN(t *testing.T, st sessions.Store, sessionID string, n int) []sessions.Message {
+	t.Helper()
+	out := make([]sessions.Message, n)
+	for i := range n {
+		m := sessions.Message{
+			SessionID: sessionID,
+			Role:      []string{sessions.RoleUser, sessions.RoleAssistant}[i%2],
+			Content:   fmt.Sprintf("message %d", i),
+			CreatedAt: t0.Add(time.Duration(i) * time.Second),
+		}
+		if err := st.AppendMessage(ctx(t), &m); err != nil {
+			t.Fatalf("AppendMessage #%d: %v", i, err)
+		}
+		out[i] = m
+	}
+	return out
+}
+
+func mustList(t *testing.T, st sessions.Store, sessionID, before string, limit int) *sessions.Page {
+	t.Helper()
+	p, err := st.ListMessages(ctx(t), sessionID, before, limit)
+	if err != nil {
+		t.Fatalf("ListMessages(%s, %q, %d): %v", sessionID, before, limit, err)
+	}
+	return p
+}
+
+func ids(ms []sessions.Message) []string {
+	out := make([]string, len(ms))
+	for i, m := range ms {
+		out[i] = m.ID
+	}
+	return out
+}
+
+// jsonEqual compares JSON by value: Postgres' jsonb reorders keys.
+func jsonEqual(t *testing.T, got, want json.RawMessage) bool {
+	t.Helper()
+	if len(got) == 0 || len(want) == 0 {
+		return len(got) == len(want)
+	}
+	var g, w any
+	if err := json.Unmarshal(got, &g); err != nil {
+		t.Fatalf("stored metadata %q is not JSON: %v", got, err)
+	}
+	if err := json.Unmarshal(want, &w); err != nil {
+		t.Fatalf("metadata %q is not JSON: %v", want, err)
+	}
+	return reflect.DeepEqual(g, w)
+}
+
+func timeEqual(got, want time.Time) bool {
+	return got.Equal(want) && got.Location() == time.UTC
+}
+
+func wantErr(t *testing.T, what string, err, target error) {
+	t.Helper()
+	if !errors.Is(err, target) {
+		t.Errorf("%s: err = %v, want %v", what, err, target)
+	}
+}
+
+// A store whose first use fails (here: the caller gave up) must try again
+// on the next call, not remember the failure.
+func testFirstUseRetries(t *testing.T, st sessions.Store) {
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := st.GetSession(cancelled, "x"); err == nil {
+		t.Fatal("GetSession with a cancelled context on a fresh store: want an error")
+	}
+	if err := st.Ping(ctx(t)); err != nil {
+		t.Fatalf("Ping after a failed first use: %v", err)
+	}
+	mustCreate(t, st, newSession("after-retry"))
+}
+
+func testMigrate(t *testing.T, st sessions.Store) {
+	m, ok := st.(interface{ Migrate(context.Context) error })
+	if !ok {
+		t.Fatalf("%T has no Migrate method", st)
+	}
+	for i := range 2 {
+		if err := m.Migrate(ctx(t)); err != nil {
+			t.Fatalf("Migrate #%d: %v", i+1, err)
+		}
+	}
+	stats, err := st.Stats(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := migrations.Latest(migrations.Postgres); stats.SchemaVersion != want {
+		t.Fatalf("SchemaVersion = %d, want %d", stats.SchemaVersion, want)
+	}
+}
+
+func testSessionRoundTrip(t *testing.T, st sessions.Store) {
+	revoked := t0.Add(time.Hour)
+	tests := []*sessions.Session{
+		{
+			ID:          "visitor-full",
+			Kind:        sessions.KindVisitor,
+			Site:        "shop.example.com",
+			PageURL:     "https://shop.example.com/p?q=ü&x=1#frag",
+			UserAgent:   "Mozilla/5.0 (X11; Linux x86_64) «test» 🙂",
+			ClientIP:    "2001:db8::1",
+			Fingerprint: "fp-0123456789abcdef",
+			Metadata:    json.RawMessage(`{ "plan": "pro", "tags": ["a", "b"], "n": 1.5, "nested": {"ok": true} }`),
+			CreatedAt:   t0,
+			LastSeenAt:  t0.Add(time.Minute),
+			ExpiresAt:   t0.Add(30 * 24 * time.Hour),
+		},
+		{
+			ID:         "widget-revoked",
+			Kind:       sessions.KindWidget,
+			Site:       "docs.example.com",
+			CreatedAt:  t0,
+			LastSeenAt: t0,
+			ExpiresAt:  t0.Add(time.Hour),
+			RevokedAt:  &revoked,
+		},
+	}
+	for _, in := range tests {
+		t.Run(in.ID, func(t *testing.T) {
+			orig := *in
+			mustCreate(t, st, in)
+			got := mustGet(t, st, in.ID)
+
+			if got.ID != orig.ID || got.Kind != orig.Kind || got.Site != orig.Site ||
+				got.PageURL != orig.PageURL || got.UserAgent != orig.UserAgent ||
+				got.ClientIP != orig.ClientIP || got.Fingerprint != orig.Fingerprint {
+				t.Errorf("strings: got %+v, want %+v", got, orig)
+			}
+			if !jsonEqual(t, got.Metadata, orig.Metadata) {
+				t.Errorf("Metadata = %s, want %s", got.Metadata, orig.Metadata)
+			}
+			for _, c := range []struct {
+				name      string
+				got, want time.Time
+			}{
+				{"CreatedAt", got.CreatedAt, orig.CreatedAt},
+				{"LastSeenAt", got.LastSeenAt, orig.LastSeenAt},
+				{"ExpiresAt", got.ExpiresAt, orig.ExpiresAt},
+			} {
+				if want := c.want.Truncate(time.Microsecond); !timeEqual(c.got, want) {
+					t.Errorf("%s = %v, want %v in UTC", c.name, c.got, want)
+				}
+			}
+			switch {
+			case orig.RevokedAt == nil && got.RevokedAt != nil:
+				t.Errorf("RevokedAt = %v, want nil", got.RevokedAt)
+			case orig.RevokedAt != nil && (got.RevokedAt == nil || !timeEqual(*got.RevokedAt, orig.RevokedAt.Truncate(time.Microsecond))):
+				t.Errorf("RevokedAt = %v, want %v", got.RevokedAt, orig.RevokedAt)
+			}
+			if got.MessageCount != 0 {
+				t.Errorf("MessageCount = %d, want 0", got.MessageCount)
+			}
+			// The caller's copy was normalised to what was stored.
+			if !timeEqual(in.CreatedAt, got.CreatedAt) || !jsonEqual(t, in.Metadata, got.Metadata) {
+				t.Errorf("caller's session not normalised: %+v vs stored %+v", in, got)
+			}
+			if got.Active(t0) != (orig.RevokedAt == nil) {
+				t.Errorf("Active(t0) = %v", got.Active(t0))
+			}
+		})
+	}
+}
+
+func testSessionDefaults(t *testing.T, st sessions.Store) {
+	before := time.Now().Add(-time.Second)
+	in := &sessions.Session{ID: "minimal", Site: "example.com", ExpiresAt: t0}
+	mustCreate(t, st, in)
+	got := mustGet(t, st, "minimal")
+	if got.Kind != sessions.KindVisitor {
+		t.Errorf("Kind = %q, want %q", got.Kind, sessions.KindVisitor)
+	}
+	if got.CreatedAt.Before(before) || got.CreatedAt.After(time.Now().Add(time.Second)) {
+		t.Errorf("CreatedAt = %v, want about now", got.CreatedAt)
+	}
+	if !got.LastSeenAt.Equal(got.CreatedAt) {
+		t.Errorf("LastSeenAt = %v, want CreatedAt %v", got.LastSeenAt, got.CreatedAt)
+	}
+	if got.PageURL != "" || got.UserAgent != "" || got.ClientIP != "" || got.Fingerprint != "" ||
+		got.Metadata != nil || got.RevokedAt != nil {
+		t.Errorf("optional fields not empty: %+v", got)
+	}
+	if !reflect.DeepEqual(in, got) {
+		t.Errorf("caller's copy %+v differs from stored %+v", in, got)
+	}
+}
+
+func testCreateRejectsInvalid(t *testing.T, st sessions.Store) {
+	tests := []struct {
+		name string
+		edit func(s *sessions.Session)
+	}{
+		{"no id", func(s *sessions.Session) { s.ID = "" }},
+		{"no expiry", func(s *sessions.Session) { s.ExpiresAt = time.Time{} }},
+		{"unknown kind", func(s *sessions.Session) { s.Kind = "admin" }},
+		{"bad metadata", func(s *sessions.Session) { s.Metadata = json.RawMessage(`{"a":`) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newSession("invalid")
+			tt.edit(s)
+			err := st.CreateSession(ctx(t), s)
+			if err == nil || errors.Is(err, sessions.ErrExists) {
+				t.Fatalf("CreateSession: err = %v, want a validation error", err)
+			}
+		})
+	}
+	if _, err := st.GetSession(ctx(t), "invalid"); !errors.Is(err, sessions.ErrNotFound) {
+		t.Fatalf("an invalid session was stored: %v", err)
+	}
+}
+
+func testDuplicateID(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("dup"))
+	other := newSession("dup")
+	other.Site = "evil.example"
+	wantErr(t, "second CreateSession", st.CreateSession(ctx(t), other), sessions.ErrExists)
+	if got := mustGet(t, st, "dup"); got.Site != "example.com" {
+		t.Errorf("the duplicate overwrote the session: Site = %q", got.Site)
+	}
+}
+
+func testNotFound(t *testing.T, st sessions.Store) {
+	c := ctx(t)
+	_, err := st.GetSession(c, "missing")
+	wantErr(t, "GetSession", err, sessions.ErrNotFound)
+	wantErr(t, "TouchSession", st.TouchSession(c, "missing", t0), sessions.ErrNotFound)
+	wantErr(t, "RevokeSession", st.RevokeSession(c, "missing", t0), sessions.ErrNotFound)
+	wantErr(t, "AppendMessage", st.AppendMessage(c, &sessions.Message{
+		SessionID: "missing", Role: sessions.RoleUser, Content: "hi",
+	}), sessions.ErrNotFound)
+	// No session, no messages: an empty page rather than an error.
+	p := mustList(t, st, "missing", "", 10)
+	if len(p.Messages) != 0 || p.TotalCount != 0 || p.HasMore {
+		t.Errorf("ListMessages of a missing session = %+v, want empty", p)
+	}
+}
+
+func testTouch(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("touch"))
+	later := t0.Add(90 * time.Minute)
+	if err := st.TouchSession(ctx(t), "touch", later); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "touch").LastSeenAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
+		t.Errorf("LastSeenAt = %v, want %v", got, later)
+	}
+	// A late, out-of-order touch does not move it back.
+	if err := st.TouchSession(ctx(t), "touch", t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "touch").LastSeenAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
+		t.Errorf("LastSeenAt after an older touch = %v, want %v", got, later)
+	}
+}
+
+func testRevoke(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("gone"))
+	mustCreate(t, st, newSession("kept"))
+	appendN(t, st, "gone", 3)
+	kept := appendN(t, st, "kept", 2)
+
+	at := t0.Add(2 * time.Hour)
+	if err := st.RevokeSession(ctx(t), "gone", at); err != nil {
+		t.Fatal(err)
+	}
+	got := mustGet(t, st, "gone")
+	if got.RevokedAt == nil || !timeEqual(*got.RevokedAt, at.Truncate(time.Microsecond)) {
+		t.Errorf("RevokedAt = %v, want %v", got.RevokedAt, at)
+	}
+	if got.MessageCount != 0 {
+		t.Errorf("MessageCount = %d, want 0", got.MessageCount)
+	}
+	if got.Active(t0) {
+		t.Error("revoked session is active")
+	}
+	if p := mustList(t, st, "gone", "", 50); len(p.Messages) != 0 || p.TotalCount != 0 {
+		t.Errorf("messages survived revocation: %+v", p)
+	}
+
+	// Revoking again keeps the first time.
+	if err := st.RevokeSession(ctx(t), "gone", at.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "gone"); !timeEqual(*got.RevokedAt, at.Truncate(time.Microsecond)) {
+		t.Errorf("second revoke moved RevokedAt to %v", got.RevokedAt)
+	}
+	// A reply finishing after the revocation is not kept.
+	wantErr(t, "AppendMessage to a revoked session", st.AppendMessage(ctx(t), &sessions.Message{
+		SessionID: "gone", Role: sessions.RoleAssistant, Content: "late",
+	}), sessions.ErrNotFound)
+	if p := mustList(t, st, "gone", "", 50); p.TotalCount != 0 {
+		t.Errorf("late message stored: %+v", p)
+	}
+
+	// The other session is untouched.
+	if p := mustList(t, st, "kept", "", 50); !reflect.DeepEqual(ids(p.Messages), ids(kept)) {
+		t.Errorf("other session's messages = %v, want %v", ids(p.Messages), ids(kept))
+	}
+	if got := mustGet(t, st, "kept"); got.RevokedAt != nil || got.MessageCount != 2 {
+		t.Errorf("other session changed: %+v", got)
+	}
+}
+
+func testAppend(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("chat"))
+	before := time.Now().Add(-time.Second)
+
+	user := &sessions.Message{SessionID: "chat", Role: sessions.RoleUser, Content: "hi 👋\nline two\t«»"}
+	if err := st.AppendMessage(ctx(t), user); err != nil {
+		t.Fatal(err)
+	}
+	id, err := uuid.Parse(user.ID)
+	if err != nil || id.Version() != 7 {
+		t.Errorf("generated ID %q is not a UUIDv7 (%v)", user.ID, err)
+	}
+	if user.Status != sessions.StatusComplete {
+		t.Errorf("default Status = %q, want %q", user.Status, sessions.StatusComplete)
+	}
+	if user.CreatedAt.Before(before) || user.CreatedAt.Location() != time.UTC {
+		t.Errorf("default CreatedAt = %v, want now in UTC", user.CreatedAt)
+	}
+	if got := mustGet(t, st, "chat").MessageCount; got != 1 {
+		t.Errorf("MessageCount = %d, want 1", got)
+	}
+
+	reply := &sessions.Message{
+		ID:        "reply-1",
+		SessionID: "chat",
+		Role:      sessions.RoleAssistant,
+		Content:   "partial answer <script>alert(1)</script> & \"quotes\"",
+		Status:    sessions.StatusPartial,
+		Metadata:  json.RawMessage(`{"finish": "client_gone", "chunks": 3}`),
+		CreatedAt: time.Now().Add(time.Second),
+	}
+	if err := st.AppendMessage(ctx(t), reply); err != nil {
+		t.Fatal(err)
+	}
+	failed := &sessions.Message{SessionID: "chat", Role: sessions.RoleAssistant, Status: sessions.StatusError}
+	if err := st.AppendMessage(ctx(t), failed); err != nil {
+		t.Fatalf("AppendMessage with empty content: %v", err)
+	}
+	if got := mustGet(t, st, "chat").MessageCount; got != 3 {
+		t.Errorf("MessageCount = %d, want 3", got)
+	}
+
+	// Every field round-trips.
+	p := mustList(t, st, "chat", "", 10)
+	want := []*sessions.Message{user, reply, failed}
+	if len(p.Messages) != len(want) {
+		t.Fatalf("listed %d messages, want %d", len(p.Messages), len(want))
+	}
+	for i, w := range want {
+		g := p.Messages[i]
+		if g.ID != w.ID || g.SessionID != w.SessionID || g.Role != w.Role || g.Content != w.Content ||
+			g.Status != w.Status || !timeEqual(g.CreatedAt, w.CreatedAt) || !jsonEqual(t, g.Metadata, w.Metadata) {
+			t.Errorf("message %d = %+v, want %+v", i, g, *w)
+		}
+	}
+
+	// A duplicate id is refused and not counted.
+	dup := &sessions.Message{ID: "reply-1", SessionID: "chat", Role: sessions.RoleUser, Content: "again"}
+	wantErr(t, "AppendMessage with a duplicate id", st.AppendMessage(ctx(t), dup), sessions.ErrExists)
+	if got := mustGet(t, st, "chat").MessageCount; got != 3 {
+		t.Errorf("MessageCount after a refused duplicate = %d, want 3", got)
+	}
+}
+
+func testAppendRejectsInvalid(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("strict"))
+	tests := []struct {
+		name string
+		m    sessions.Message
+	}{
+		{"role", sessions.Message{SessionID: "strict", Role: "system", Content: "x"}},
+		{"status", sessions.Message{SessionID: "strict", Role: sessions.RoleUser, Status: "done", Content: "x"}},
+		{"metadata", sessions.Message{SessionID: "strict", Role: sessions.RoleUser, Content: "x", Metadata: json.RawMessage("{")}},
+		{"no session", sessions.Message{Role: sessions.RoleUser, Content: "x"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if err := st.AppendMessage(ctx(t), &tt.m); err == nil {
+				t.Fatal("want an error")
+			}
+		})
+	}
+	if got := mustGet(t, st, "strict").MessageCount; got != 0 {
+		t.Errorf("MessageCount = %d after refused appends, want 0", got)
+	}
+}
+
+// Messages written in the same microsecond keep insertion order, whatever
+// their ids.
+func testSameTimestampOrder(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("burst"))
+	want := []string{"m-e", "m-a", "m-d", "m-b", "m-c"}
+	for _, id := range want {
+		m := &sessions.Message{ID: id, SessionID: "burst", Role: sessions.RoleAssistant, Content: id, CreatedAt: t0}
+		if err := st.AppendMessage(ctx(t), m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := ids(mustList(t, st, "burst", "", 10).Messages); !reflect.DeepEqual(got, want) {
+		t.Errorf("order = %v, want %v", got, want)
+	}
+	// Paging keeps it too.
+	if got := ids(mustList(t, st, "burst", "m-b", 2).Messages); !reflect.DeepEqual(got, []string{"m-a", "m-d"}) {
+		t.Errorf("page before m-b = %v, want [m-a m-d]", got)
+	}
+}
+
+func testPaging(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("long"))
+	mustCreate(t, st, newSession("other"))
+	all := ids(appendN(t, st, "long", 12))
+	appendN(t, st, "other", 3)
+
+	tests := []struct {
+		name    string
+		before  string // an index into all, or "" for the newest page
+		limit   int
+		want    []string
+		hasMore bool
+	}{
+		{"newest page", "", 5, all[7:], true},
+		{"second page", all[7], 5, all[2:7], true},
+		{"last page", all[2], 5, all[:2], false},
+		{"before the first", all[0], 5, nil, false},
+		{"exactly all", "", 12, all, false},
+		{"more than all", "", 200, all, false},
+		{"one", "", 1, all[11:], true},
+		{"zero", "", 0, nil, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := mustList(t, st, "long", tt.before, tt.limit)
+			if got := ids(p.Messages); len(got) != len(tt.want) || (len(got) > 0 && !reflect.DeepEqual(got, tt.want)) {
+				t.Errorf("ids = %v, want %v", got, tt.want)
+			}
+			if p.HasMore != tt.hasMore {
+				t.Errorf("HasMore = %v, want %v", p.HasMore, tt.hasMore)
+			}
+			if p.TotalCount != 12 {
+				t.Errorf("TotalCount = %d, want 12", p.TotalCount)
+			}
+			for _, m := range p.Messages {
+				if m.SessionID != "long" {
+					t.Errorf("message %s of session %q", m.ID, m.SessionID)
+				}
+			}
+		})
+	}
+
+	// Walking back page by page visits every message once, in order.
+	var walked []string
+	before := ""
+	for range 10 {
+		p := mustList(t, st, "long", before, 5)
+		walked = append(ids(p.Messages), walked...)
+		if !p.HasMore {
+			break
+		}
+		before = p.Messages[0].ID
+	}
+	if !reflect.DeepEqual(walked, all) {
+		t.Errorf("walk = %v, want %v", walked, all)
+	}
+}
+
+func testPagingBeforeErrors(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("mine"))
+	mustCreate(t, st, newSession("theirs"))
+	appendN(t, st, "mine", 2)
+	theirs := appendN(t, st, "theirs", 2)
+
+	_, err := st.ListMessages(ctx(t), "mine", theirs[1].ID, 10)
+	wantErr(t, "before = another session's message", err, sessions.ErrNotFound)
+	_, err = st.ListMessages(ctx(t), "mine", "no-such-message", 10)
+	wantErr(t, "before = unknown id", err, sessions.ErrNotFound)
+	if _, err := st.ListMessages(ctx(t), "mine", "", -1); err == nil {
+		t.Error("negative limit: want an error")
+	}
+}
+
+func testPurge(t *testing.T, st sessions.Store) {
+	cutSessions := t0.Add(24 * time.Hour)
+	cutMessages := t0.Add(10 * time.Second)
+	mk := func(id string, expires time.Time) {
+		s := newSession(id)
+		s.ExpiresAt = expires
+		mustCreate(t, st, s)
+	}
+	mk("expired", cutSessions.Add(-time.Microsecond)) // just past the cut-off: goes
+	mk("at-cutoff", cutSessions)                      // expires exactly at it: stays
+	mk("active", cutSessions.Add(time.Hour))
+	mk("empty", cutSessions.Add(time.Hour))
+
+	appendN(t, st, "expired", 3)           // at t0+0..2s: all go with the session
+	active := appendN(t, st, "active", 14) // t0+0..13s: 0..9 are older than cutMessages
+	appendN(t, st, "at-cutoff", 1)
+
+	// A message exactly at the cut-off stays.
+	edge := &sessions.Message{SessionID: "active", Role: sessions.RoleUser, Content: "edge", CreatedAt: cutMessages}
+	if err := st.AppendMessage(ctx(t), edge); err != nil {
+		t.Fatal(err)
+	}
+
+	ns, nm, err := st.Purge(ctx(t), cutSessions, cutMessages)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Messages: 3 of "expired", 10 old ones of "active", 1 old of "at-cutoff".
+	if ns != 1 || nm != 14 {
+		t.Errorf("Purge removed %d sessions, %d messages; want 1, 14", ns, nm)
+	}
+	_, err = st.GetSession(ctx(t), "expired")
+	wantErr(t, "GetSession(expired)", err, sessions.ErrNotFound)
+	for _, id := range []string{"at-cutoff", "active", "empty"} {
+		mustGet(t, st, id)
+	}
+
+	// Ordered by insertion: the edge message came last.
+	wantActive := append(ids(active[10:]), edge.ID)
+	p := mustList(t, st, "active", "", 50)
+	if got := ids(p.Messages); !reflect.DeepEqual(got, wantActive) || p.TotalCount != len(wantActive) {
+		t.Errorf("active keeps %v (total %d), want %v", got, p.TotalCount, wantActive)
+	}
+	if got := mustGet(t, st, "active").MessageCount; got != len(wantActive) {
+		t.Errorf("active MessageCount = %d, want %d (the stored history)", got, len(wantActive))
+	}
+	if got := mustGet(t, st, "at-cutoff").MessageCount; got != 0 {
+		t.Errorf("at-cutoff MessageCount = %d, want 0", got)
+	}
+
+	stats, err := st.Stats(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats.Sessions != 3 || stats.Messages != 5 {
+		t.Errorf("Stats after purge = %+v, want 3 sessions, 5 messages", stats)
+	}
+
+	// Nothing left to purge.
+	if ns, nm, err := st.Purge(ctx(t), cutSessions, cutMessages); err != nil || ns != 0 || nm != 0 {
+		t.Errorf("second Purge = %d, %d, %v; want 0, 0, nil", ns, nm, err)
+	}
+}
+
+func testStats(t *testing.T, st sessions.Store) {
+	stats, err := st.Stats(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := sessions.Stats{SchemaVersion: migrations.Latest(migrations.Postgres)}
+	if *stats != want {
+		t.Errorf("Stats of an empty store = %+v, want %+v", *stats, want)
+	}
+	mustCreate(t, st, newSession("s1"))
+	mustCreate(t, st, newSession("s2"))
+	appendN(t, st, "s1", 2)
+	appendN(t, st, "s2", 1)
+	if err := st.Ping(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	stats, err = st.Stats(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want.Sessions, want.Messages = 2, 3
+	if *stats != want {
+		t.Errorf("Stats = %+v, want %+v", *stats, want)
+	}
+}
+
+const concurrency = 200
+
+func testConcurrentCreate(t *testing.T, st sessions.Store) {
+	// Migrate first: the burst is about writes, not first use (which
+	// FirstUseRetriesAfterFailure and the Postgres tests cover).
+	if err := st.Ping(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	c := ctx(t)
+	var wg sync.WaitGroup
+	errs := make([]error, concurrency)
+	for i := range concurrency {
+		wg.Go(func() {
+			s := newSession(fmt.Sprintf("burst-%03d", i))
+			errs[i] = st.CreateSession(c, s)
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("CreateSession #%d: %v", i, err)
+		}
+	}
+	stats, err := st.Stats(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats.Sessions != concurrency {
+		t.Errorf("stored %d sessions, want %d", stats.Sessions, concurrency)
+	}
+	for i := range concurrency {
+		if s, err := st.GetSession(c, fmt.Sprintf("burst-%03d", i)); err != nil || s.ID != fmt.Sprintf("burst-%03d", i) {
+			t.Fatalf("session %d: %v, %v", i, s, err)
+		}
+	}
+}
+
+func testConcurrentAppend(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("busy"))
+	c := ctx(t)
+	var wg sync.WaitGroup
+	errs := make([]error, concurrency)
+	for i := range concurrency {
+		wg.Go(func() {
+			errs[i] = st.AppendMessage(c, &sessions.Message{
+				SessionID: "busy", Role: sessions.RoleUser, Content: fmt.Sprint(i),
+			})
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("AppendMessage #%d: %v", i, err)
+		}
+	}
+	if got := mustGet(t, st, "busy").MessageCount; got != concurrency {
+		t.Errorf("MessageCount = %d, want %d", got, concurrency)
+	}
+	p := mustList(t, st, "busy", "", concurrency)
+	if p.TotalCount != concurrency || len(p.Messages) != concurrency || p.HasMore {
+		t.Errorf("page: %d messages, total %d, has_more %v; want %d, %d, false",
+			len(p.Messages), p.TotalCount, p.HasMore, concurrency, concurrency)
+	}
+	seen := map[string]bool{}
+	for _, m := range p.Messages {
+		if seen[m.ID] {
+			t.Errorf("duplicate id %s", m.ID)
+		}
+		seen[m.ID] = true
+	}
+}
+
+// Appends racing a revocation: whatever order they land in, nothing of the
+// session survives it and message_count agrees.
+func testRevokeDuringAppends(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("race"))
+	c := ctx(t)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range 40 {
+		wg.Go(func() {
+			<-start
+			err := st.AppendMessage(c, &sessions.Message{SessionID: "race", Role: sessions.RoleUser, Content: fmt.Sprint(i)})
+			if err != nil && !errors.Is(err, sessions.ErrNotFound) {
+				t.Errorf("AppendMessage: %v", err)
+			}
+		})
+	}
+	var revokeErr error
+	wg.Go(func() {
+		<-start
+		time.Sleep(time.Millisecond)
+		revokeErr = st.RevokeSession(c, "race", t0)
+	})
+	close(start)
+	wg.Wait()
+	if revokeErr != nil {
+		t.Fatal(revokeErr)
+	}
+	p := mustList(t, st, "race", "", 100)
+	s := mustGet(t, st, "race")
+	if p.TotalCount != 0 || s.MessageCount != 0 {
+		t.Errorf("after revocation: %d messages stored, message_count %d; want 0, 0", p.TotalCount, s.MessageCount)
+	}
+}
