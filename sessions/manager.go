@@ -1,0 +1,112 @@
+package sessions
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// ErrSessionGone is wrapped when a valid token names a session that is
+// missing, revoked or expired in the store.
+var ErrSessionGone = errors.New("session not active")
+
+// Manager creates and authenticates visitor sessions: a token is only good
+// while its session exists, is not revoked and has not expired in the store.
+type Manager struct {
+	Store  Store
+	Tokens *Tokens
+	TTL    time.Duration
+	Now    func() time.Time
+}
+
+// NewSession describes a session to create.
+type NewSession struct {
+	Kind        string // KindVisitor when empty
+	ID          string // generated when empty
+	Site        string
+	PageURL     string
+	UserAgent   string
+	ClientIP    string
+	Fingerprint string
+	Metadata    json.RawMessage
+}
+
+func (m *Manager) now() time.Time {
+	if m.Now != nil {
+		return m.Now().UTC()
+	}
+	return time.Now().UTC()
+}
+
+// Create stores a new session and returns it with its signed token.
+func (m *Manager) Create(ctx context.Context, n NewSession) (*Session, string, error) {
+	now := m.now()
+	s := &Session{
+		ID:          n.ID,
+		Kind:        n.Kind,
+		Site:        n.Site,
+		PageURL:     n.PageURL,
+		UserAgent:   n.UserAgent,
+		ClientIP:    n.ClientIP,
+		Fingerprint: n.Fingerprint,
+		Metadata:    n.Metadata,
+		CreatedAt:   now,
+		LastSeenAt:  now,
+		// Whole seconds: the token's exp claim has second precision and the
+		// two must agree.
+		ExpiresAt: now.Add(m.TTL).Truncate(time.Second),
+	}
+	if s.Kind == "" {
+		s.Kind = KindVisitor
+	}
+	if s.ID == "" {
+		// 128 random bits; URL- and path-safe.
+		s.ID = rand.Text()
+	}
+	token, err := m.Tokens.Issue(s)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := m.Store.CreateSession(ctx, s); err != nil {
+		return nil, "", err
+	}
+	return s, token, nil
+}
+
+// Authenticate verifies the token and loads its session. Token problems
+// wrap ErrInvalidToken and session state problems wrap ErrSessionGone; any
+// other error is the store's.
+func (m *Manager) Authenticate(ctx context.Context, token string) (*Session, *Claims, error) {
+	claims, err := m.Tokens.Verify(token)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := m.Store.GetSession(ctx, claims.Subject)
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil, fmt.Errorf("%w: no such session", ErrSessionGone)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("loading session: %w", err)
+	}
+	if s.Kind != KindVisitor {
+		return nil, nil, fmt.Errorf("%w: not a visitor session", ErrSessionGone)
+	}
+	if s.RevokedAt != nil {
+		return nil, nil, fmt.Errorf("%w: revoked", ErrSessionGone)
+	}
+	if !m.now().Before(s.ExpiresAt) {
+		return nil, nil, fmt.Errorf("%w: expired", ErrSessionGone)
+	}
+	return s, claims, nil
+}
+
+// Revoke ends the session and erases its messages.
+func (m *Manager) Revoke(ctx context.Context, id string) error {
+	if err := m.Store.RevokeSession(ctx, id, m.now()); err != nil {
+		return fmt.Errorf("revoking session: %w", err)
+	}
+	return nil
+}
