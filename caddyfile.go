@@ -1,0 +1,186 @@
+package chatproxy
+
+import (
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("chat_proxy", parseCaddyfile)
+	// The module answers its own routes and passes the rest on, so it must
+	// run before a site's catch-all reverse_proxy.
+	httpcaddyfile.RegisterDirectiveOrder("chat_proxy", httpcaddyfile.Before, "reverse_proxy")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	cp := new(ChatProxy)
+	err := cp.UnmarshalCaddyfile(h.Dispenser)
+	return cp, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	chat_proxy [<matcher>] {
+//	    n8n_webhook     <url>
+//	    jwt_secret      <secret>
+//	    session_secret  <secret>
+//	    database        <postgres-url>|sqlite:<path>
+//	    allowed_origins <origin...>
+//	    path_prefix     <path>
+//	    session_ttl     <duration>
+//	    max_body_size   <size>
+//	    cookie {
+//	        name      <name>
+//	        same_site lax|strict|none
+//	        domain    <domain>
+//	        secure    on|off
+//	    }
+//	}
+//
+// Write secrets as {env.NAME} or {file./path} placeholders: they are
+// resolved at provision time and never copied into the JSON config.
+func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] {
+			return d.Errf("chat_proxy: duplicate option '%s'", option)
+		}
+		seen[option] = true
+
+		var err error
+		switch option {
+		case "n8n_webhook":
+			cp.N8nWebhook, err = singleArg(d, option)
+		case "jwt_secret":
+			cp.JWTSecret, err = singleArg(d, option)
+		case "session_secret":
+			cp.SessionSecret, err = singleArg(d, option)
+		case "database":
+			cp.Database, err = singleArg(d, option)
+		case "path_prefix":
+			cp.PathPrefix, err = singleArg(d, option)
+		case "allowed_origins":
+			cp.AllowedOrigins = d.RemainingArgs()
+			if len(cp.AllowedOrigins) == 0 {
+				return d.Errf("chat_proxy: option '%s' needs at least one origin", option)
+			}
+			err = noBlock(d, option)
+		case "session_ttl":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				var dur caddy.Duration
+				dur, err = parseDuration(d, option, v)
+				cp.SessionTTL = dur
+			}
+		case "max_body_size":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				size, perr := humanize.ParseBytes(v)
+				if perr != nil || size == 0 || size > 1<<30 {
+					return d.Errf("chat_proxy: option '%s': invalid size %q (use e.g. 64KiB, at most 1GiB)", option, v)
+				}
+				cp.MaxBodySize = int64(size)
+			}
+		case "cookie":
+			err = cp.unmarshalCookie(d)
+		default:
+			return d.Errf("chat_proxy: unrecognized option '%s'", option)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (cp *ChatProxy) unmarshalCookie(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.Errf("chat_proxy: option 'cookie' takes a block, not arguments")
+	}
+	cp.Cookie = new(CookieConfig)
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] {
+			return d.Errf("chat_proxy: duplicate cookie option '%s'", option)
+		}
+		seen[option] = true
+		v, err := singleArg(d, "cookie "+option)
+		if err != nil {
+			return err
+		}
+		switch option {
+		case "name":
+			cp.Cookie.Name = v
+		case "domain":
+			cp.Cookie.Domain = v
+		case "same_site":
+			v = strings.ToLower(v)
+			if v != "lax" && v != "strict" && v != "none" {
+				return d.Errf("chat_proxy: cookie option 'same_site' must be lax, strict or none, got %q", v)
+			}
+			cp.Cookie.SameSite = v
+		case "secure":
+			var on bool
+			switch v {
+			case "on":
+				on = true
+			case "off":
+			default:
+				return d.Errf("chat_proxy: cookie option 'secure' must be on or off, got %q", v)
+			}
+			cp.Cookie.Secure = &on
+		default:
+			return d.Errf("chat_proxy: unrecognized cookie option '%s'", option)
+		}
+	}
+	return nil
+}
+
+// singleArg reads the one argument an option takes and refuses extra
+// arguments or a block.
+func singleArg(d *caddyfile.Dispenser, option string) (string, error) {
+	if !d.NextArg() {
+		return "", d.Errf("chat_proxy: option '%s' needs a value", option)
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.Errf("chat_proxy: option '%s' takes one value", option)
+	}
+	return v, noBlock(d, option)
+}
+
+// noBlock refuses a block after an option's values, an empty one too. The
+// error is made first so that it points at the option's line rather than
+// at a line inside the block.
+func noBlock(d *caddyfile.Dispenser, option string) error {
+	err := d.Errf("chat_proxy: option '%s' does not take a block", option)
+	last := d.Token()
+	if d.NextBlock(d.Nesting()) {
+		return err
+	}
+	// On "{ }", NextBlock consumes both braces and returns false; without
+	// a block it leaves the cursor on the option's last token.
+	if cur := d.Token(); cur.Text != last.Text || cur.Line != last.Line || cur.File != last.File || cur.Quoted() != last.Quoted() {
+		return err
+	}
+	return nil
+}
+
+func parseDuration(d *caddyfile.Dispenser, option, v string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(v)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("chat_proxy: option '%s': invalid duration %q (use e.g. 30s, 10m, 7d)", option, v)
+	}
+	return caddy.Duration(dur), nil
+}

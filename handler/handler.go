@@ -1,0 +1,143 @@
+// Package handler implements the chat_proxy HTTP routes: sessions, history
+// and health, with CORS, CSRF checks, security headers and JSON errors.
+package handler
+
+import (
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// Config is what the module hands the routes once provisioned.
+type Config struct {
+	Prefix      string // path prefix without a trailing slash, e.g. /api/v1
+	Origins     *guard.Origins
+	Sessions    *sessions.Manager
+	Store       sessions.Store
+	Cookie      Cookie
+	MaxBodySize int64
+	Logger      *zap.Logger
+}
+
+// Cookie describes the session cookie.
+type Cookie struct {
+	Name     string
+	Domain   string
+	SameSite http.SameSite
+	Secure   *bool // nil: secure when the request came over TLS
+}
+
+// Handler serves the module's routes and passes other requests on.
+type Handler struct {
+	cfg    Config
+	routes []route
+}
+
+// route is one API path and what each allowed method does there.
+type route struct {
+	path    string // below the prefix; a trailing "/" takes one more path segment
+	methods map[string]routeFunc
+	allow   string // the Allow header value
+}
+
+type routeFunc func(w http.ResponseWriter, r *http.Request, param string) error
+
+// New builds a handler from a provisioned configuration.
+func New(cfg Config) *Handler {
+	h := &Handler{cfg: cfg}
+	h.routes = []route{
+		newRoute("/session/create", map[string]routeFunc{http.MethodPost: h.createSession}),
+		newRoute("/session/validate", map[string]routeFunc{http.MethodGet: h.validateSession}),
+		newRoute("/session", map[string]routeFunc{http.MethodDelete: h.destroySession}),
+		newRoute("/session/destroy", map[string]routeFunc{http.MethodDelete: h.destroySession}),
+		newRoute("/chat/history", map[string]routeFunc{http.MethodGet: h.history}),
+		newRoute("/chat/history/", map[string]routeFunc{http.MethodGet: h.history}),
+	}
+	return h
+}
+
+func newRoute(path string, methods map[string]routeFunc) route {
+	allow := make([]string, 0, len(methods)+1)
+	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodDelete} {
+		if methods[m] != nil {
+			allow = append(allow, m)
+		}
+	}
+	allow = append(allow, http.MethodOptions)
+	return route{path: path, methods: methods, allow: strings.Join(allow, ", ")}
+}
+
+// match finds the route for an API path and the trailing parameter, if any.
+func (h *Handler) match(apiPath string) (*route, string) {
+	for i := range h.routes {
+		rt := &h.routes[i]
+		if prefix, ok := strings.CutSuffix(rt.path, "/"); ok {
+			param, found := strings.CutPrefix(apiPath, prefix+"/")
+			if found && param != "" && !strings.Contains(param, "/") {
+				return rt, param
+			}
+			continue
+		}
+		if apiPath == rt.path {
+			return rt, ""
+		}
+	}
+	return nil, ""
+}
+
+// ServeHTTP answers the module's own routes and hands anything else to next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.URL.Path == "/health" {
+		setSecurityHeaders(w.Header())
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			return h.writeError(w, r, http.StatusMethodNotAllowed, "method_not_allowed", "use GET")
+		}
+		return h.health(w, r)
+	}
+	apiPath, ok := strings.CutPrefix(r.URL.Path, h.cfg.Prefix)
+	if !ok || !strings.HasPrefix(apiPath, "/") {
+		return next.ServeHTTP(w, r)
+	}
+	rt, param := h.match(apiPath)
+	if rt == nil {
+		return next.ServeHTTP(w, r)
+	}
+
+	hdr := w.Header()
+	setSecurityHeaders(hdr)
+	hdr.Add("Vary", "Origin")
+	if !h.checkOrigin(w, r) {
+		return nil
+	}
+	if r.Method == http.MethodOptions {
+		return h.preflight(w, r, rt)
+	}
+	serve := rt.methods[r.Method]
+	if serve == nil {
+		hdr.Set("Allow", rt.allow)
+		return h.writeError(w, r, http.StatusMethodNotAllowed, "method_not_allowed", "method "+r.Method+" is not allowed here; allowed: "+rt.allow)
+	}
+	return serve(w, r, param)
+}
+
+// setSecurityHeaders sets the headers every module response carries.
+func setSecurityHeaders(h http.Header) {
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Referrer-Policy", "strict-origin-when-cross-origin")
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+	h.Set("Cache-Control", "no-store")
+}
+
+// clientIP is Caddy's client_ip, which honours the server's trusted_proxies;
+// the raw X-Forwarded-For is never trusted.
+func clientIP(r *http.Request) string {
+	ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
+	return ip
+}

@@ -1,0 +1,76 @@
+package handler
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// History paging bounds (SPEC §4, §9.5).
+const (
+	defaultHistoryLimit = 50
+	maxHistoryLimit     = 200
+)
+
+type historyMessage struct {
+	ID        string `json:"id"`
+	Role      string `json:"role"`
+	Content   string `json:"content"`
+	CreatedAt string `json:"created_at"`
+	Status    string `json:"status"`
+}
+
+type historyResponse struct {
+	SessionID  string           `json:"session_id"`
+	Messages   []historyMessage `json:"messages"`
+	TotalCount int              `json:"total_count"`
+	HasMore    bool             `json:"has_more"`
+}
+
+// history answers the caller's own conversation. A session id in the path
+// that is not the caller's is 404, exactly like one that does not exist, so
+// the route cannot be used to probe for other visitors' sessions.
+func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID string) error {
+	s, ok := h.authenticate(w, r)
+	if !ok {
+		return nil
+	}
+	if sessionID != "" && sessionID != s.ID {
+		return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
+	}
+	q := r.URL.Query()
+	limit := defaultHistoryLimit
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "limit must be a whole number of at least 1")
+		}
+		limit = min(n, maxHistoryLimit)
+	}
+	page, err := h.cfg.Store.ListMessages(r.Context(), s.ID, q.Get("before"), limit)
+	if errors.Is(err, sessions.ErrNotFound) {
+		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "before does not name a message of this session")
+	}
+	if err != nil {
+		return h.storeError(w, r, "list messages", err)
+	}
+	resp := historyResponse{
+		SessionID:  s.ID,
+		Messages:   make([]historyMessage, len(page.Messages)),
+		TotalCount: page.TotalCount,
+		HasMore:    page.HasMore,
+	}
+	for i, m := range page.Messages {
+		resp.Messages[i] = historyMessage{
+			ID:        m.ID,
+			Role:      m.Role,
+			Content:   m.Content,
+			CreatedAt: m.CreatedAt.UTC().Format(time.RFC3339Nano),
+			Status:    m.Status,
+		}
+	}
+	return writeJSON(w, http.StatusOK, resp)
+}

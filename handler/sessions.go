@@ -1,0 +1,223 @@
+package handler
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// Bounds on what a visitor may attach to a session.
+const (
+	maxPageURLLength = 2048
+	maxMetadataBytes = 8 << 10
+)
+
+type createSessionRequest struct {
+	// OriginDomain is accepted for compatibility with the original widget
+	// and ignored: a session's site comes from the Origin header only.
+	OriginDomain string          `json:"origin_domain"`
+	PageURL      string          `json:"page_url"`
+	Metadata     json.RawMessage `json:"metadata"`
+}
+
+type createSessionResponse struct {
+	SessionID string `json:"session_id"`
+	Token     string `json:"token"`
+	ExpiresAt string `json:"expires_at"`
+}
+
+func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string) error {
+	var req createSessionRequest
+	if bad := h.readJSON(w, r, &req, true); bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	if bad := checkPageURL(req.PageURL); bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	metadata, bad := checkMetadata(req.Metadata)
+	if bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	s, token, err := h.cfg.Sessions.Create(r.Context(), sessions.NewSession{
+		Site:        requestSite(r),
+		PageURL:     req.PageURL,
+		UserAgent:   truncate(r.Header.Get("User-Agent"), 512),
+		ClientIP:    clientIP(r),
+		Fingerprint: guard.Fingerprint(r),
+		Metadata:    metadata,
+	})
+	if err != nil {
+		return h.storeError(w, r, "create session", err)
+	}
+	h.setSessionCookie(w, r, token, s.ExpiresAt)
+	return writeJSON(w, http.StatusCreated, createSessionResponse{
+		SessionID: s.ID,
+		Token:     token,
+		ExpiresAt: s.ExpiresAt.UTC().Format(time.RFC3339),
+	})
+}
+
+type validateResponse struct {
+	Valid        bool   `json:"valid"`
+	SessionID    string `json:"session_id"`
+	ExpiresAt    string `json:"expires_at"`
+	MessageCount int    `json:"message_count"`
+}
+
+func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ string) error {
+	s, ok := h.authenticate(w, r)
+	if !ok {
+		return nil
+	}
+	return writeJSON(w, http.StatusOK, validateResponse{
+		Valid:        true,
+		SessionID:    s.ID,
+		ExpiresAt:    s.ExpiresAt.UTC().Format(time.RFC3339),
+		MessageCount: s.MessageCount,
+	})
+}
+
+func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ string) error {
+	s, ok := h.authenticate(w, r)
+	if !ok {
+		return nil
+	}
+	if err := h.cfg.Sessions.Revoke(r.Context(), s.ID); err != nil && !errors.Is(err, sessions.ErrNotFound) {
+		return h.storeError(w, r, "revoke session", err)
+	}
+	h.clearSessionCookie(w, r)
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// authenticate finds the caller's session from the bearer token or, failing
+// that, the session cookie. Cookie-authenticated requests must also pass
+// the CSRF rule. On failure it has written the response.
+func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*sessions.Session, bool) {
+	token, fromCookie, present := h.sessionToken(r)
+	if !present {
+		_ = h.writeError(w, r, http.StatusUnauthorized, "unauthorized", "a session token is required (Authorization: Bearer, or the session cookie)")
+		return nil, false
+	}
+	if fromCookie && !h.cfg.Origins.CookieRequestAllowed(r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site")) {
+		_ = h.writeError(w, r, http.StatusForbidden, "csrf_refused", "cookie-authenticated requests must come from an allowed origin; other clients use the bearer token")
+		return nil, false
+	}
+	s, _, err := h.cfg.Sessions.Authenticate(r.Context(), token)
+	switch {
+	case errors.Is(err, sessions.ErrInvalidToken):
+		_ = h.writeError(w, r, http.StatusUnauthorized, "invalid_token", "the session token is invalid or expired")
+		return nil, false
+	case errors.Is(err, sessions.ErrSessionGone):
+		_ = h.writeError(w, r, http.StatusUnauthorized, "session_expired", "the session has ended; create a new one")
+		return nil, false
+	case err != nil:
+		_ = h.storeError(w, r, "authenticate", err)
+		return nil, false
+	}
+	return s, true
+}
+
+// sessionToken returns the bearer token, else the cookie's. A malformed
+// Authorization header counts as present, so it fails instead of silently
+// falling back to the cookie.
+func (h *Handler) sessionToken(r *http.Request) (token string, fromCookie, present bool) {
+	if auth := r.Header.Get("Authorization"); auth != "" {
+		scheme, tok, _ := strings.Cut(auth, " ")
+		if !strings.EqualFold(scheme, "Bearer") {
+			return "", false, true
+		}
+		return strings.TrimSpace(tok), false, true
+	}
+	if c, err := r.Cookie(h.cfg.Cookie.Name); err == nil && c.Value != "" {
+		return c.Value, true, true
+	}
+	return "", false, false
+}
+
+func (h *Handler) cookieSecure(r *http.Request) bool {
+	if h.cfg.Cookie.Secure != nil {
+		return *h.cfg.Cookie.Secure
+	}
+	return r.TLS != nil
+}
+
+func (h *Handler) setSessionCookie(w http.ResponseWriter, r *http.Request, token string, expires time.Time) {
+	maxAge := int(time.Until(expires).Seconds())
+	if maxAge < 1 {
+		maxAge = 1
+	}
+	http.SetCookie(w, &http.Cookie{
+		Name:     h.cfg.Cookie.Name,
+		Value:    token,
+		Path:     "/",
+		Domain:   h.cfg.Cookie.Domain,
+		MaxAge:   maxAge,
+		Secure:   h.cookieSecure(r),
+		HttpOnly: true,
+		SameSite: h.cfg.Cookie.SameSite,
+	})
+}
+
+func (h *Handler) clearSessionCookie(w http.ResponseWriter, r *http.Request) {
+	http.SetCookie(w, &http.Cookie{
+		Name:     h.cfg.Cookie.Name,
+		Value:    "",
+		Path:     "/",
+		Domain:   h.cfg.Cookie.Domain,
+		MaxAge:   -1,
+		Secure:   h.cookieSecure(r),
+		HttpOnly: true,
+		SameSite: h.cfg.Cookie.SameSite,
+	})
+}
+
+// requestSite is the site a session belongs to: the Origin's host (already
+// checked against allowed_origins), else the request's own host. A body
+// field never decides it.
+func requestSite(r *http.Request) string {
+	if host, ok := guard.OriginHost(r.Header.Get("Origin")); ok {
+		return host
+	}
+	return strings.ToLower(r.Host)
+}
+
+func checkPageURL(raw string) *errBadBody {
+	if raw == "" {
+		return nil
+	}
+	if len(raw) > maxPageURLLength {
+		return &errBadBody{http.StatusBadRequest, "invalid_request", "page_url is too long"}
+	}
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return &errBadBody{http.StatusBadRequest, "invalid_request", "page_url must be an http or https URL"}
+	}
+	return nil
+}
+
+func checkMetadata(raw json.RawMessage) (json.RawMessage, *errBadBody) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	if len(raw) > maxMetadataBytes {
+		return nil, &errBadBody{http.StatusBadRequest, "invalid_request", "metadata is too large"}
+	}
+	if raw[0] != '{' {
+		return nil, &errBadBody{http.StatusBadRequest, "invalid_request", "metadata must be a JSON object"}
+	}
+	return raw, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "")
+}
