@@ -109,7 +109,11 @@ func (cp *ChatProxy) unmarshalCookie(d *caddyfile.Dispenser) error {
 	}
 	cp.Cookie = new(CookieConfig)
 	seen := make(map[string]bool)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
+	nesting := d.Nesting()
+	if !d.NextBlock(nesting) {
+		return d.Errf("chat_proxy: option 'cookie' needs a block with name, same_site, domain or secure")
+	}
+	for first := true; first || d.NextBlock(nesting); first = false {
 		option := d.Val()
 		if seen[option] {
 			return d.Errf("chat_proxy: duplicate cookie option '%s'", option)

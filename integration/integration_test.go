@@ -155,8 +155,8 @@ func TestCaddyfileEndToEnd(t *testing.T) {
 
 func TestInvalidConfigIsRefused(t *testing.T) {
 	for name, block := range map[string]string{
-		"short secret": "n8n_webhook http://127.0.0.1:9/w\n\t\tjwt_secret short\n\t\tsession_secret integration-n8n-session-secret-0123456789",
-		"equal secrets": "n8n_webhook http://127.0.0.1:9/w\n\t\tjwt_secret integration-n8n-session-secret-0123456789\n\t\tsession_secret integration-n8n-session-secret-0123456789",
+		"short secret":   "n8n_webhook http://127.0.0.1:9/w\n\t\tjwt_secret short\n\t\tsession_secret integration-n8n-session-secret-0123456789",
+		"equal secrets":  "n8n_webhook http://127.0.0.1:9/w\n\t\tjwt_secret integration-n8n-session-secret-0123456789\n\t\tsession_secret integration-n8n-session-secret-0123456789",
 		"unknown option": "n8n_webhok http://127.0.0.1:9/w",
 	} {
 		t.Run(name, func(t *testing.T) {
