@@ -174,9 +174,10 @@ func (cp *ChatProxy) resolve() error {
 			}
 			return "", nil
 		}
-		// Unknown placeholders are an error rather than silently empty: a
-		// typo in {env.X} must not turn into an empty secret.
-		out, err := repl.ReplaceOrErr(value, required, true)
+		// An option that is set must not resolve to nothing: a typo in
+		// {env.X} must neither become an empty secret nor quietly send
+		// production data to the default embedded store.
+		out, err := repl.ReplaceOrErr(value, true, true)
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", option, err)
 		}
@@ -193,8 +194,8 @@ func (cp *ChatProxy) resolve() error {
 	if sessionSecret, err = replace("session_secret", cp.SessionSecret, true); err != nil {
 		return err
 	}
-	// The resolved values live only in unexported fields so the config
-	// keeps its placeholders.
+	// Secrets and the database URL (which may hold a password) live only
+	// in unexported fields once resolved.
 	cp.jwtSecret, cp.sessionSecret = []byte(jwtSecret), []byte(sessionSecret)
 	if cp.webhook, err = parseWebhook(webhook); err != nil {
 		return err
@@ -265,8 +266,8 @@ func (cp *ChatProxy) validateResolved() error {
 		return errors.New("session_secret: must differ from jwt_secret")
 	case cp.webhook == nil:
 		return errors.New("n8n_webhook: required")
-	case !strings.HasPrefix(cp.PathPrefix, "/") && cp.PathPrefix != "":
-		return fmt.Errorf("path_prefix: must start with /, got %q", cp.PathPrefix)
+	case !validPathPrefix(cp.PathPrefix):
+		return fmt.Errorf("path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got %q", cp.PathPrefix)
 	case cp.SessionTTL < caddy.Duration(time.Minute):
 		return fmt.Errorf("session_ttl: must be at least 1m, got %s", time.Duration(cp.SessionTTL))
 	case cp.MaxBodySize < 1024:
@@ -302,7 +303,43 @@ func (cp *ChatProxy) cookie() (handler.Cookie, error) {
 	if c.Name == "" || strings.ContainsAny(c.Name, " \t;,=\"") {
 		return c, fmt.Errorf("cookie: invalid name %q", c.Name)
 	}
+	if c.Domain != "" && !validCookieDomain(c.Domain) {
+		return c, fmt.Errorf("cookie: invalid domain %q", c.Domain)
+	}
 	return c, nil
+}
+
+// validPathPrefix accepts "" (the root) or a clean absolute path of
+// unreserved characters, so route matching is exact and unsurprising.
+func validPathPrefix(p string) bool {
+	if p == "" {
+		return true
+	}
+	if !strings.HasPrefix(p, "/") || strings.Contains(p, "//") || strings.Contains(p, "/./") || strings.Contains(p, "/../") ||
+		strings.HasSuffix(p, "/.") || strings.HasSuffix(p, "/..") {
+		return false
+	}
+	for _, r := range p {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("/-._~", r)) {
+			return false
+		}
+	}
+	return true
+}
+
+// validCookieDomain accepts a host name (optionally with a leading dot),
+// which is all a Domain attribute may hold.
+func validCookieDomain(d string) bool {
+	d = strings.TrimPrefix(d, ".")
+	if d == "" || len(d) > 253 || strings.HasPrefix(d, "-") || strings.Contains(d, "..") || strings.HasSuffix(d, ".") {
+		return false
+	}
+	for _, r := range d {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
