@@ -153,14 +153,38 @@ func (s *PostgresStore) GetSession(ctx context.Context, id string) (*Session, er
 }
 
 // TouchSession implements Store.
-func (s *PostgresStore) TouchSession(ctx context.Context, id string, at time.Time) error {
+func (s *PostgresStore) TouchSession(ctx context.Context, id string, at, expiresAt time.Time) error {
 	const op = "touching session"
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
-	tag, err := s.pool.Exec(ctx,
-		`UPDATE chatproxy_sessions SET last_seen_at = greatest(last_seen_at, $2) WHERE id = $1`,
-		id, normTime(at))
+	var extend *time.Time
+	if !expiresAt.IsZero() {
+		e := normTime(expiresAt)
+		extend = &e
+	}
+	tag, err := s.pool.Exec(ctx, `
+UPDATE chatproxy_sessions SET last_seen_at = greatest(last_seen_at, $2),
+    expires_at = CASE WHEN $3::timestamptz IS NOT NULL AND revoked_at IS NULL
+                      THEN greatest(expires_at, $3::timestamptz) ELSE expires_at END
+WHERE id = $1`,
+		id, normTime(at), extend)
+	if err != nil {
+		return s.fail(op, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return s.fail(op, ErrNotFound)
+	}
+	return nil
+}
+
+// DeleteSession implements Store; messages go by the foreign key's cascade.
+func (s *PostgresStore) DeleteSession(ctx context.Context, id string) error {
+	const op = "deleting session"
+	if err := s.ready(ctx); err != nil {
+		return s.fail(op, err)
+	}
+	tag, err := s.pool.Exec(ctx, `DELETE FROM chatproxy_sessions WHERE id = $1`, id)
 	if err != nil {
 		return s.fail(op, err)
 	}

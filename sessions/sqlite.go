@@ -213,17 +213,35 @@ func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, erro
 }
 
 // TouchSession implements Store.
-func (s *SQLiteStore) TouchSession(ctx context.Context, id string, at time.Time) error {
+func (s *SQLiteStore) TouchSession(ctx context.Context, id string, at, expiresAt time.Time) error {
+	var extend any
+	if !expiresAt.IsZero() {
+		extend = normTime(expiresAt).UnixMicro()
+	}
 	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx,
-			`UPDATE chatproxy_sessions SET last_seen_at = max(last_seen_at, ?2) WHERE id = ?1`,
-			id, normTime(at).UnixMicro())
+		res, err := tx.ExecContext(ctx, `
+UPDATE chatproxy_sessions SET last_seen_at = max(last_seen_at, ?2),
+    expires_at = CASE WHEN ?3 IS NOT NULL AND revoked_at IS NULL THEN max(expires_at, ?3) ELSE expires_at END
+WHERE id = ?1`,
+			id, normTime(at).UnixMicro(), extend)
 		if err != nil {
 			return err
 		}
 		return mustAffect(res, ErrNotFound)
 	})
 	return opErr("touching session", err)
+}
+
+// DeleteSession implements Store; messages go by the foreign key's cascade.
+func (s *SQLiteStore) DeleteSession(ctx context.Context, id string) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE id = ?1`, id)
+		if err != nil {
+			return err
+		}
+		return mustAffect(res, ErrNotFound)
+	})
+	return opErr("deleting session", err)
 }
 
 // RevokeSession implements Store.

@@ -104,9 +104,14 @@ type Store interface {
 	// ones included (the caller decides), or ErrNotFound.
 	GetSession(ctx context.Context, id string) (*Session, error)
 	// TouchSession records activity on a session: last_seen_at moves
-	// forward to at, never back. It returns ErrNotFound if there is no
+	// forward to at, never back. A non-zero expiresAt later than the stored
+	// expiry extends a session that is not revoked (widget sessions slide
+	// while their visitor is active). It returns ErrNotFound if there is no
 	// such session.
-	TouchSession(ctx context.Context, id string, at time.Time) error
+	TouchSession(ctx context.Context, id string, at, expiresAt time.Time) error
+	// DeleteSession removes the session and its messages outright. It
+	// returns ErrNotFound if there is no such session.
+	DeleteSession(ctx context.Context, id string) error
 	// RevokeSession marks the session revoked at the given time and deletes
 	// its messages in the same transaction (message_count becomes 0).
 	// Revoking again keeps the first time. It returns ErrNotFound if there

@@ -34,6 +34,8 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"DuplicateID", testDuplicateID},
 		{"NotFound", testNotFound},
 		{"Touch", testTouch},
+		{"TouchExtends", testTouchExtends},
+		{"Delete", testDelete},
 		{"Revoke", testRevoke},
 		{"Append", testAppend},
 		{"AppendRejectsInvalid", testAppendRejectsInvalid},
@@ -319,8 +321,9 @@ func testNotFound(t *testing.T, st sessions.Store) {
 	c := ctx(t)
 	_, err := st.GetSession(c, "missing")
 	wantErr(t, "GetSession", err, sessions.ErrNotFound)
-	wantErr(t, "TouchSession", st.TouchSession(c, "missing", t0), sessions.ErrNotFound)
+	wantErr(t, "TouchSession", st.TouchSession(c, "missing", t0, time.Time{}), sessions.ErrNotFound)
 	wantErr(t, "RevokeSession", st.RevokeSession(c, "missing", t0), sessions.ErrNotFound)
+	wantErr(t, "DeleteSession", st.DeleteSession(c, "missing"), sessions.ErrNotFound)
 	wantErr(t, "AppendMessage", st.AppendMessage(c, &sessions.Message{
 		SessionID: "missing", Role: sessions.RoleUser, Content: "hi",
 	}), sessions.ErrNotFound)
@@ -334,19 +337,69 @@ func testNotFound(t *testing.T, st sessions.Store) {
 func testTouch(t *testing.T, st sessions.Store) {
 	mustCreate(t, st, newSession("touch"))
 	later := t0.Add(90 * time.Minute)
-	if err := st.TouchSession(ctx(t), "touch", later); err != nil {
+	if err := st.TouchSession(ctx(t), "touch", later, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	if got := mustGet(t, st, "touch").LastSeenAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
 		t.Errorf("LastSeenAt = %v, want %v", got, later)
 	}
 	// A late, out-of-order touch does not move it back.
-	if err := st.TouchSession(ctx(t), "touch", t0.Add(time.Minute)); err != nil {
+	if err := st.TouchSession(ctx(t), "touch", t0.Add(time.Minute), time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	if got := mustGet(t, st, "touch").LastSeenAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
 		t.Errorf("LastSeenAt after an older touch = %v, want %v", got, later)
 	}
+}
+
+func testTouchExtends(t *testing.T, st sessions.Store) {
+	s := newSession("slide")
+	mustCreate(t, st, s)
+	orig := mustGet(t, st, "slide").ExpiresAt
+	later := orig.Add(48 * time.Hour)
+	if err := st.TouchSession(ctx(t), "slide", t0.Add(time.Hour), later); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "slide").ExpiresAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
+		t.Errorf("ExpiresAt = %v, want %v", got, later)
+	}
+	// An earlier expiry never shortens it.
+	if err := st.TouchSession(ctx(t), "slide", t0.Add(time.Hour), orig); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "slide").ExpiresAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
+		t.Errorf("ExpiresAt after an earlier expiry = %v, want %v", got, later)
+	}
+	// A revoked session is not extended.
+	if err := st.RevokeSession(ctx(t), "slide", t0.Add(2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.TouchSession(ctx(t), "slide", t0.Add(3*time.Hour), later.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "slide").ExpiresAt; !timeEqual(got, later.Truncate(time.Microsecond)) {
+		t.Errorf("revoked session was extended to %v", got)
+	}
+}
+
+func testDelete(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("del"))
+	mustCreate(t, st, newSession("stay"))
+	appendN(t, st, "del", 3)
+	kept := appendN(t, st, "stay", 2)
+	if err := st.DeleteSession(ctx(t), "del"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := st.GetSession(ctx(t), "del")
+	wantErr(t, "GetSession after delete", err, sessions.ErrNotFound)
+	if p := mustList(t, st, "del", "", 10); p.TotalCount != 0 {
+		t.Errorf("messages survived deletion: %+v", p)
+	}
+	if p := mustList(t, st, "stay", "", 10); len(p.Messages) != len(kept) {
+		t.Errorf("the other session lost messages: %+v", p)
+	}
+	// The id can be used again.
+	mustCreate(t, st, newSession("del"))
 }
 
 func testRevoke(t *testing.T, st sessions.Store) {
