@@ -1,0 +1,378 @@
+// Package n8n is the upstream client of the chat proxy: it builds the
+// request n8n receives (SPEC §5), authenticates it (jwt, basic, header or
+// none), sends it over one pooled transport per upstream with timeouts,
+// retries (only before any reply byte) and a circuit breaker, and turns
+// n8n's reply, whatever its shape, into a stream of text chunks.
+//
+// Use:
+//
+//	c, err := n8n.New(n8n.Config{WebhookURL: ..., SessionSecret: ...})
+//	defer c.Close()
+//	reply, err := c.Send(ctx, &n8n.Request{SessionID: id, Message: text, ...})
+//	if err != nil {
+//		// *n8n.Error: answer e.Status with e.Code / e.Message (+ Retry-After)
+//	}
+//	defer reply.Close()
+//	for {
+//		text, err := reply.Next()
+//		if err == io.EOF { break }          // complete
+//		if err != nil { /* *n8n.Error with MidStream: error event + [DONE] */ }
+//		// write text to the client
+//	}
+//
+// Send returns once the first text is available, so a failure before it
+// is a plain HTTP error and a failure after it is a stream error. ctx
+// governs the whole exchange: cancelling it cancels the upstream request
+// at once (pass r.Context() for on_client_disconnect cancel, or
+// context.WithoutCancel(r.Context()) for finish).
+package n8n
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+)
+
+// BreakerState is the state of the circuit breaker.
+type BreakerState string
+
+// The circuit breaker's states.
+const (
+	StateClosed   BreakerState = "closed"    // requests flow
+	StateHalfOpen BreakerState = "half-open" // a probe is let through
+	StateOpen     BreakerState = "open"      // requests fail at once with 503
+)
+
+func stateOf(s gobreaker.State) BreakerState {
+	switch s {
+	case gobreaker.StateOpen:
+		return StateOpen
+	case gobreaker.StateHalfOpen:
+		return StateHalfOpen
+	default:
+		return StateClosed
+	}
+}
+
+// Client talks to one n8n webhook. It is safe for concurrent use.
+type Client struct {
+	cfg       Config
+	url       string // never put into errors or logs
+	transport *http.Transport
+	http      *http.Client
+	breaker   *gobreaker.TwoStepCircuitBreaker[struct{}]
+	closed    atomic.Bool
+
+	mu       sync.Mutex
+	openedAt time.Time // when the circuit last opened
+}
+
+// New validates cfg and returns a Client. It does no network I/O.
+func New(cfg Config) (*Client, error) {
+	cfg, u, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	dialer := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second}
+	tr := &http.Transport{
+		Proxy:                  http.ProxyFromEnvironment,
+		DialContext:            dialer.DialContext,
+		ForceAttemptHTTP2:      true, // HTTP/2 when the TLS server offers it
+		MaxIdleConns:           64,
+		MaxIdleConnsPerHost:    64,
+		IdleConnTimeout:        90 * time.Second,
+		TLSHandshakeTimeout:    cfg.DialTimeout,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: 64 << 10,
+		// The client sets Accept-Encoding itself and decodes gzip and br
+		// (the transport alone would only ask for, and decode, gzip).
+		DisableCompression: true,
+	}
+	if cfg.TLSConfig != nil {
+		tr.TLSClientConfig = cfg.TLSConfig.Clone()
+	}
+	c := &Client{
+		cfg:       cfg,
+		url:       u.String(),
+		transport: tr,
+		http: &http.Client{
+			Transport: tr,
+			// A redirect is an error: following it would re-send the message
+			// (and the credentials) somewhere else.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+	}
+	c.breaker = gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
+		Name:        "n8n",
+		MaxRequests: cfg.Breaker.HalfOpenProbes,
+		Timeout:     cfg.Breaker.OpenTimeout,
+		ReadyToTrip: func(counts gobreaker.Counts) bool {
+			return counts.ConsecutiveFailures >= cfg.Breaker.FailureThreshold
+		},
+		IsSuccessful: breakerSuccess,
+		IsExcluded:   breakerExcluded,
+		OnStateChange: func(_ string, from, to gobreaker.State) {
+			if to == gobreaker.StateOpen {
+				c.mu.Lock()
+				c.openedAt = time.Now()
+				c.mu.Unlock()
+			}
+			if cfg.OnStateChange != nil {
+				cfg.OnStateChange(stateOf(from), stateOf(to))
+			}
+		},
+	})
+	return c, nil
+}
+
+// breakerSuccess says whether an outcome counts as a success: a complete
+// reply, or n8n answering 4xx (it is up; the request or the workflow's
+// configuration is wrong, which an open circuit would not fix).
+func breakerSuccess(err error) bool {
+	if err == nil {
+		return true
+	}
+	var e *Error
+	return errors.As(err, &e) && e.Reason == ReasonStatus && e.UpstreamStatus >= 400 && e.UpstreamStatus < 500
+}
+
+// breakerExcluded says whether an outcome does not count at all: the
+// caller cancelled or closed the reply; that says nothing about n8n.
+func breakerExcluded(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && (e.Reason == ReasonCanceled || e.Reason == ReasonClosed)
+}
+
+// State returns the circuit breaker's state, for /health and metrics.
+func (c *Client) State() BreakerState { return stateOf(c.breaker.State()) }
+
+// Close closes the idle pooled connections and makes later Sends fail.
+// Replies in progress are not interrupted.
+func (c *Client) Close() error {
+	c.closed.Store(true)
+	c.transport.CloseIdleConnections()
+	return nil
+}
+
+// retryAfter is what an answer to a rejected request should carry in
+// Retry-After: the rest of the open period, at least a second.
+func (c *Client) retryAfter() time.Duration {
+	if c.State() != StateOpen {
+		return time.Second
+	}
+	c.mu.Lock()
+	opened := c.openedAt
+	c.mu.Unlock()
+	return max(c.cfg.Breaker.OpenTimeout-time.Since(opened), time.Second)
+}
+
+// Sentinel causes for the request context, to tell timeouts apart.
+var (
+	errFirstByteTimeout = errors.New("no reply text within the upstream timeout")
+	errIdleTimeout      = errors.New("no data within the stream idle timeout")
+	errMaxDuration      = errors.New("reply exceeded the max stream duration")
+	errReplyClosed      = errors.New("reply closed by the caller")
+	errReplyDone        = errors.New("reply finished")
+)
+
+// Send forwards req to n8n and returns once the first reply text (or the
+// whole non-streamed reply) is available; nothing has been handed to the
+// caller before, so failures up to then are retried where safe and end as
+// an *Error whose Status is what the route should answer (502, 503 with
+// Retry-After, 504; 499 when ctx ended). A malformed req (no SessionID,
+// Metadata not a JSON object) is a plain error: a bug in the caller.
+// The caller must Close the Reply.
+func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
+	if c.closed.Load() {
+		return nil, newError(ReasonShutdown, errors.New("client closed"))
+	}
+	start := time.Now()
+	body, token, err := c.buildBody(req, start)
+	if err != nil {
+		return nil, err
+	}
+	done, err := c.breaker.Allow()
+	if err != nil {
+		e := newError(ReasonCircuitOpen, err)
+		e.RetryAfter = c.retryAfter()
+		return nil, e
+	}
+
+	sctx, cancel := context.WithCancelCause(ctx)
+	r := &Reply{client: c, ctx: sctx, cancel: cancel, done: done}
+	r.maxTimer = time.AfterFunc(c.cfg.MaxStreamDuration, func() { cancel(errMaxDuration) })
+	firstTimer := time.AfterFunc(c.cfg.UpstreamTimeout, func() { cancel(errFirstByteTimeout) })
+	fail := func(err error) (*Reply, error) {
+		firstTimer.Stop()
+		e := r.classify(err, false)
+		r.finish(e) // counts the outcome: the circuit may open now
+		if e.Status == http.StatusServiceUnavailable {
+			if c.State() == StateOpen {
+				e.RetryAfter = max(e.RetryAfter, c.retryAfter())
+			} else if e.RetryAfter == 0 {
+				e.RetryAfter = time.Second
+			}
+		}
+		return nil, e
+	}
+
+	resp, err := c.roundTrip(sctx, body, token)
+	if err != nil {
+		return fail(err)
+	}
+	r.body = resp.Body
+	if err := checkStatus(resp); err != nil {
+		return fail(err)
+	}
+	if err := r.open(resp); err != nil {
+		return fail(err)
+	}
+	text, err := r.dec.next()
+	if err == io.EOF {
+		err = perr(ReasonEmpty, "reply holds no text")
+		if sctx.Err() != nil {
+			err = context.Cause(sctx) // a body cut short by a cancellation
+		}
+	}
+	if !firstTimer.Stop() && err == nil {
+		// The first text arrived just as the timer fired: ctx is already
+		// cancelled, so the reply cannot go on.
+		err = context.Cause(sctx)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	r.pending = text
+	r.idleTimer = time.AfterFunc(c.cfg.StreamIdleTimeout, func() { cancel(errIdleTimeout) })
+	r.idleArmed.Store(true)
+	return r, nil
+}
+
+// roundTrip sends the request, retrying connection errors and 502/503/504
+// (never once a response body has been handed on).
+func (c *Client) roundTrip(ctx context.Context, body []byte, token string) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(body))
+		if err != nil {
+			return nil, errors.New("building request failed") // the URL was checked in New
+		}
+		c.setHeaders(hreq.Header, token)
+		resp, err := c.http.Do(hreq)
+		if err != nil {
+			err = stripURL(err)
+			if attempt >= c.cfg.MaxRetries || !retryableErr(ctx, err) {
+				return nil, err
+			}
+		} else {
+			if !retryableStatus(resp.StatusCode) || attempt >= c.cfg.MaxRetries {
+				return resp, nil
+			}
+			drain(resp.Body)
+		}
+		if err := sleepCtx(ctx, c.backoff(attempt)); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// backoff returns the delay before retry number attempt+1: the base
+// doubled per attempt, capped, then a random point in its upper half.
+func (c *Client) backoff(attempt int) time.Duration {
+	d := c.cfg.RetryBackoff << min(attempt, 16)
+	if d <= 0 || d > c.cfg.RetryMaxBackoff {
+		d = c.cfg.RetryMaxBackoff
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func retryableStatus(code int) bool {
+	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
+}
+
+// retryableErr reports whether err means the request did not get an answer
+// because of the connection: refused, reset, closed before a response, DNS
+// failure, dial timeout. Not when ctx ended, nor TLS verification failures.
+func retryableErr(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	var opErr *net.OpError
+	var dnsErr *net.DNSError
+	switch {
+	case errors.As(err, &dnsErr):
+		return true
+	case errors.As(err, &opErr) && opErr.Op == "dial":
+		return true
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, syscall.EPIPE), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return true
+	}
+	return false
+}
+
+// stripURL removes the *url.Error wrapper, whose message holds the URL.
+func stripURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+func drain(body io.ReadCloser) {
+	_, _ = io.Copy(io.Discard, io.LimitReader(body, 64<<10))
+	_ = body.Close()
+}
+
+// checkStatus turns a non-2xx response into an error (and closes its body).
+func checkStatus(resp *http.Response) error {
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return nil
+	}
+	defer drain(resp.Body)
+	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
+		e := newError(ReasonRedirect, errors.New("unexpected redirect "+strconv.Itoa(resp.StatusCode)))
+		e.UpstreamStatus = resp.StatusCode
+		return e
+	}
+	snippet, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	return statusError(resp.StatusCode, parseRetryAfter(resp.Header.Get("Retry-After")), sanitize(string(snippet)))
+}
+
+// parseRetryAfter reads a Retry-After in seconds or as an HTTP date,
+// capped at an hour.
+func parseRetryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	var d time.Duration
+	if s, err := strconv.Atoi(v); err == nil && s > 0 {
+		d = time.Duration(s) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = time.Until(t)
+	}
+	return min(max(d, 0), time.Hour)
+}

@@ -1,0 +1,318 @@
+package n8n
+
+import (
+	"bufio"
+	"compress/gzip"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/andybalholm/brotli"
+)
+
+// The webhook path is a secret: tests check it never shows in errors.
+const secretPath = "/webhook/6f1e-secret-webhook-id/chat"
+
+const testSecret = "0123456789abcdef0123456789abcdef-session"
+
+// fakeN8N is an httptest server standing in for n8n. Each test gives it a
+// handler; it counts hits and records what it received.
+type fakeN8N struct {
+	srv     *httptest.Server
+	hits    atomic.Int32
+	newConn atomic.Int32
+	closed  atomic.Int32
+
+	mu      sync.Mutex
+	handler http.HandlerFunc
+	reqs    []recorded
+}
+
+type recorded struct {
+	header http.Header
+	body   []byte
+	proto  int
+}
+
+func newFake(t *testing.T, h http.HandlerFunc) *fakeN8N {
+	t.Helper()
+	f := &fakeN8N{handler: h}
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.Config.ConnState = f.connState
+	f.srv.Start()
+	t.Cleanup(f.close)
+	return f
+}
+
+// newTLSFake is newFake over TLS with HTTP/2 enabled.
+func newTLSFake(t *testing.T, h http.HandlerFunc) *fakeN8N {
+	t.Helper()
+	f := &fakeN8N{handler: h}
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.EnableHTTP2 = true
+	f.srv.StartTLS()
+	t.Cleanup(f.close)
+	return f
+}
+
+func (f *fakeN8N) close() {
+	f.srv.CloseClientConnections()
+	f.srv.Close()
+}
+
+func (f *fakeN8N) connState(_ net.Conn, s http.ConnState) {
+	switch s {
+	case http.StateNew:
+		f.newConn.Add(1)
+	case http.StateClosed:
+		f.closed.Add(1)
+	}
+}
+
+func (f *fakeN8N) serve(w http.ResponseWriter, r *http.Request) {
+	f.hits.Add(1)
+	body, _ := io.ReadAll(r.Body)
+	f.mu.Lock()
+	f.reqs = append(f.reqs, recorded{header: r.Header.Clone(), body: body, proto: r.ProtoMajor})
+	h := f.handler
+	f.mu.Unlock()
+	h(w, r)
+}
+
+func (f *fakeN8N) lastRequest(t *testing.T) recorded {
+	t.Helper()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.reqs) == 0 {
+		t.Fatal("n8n got no request")
+	}
+	return f.reqs[len(f.reqs)-1]
+}
+
+func (f *fakeN8N) url() string { return f.srv.URL + secretPath }
+
+// testConfig is a fast configuration for tests against f.
+func testConfig(f *fakeN8N) Config {
+	return Config{
+		WebhookURL:        f.url(),
+		SessionSecret:     testSecret,
+		UpstreamTimeout:   5 * time.Second,
+		StreamIdleTimeout: 5 * time.Second,
+		MaxStreamDuration: 10 * time.Second,
+		RetryBackoff:      time.Millisecond,
+		RetryMaxBackoff:   5 * time.Millisecond,
+		Breaker:           BreakerConfig{FailureThreshold: 100},
+	}
+}
+
+func newClient(t *testing.T, cfg Config) *Client {
+	t.Helper()
+	c, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func testRequest() *Request {
+	return &Request{
+		SessionID:    "sess-123",
+		Message:      "Hello, bot",
+		Metadata:     json.RawMessage(`{"page_title":"Pricing"}`),
+		OriginDomain: "shop.example.com",
+		PageURL:      "https://shop.example.com/pricing",
+		ClientIP:     "203.0.113.7",
+		UserAgent:    "Mozilla/5.0 test",
+		MessageCount: 4,
+	}
+}
+
+// chunkLine is one n8n streaming line, as n8n writes it.
+func chunkLine(typ, content string) string {
+	m := map[string]any{
+		"type": typ,
+		"metadata": map[string]any{
+			"nodeId": "node-1", "nodeName": "AI Agent", "itemIndex": 0, "runIndex": 0,
+			"timestamp": time.Now().UnixMilli(),
+		},
+	}
+	if typ == "item" || typ == "error" {
+		m["content"] = content
+	}
+	b, _ := json.Marshal(m)
+	return string(b) + "\n"
+}
+
+// ndjson is a whole n8n stream: begin, the items, end.
+func ndjson(items ...string) string {
+	var b strings.Builder
+	b.WriteString(chunkLine("begin", ""))
+	for _, it := range items {
+		b.WriteString(chunkLine("item", it))
+	}
+	b.WriteString(chunkLine("end", ""))
+	return b.String()
+}
+
+// streamHeaders are the headers n8n's Chat Trigger writes for a stream.
+func streamHeaders(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-cache, no-transform")
+	w.WriteHeader(http.StatusOK)
+	flush(w)
+}
+
+func flush(w http.ResponseWriter) { _ = http.NewResponseController(w).Flush() }
+
+// reply answers with a fixed body.
+func reply(status int, contentType, body string) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) {
+		if contentType != "" {
+			w.Header().Set("Content-Type", contentType)
+		} else {
+			w.Header()["Content-Type"] = nil // no sniffing: really unlabelled
+		}
+		w.WriteHeader(status)
+		_, _ = io.WriteString(w, body)
+	}
+}
+
+// compressed answers with body compressed by enc ("gzip" or "br"),
+// flushing the compressor after every part so each part is decodable on
+// arrival.
+func compressed(enc, contentType string, parts ...string) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		w.Header().Set("Content-Encoding", enc)
+		w.WriteHeader(http.StatusOK)
+		cw := newCompressor(enc, w)
+		for _, p := range parts {
+			_, _ = io.WriteString(cw, p)
+			_ = cw.Flush()
+			flush(w)
+		}
+		_ = cw.Close()
+	}
+}
+
+type flushWriteCloser interface {
+	io.WriteCloser
+	Flush() error
+}
+
+func newCompressor(enc string, w io.Writer) flushWriteCloser {
+	if enc == "br" {
+		return brotli.NewWriter(w)
+	}
+	return gzip.NewWriter(w)
+}
+
+// hijackAfter writes a valid chunked 200 response head and the given raw
+// body parts, then kills the connection: a reset in the middle of a
+// stream.
+func hijackAfter(parts ...string) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) {
+		conn, bw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			panic(err)
+		}
+		defer conn.Close()
+		fmt.Fprint(bw, "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n")
+		for _, p := range parts {
+			fmt.Fprintf(bw, "%x\r\n%s\r\n", len(p), p)
+		}
+		_ = bw.Flush()
+		if tc, ok := conn.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0) // RST instead of FIN
+		}
+	}
+}
+
+// dropConnection closes the connection without any response.
+func dropConnection(w http.ResponseWriter, _ *http.Request) {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		panic(err)
+	}
+	_ = conn.Close()
+}
+
+// asError returns err as *Error or fails.
+func asError(t *testing.T, err error) *Error {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %v (%T) is not an *Error", err, err)
+	}
+	return e
+}
+
+// readAll drains a reply for a test, failing on error.
+func readAll(t *testing.T, r *Reply) string {
+	t.Helper()
+	s, err := r.ReadAll()
+	if err != nil {
+		t.Fatalf("reading reply: %v (after %q)", err, s)
+	}
+	return s
+}
+
+// waitFor polls cond until it holds or fails the test after 5 s. Used only
+// for state that changes by the clock (the breaker's open timeout) or
+// arrives asynchronously (server-side connection state).
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// decodeBody runs the parser on a body without HTTP, as Reply.open does.
+func decodeBody(body []byte, contentType string, maxLine int, maxReply int64) (texts []string, format Format, err error) {
+	br := bufio.NewReaderSize(&limitReader{r: strings.NewReader(string(body)), n: maxReply, max: maxReply}, 64<<10)
+	dec, format, err := sniff(br, contentType, maxLine)
+	if err != nil {
+		return nil, "", err
+	}
+	for {
+		t, err := dec.next()
+		if err == io.EOF {
+			return texts, format, nil
+		}
+		if err != nil {
+			return texts, format, err
+		}
+		texts = append(texts, t)
+	}
+}
+
+// signalled returns a channel closed by the returned function (once).
+func signalled() (chan struct{}, func()) {
+	ch := make(chan struct{})
+	var once sync.Once
+	return ch, func() { once.Do(func() { close(ch) }) }
+}
+
+// within waits for ch or fails after 5 s.
+func within(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("timed out waiting for %s", what)
+	}
+}

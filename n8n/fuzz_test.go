@@ -1,0 +1,130 @@
+package n8n
+
+import (
+	"bufio"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"testing/iotest"
+	"unicode/utf8"
+)
+
+// checkDecoded asserts what must hold for any body: only parse errors (the
+// input is in memory, so no I/O errors), and never an empty text.
+func checkDecoded(t *testing.T, texts []string, err error) {
+	t.Helper()
+	var p *protoError
+	if err != nil && !errors.As(err, &p) {
+		t.Fatalf("unexpected error type %T: %v", err, err)
+	}
+	for i, s := range texts {
+		if s == "" {
+			t.Fatalf("text %d is empty", i)
+		}
+	}
+}
+
+// FuzzNDJSONParser feeds arbitrary bodies to the reply parser (labelled as
+// n8n labels its streams, and as other content types the sniffing must
+// cope with), then checks that lines built from arbitrary texts
+// round-trip.
+func FuzzNDJSONParser(f *testing.F) {
+	f.Add([]byte(ndjson("Hel", "lo")), "a", "b")
+	f.Add([]byte(`{"type":"keepalive"}`+"\n"+chunkLine("item", "x")+`{"type":"error","content":null}`+"\n"), "", "\n")
+	f.Add([]byte(`{"output":"x"}`), "{\"output\":\"u\"}", "é")
+	f.Add([]byte("[{\"text\":\"t\"}]"), "\r\n", "data: x")
+	f.Add([]byte("\xef\xbb\xbf {\"type\":\"item\",\"content\":{\"a\":1}}\n<html>"), "\x00", "\xff")
+	f.Add([]byte(`{"executionStarted":true}`), "👋", "  ")
+	contentTypes := []string{"application/json; charset=utf-8", "text/plain", "", "application/x-ndjson", "text/html"}
+	f.Fuzz(func(t *testing.T, body []byte, a, b string) {
+		for _, ct := range contentTypes {
+			texts, _, err := decodeBody(body, ct, 256, 4096)
+			checkDecoded(t, texts, err)
+		}
+
+		// Round trip: begin, item a, keepalive, item b, end.
+		var lines strings.Builder
+		lines.WriteString(chunkLine("begin", ""))
+		for _, s := range []string{a, b} {
+			lines.WriteString(chunkLine("item", s))
+			lines.WriteString(`{"type":"keepalive"}` + "\n")
+		}
+		lines.WriteString(chunkLine("end", ""))
+		texts, format, err := decodeBody([]byte(lines.String()), "application/json", 1<<20, 1<<22)
+		if err != nil || format != FormatNDJSON {
+			t.Fatalf("round trip: %v (format %s)", err, format)
+		}
+		var want []string
+		for _, s := range []string{a, b} {
+			if s = unwrapItem(string([]rune(s))); s != "" {
+				want = append(want, s)
+			}
+		}
+		if strings.Join(texts, "|") != strings.Join(want, "|") || len(texts) != len(want) {
+			t.Fatalf("got %q, want %q", texts, want)
+		}
+	})
+}
+
+// FuzzSSEParser feeds arbitrary event streams to the parser, then checks
+// that multi-line data round-trips.
+func FuzzSSEParser(f *testing.F) {
+	f.Add([]byte("data: a\n\ndata: {\"type\":\"item\",\"content\":\"b\"}\r\n\r\n: c\rdata: [DONE]\n\n"), "line1\nline2")
+	f.Add([]byte("event: error\ndata: x\n\n"), "é 👋")
+	f.Add([]byte("data:no space\ndata\n\nid: 3\nretry: 5\n\n"), "data: inner\n\nevent: x")
+	f.Add([]byte("data: \"quoted\"\n\ndata: {\"output\":\"o\"}\n\n"), ":comment")
+	f.Fuzz(func(t *testing.T, body []byte, s string) {
+		texts, _, err := decodeBody(body, "text/event-stream", 256, 4096)
+		checkDecoded(t, texts, err)
+
+		t0 := strings.TrimSpace(s)
+		if s == "" || strings.ContainsRune(s, '\r') || !utf8.ValidString(s) ||
+			strings.HasPrefix(t0, "{") || strings.HasPrefix(t0, `"`) || s == "[DONE]" {
+			return // empty, re-framed, or interpreted (JSON, [DONE]) data
+		}
+		var stream strings.Builder
+		for line := range strings.SplitSeq(s, "\n") {
+			stream.WriteString("data: " + line + "\n")
+		}
+		stream.WriteString("\n: keepalive\n\ndata: [DONE]\n\n")
+		texts, format, err := decodeBody([]byte(stream.String()), "text/event-stream", 1<<20, 1<<22)
+		if err != nil || format != FormatSSE {
+			t.Fatalf("round trip: %v", err)
+		}
+		if len(texts) != 1 || texts[0] != s {
+			t.Fatalf("got %q, want %q", texts, s)
+		}
+	})
+}
+
+// FuzzTextChunks reads plain-text bodies one byte at a time: chunks must
+// concatenate to the body and never split a UTF-8 sequence.
+func FuzzTextChunks(f *testing.F) {
+	f.Add("héllo wörld 👋🏽 世界")
+	f.Add("plain")
+	f.Add("bad \xff\xe2\x82 end")
+	f.Fuzz(func(t *testing.T, s string) {
+		if strings.TrimLeft(s, " \t\r\n") != s || s == "" {
+			return // leading white space is skipped while sniffing
+		}
+		d := &textDecoder{br: bufio.NewReader(iotest.OneByteReader(strings.NewReader(s)))}
+		var got strings.Builder
+		for {
+			chunk, err := d.next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if utf8.ValidString(s) && !utf8.ValidString(chunk) {
+				t.Fatalf("chunk %q splits a rune", chunk)
+			}
+			got.WriteString(chunk)
+		}
+		if got.String() != s {
+			t.Fatalf("got %q, want %q", got.String(), s)
+		}
+	})
+}

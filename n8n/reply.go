@@ -1,0 +1,243 @@
+package n8n
+
+import (
+	"bufio"
+	"compress/gzip"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/andybalholm/brotli"
+)
+
+// Reply is n8n's answer, read as a sequence of text chunks. Next must be
+// called from one goroutine at a time; Close may be called from any
+// goroutine, also while Next is blocked (Next then returns an Error with
+// ReasonClosed).
+type Reply struct {
+	client *Client
+	ctx    context.Context // the request's: the caller's plus timeouts and Close
+	cancel context.CancelCauseFunc
+	done   func(error) // reports the outcome to the circuit breaker
+
+	maxTimer  *time.Timer
+	idleTimer *time.Timer
+	idleArmed atomic.Bool
+
+	body   io.ReadCloser // nil until n8n answered
+	raw    *activityReader
+	dec    decoder
+	format Format
+
+	pending string // the first text, read by Send
+	term    error  // io.EOF or the *Error that ended the reply
+
+	finishOnce sync.Once
+}
+
+// Format returns the detected shape of n8n's reply.
+func (r *Reply) Format() Format { return r.format }
+
+// Next returns the next piece of reply text (never empty). It returns
+// io.EOF at the clean end of the reply, or an *Error with MidStream set
+// when the reply broke off (connection lost, timeout, error chunk, limits,
+// the caller's context ended); the text handed out before stays valid.
+// After the end, Next keeps returning the same error.
+func (r *Reply) Next() (string, error) {
+	if r.pending != "" {
+		t := r.pending
+		r.pending = ""
+		return t, nil
+	}
+	if r.term != nil {
+		return "", r.term
+	}
+	text, err := r.dec.next()
+	switch {
+	case err == nil:
+		return text, nil
+	case err == io.EOF && r.ctx.Err() == nil:
+		r.term = io.EOF
+		r.finish(nil)
+		return "", io.EOF
+	case err == io.EOF:
+		err = context.Cause(r.ctx) // a body cut short by a cancellation
+	}
+	e := r.classify(err, true)
+	r.term = e
+	r.finish(e)
+	return "", e
+}
+
+// ReadAll reads the rest of the reply and returns its text. On error it
+// returns the text read so far with the error.
+func (r *Reply) ReadAll() (string, error) {
+	var b strings.Builder
+	for {
+		t, err := r.Next()
+		b.WriteString(t)
+		if err == io.EOF {
+			return b.String(), nil
+		}
+		if err != nil {
+			return b.String(), err
+		}
+	}
+}
+
+// Close stops the request to n8n (if still running) and frees its
+// resources. It is safe to call more than once and concurrently with Next.
+// A reply closed before its end counts neither as a success nor as a
+// failure for the circuit breaker.
+func (r *Reply) Close() error {
+	r.cancel(errReplyClosed)
+	r.finish(newError(ReasonClosed, errReplyClosed))
+	return nil
+}
+
+// finish ends the exchange once: timers stopped, request cancelled, body
+// closed, outcome reported to the circuit breaker.
+func (r *Reply) finish(outcome error) {
+	r.finishOnce.Do(func() {
+		r.idleArmed.Store(false)
+		r.maxTimer.Stop()
+		if r.idleTimer != nil {
+			r.idleTimer.Stop()
+		}
+		r.cancel(errReplyDone)
+		if r.body != nil {
+			_ = r.body.Close()
+		}
+		r.done(outcome)
+	})
+}
+
+// touch re-arms the idle timer: bytes arrived from n8n.
+func (r *Reply) touch() {
+	if r.idleArmed.Load() {
+		r.idleTimer.Reset(r.client.cfg.StreamIdleTimeout)
+	}
+}
+
+// open sets up decompression, the size limit and the format decoder, and
+// reads the body up to the point where its format is known.
+func (r *Reply) open(resp *http.Response) error {
+	r.raw = &activityReader{r: resp.Body, reply: r}
+	var src io.Reader = r.raw
+	switch ce := strings.ToLower(strings.TrimSpace(resp.Header.Get("Content-Encoding"))); ce {
+	case "", "identity":
+	case "gzip", "x-gzip":
+		zr, err := gzip.NewReader(src)
+		if err != nil {
+			if err == io.EOF {
+				return perr(ReasonEmpty, "reply body is empty")
+			}
+			return r.decodeErr(err)
+		}
+		src = &decodeReader{r: zr, reply: r}
+	case "br":
+		src = &decodeReader{r: brotli.NewReader(src), reply: r}
+	default:
+		return perr(ReasonUnsupportedFormat, fmt.Sprintf("unsupported content encoding %q", sanitize(ce)))
+	}
+	cfg := &r.client.cfg
+	br := bufio.NewReaderSize(&limitReader{r: src, n: cfg.MaxReplyBytes, max: cfg.MaxReplyBytes}, 64<<10)
+	dec, format, err := sniff(br, resp.Header.Get("Content-Type"), cfg.MaxLineBytes)
+	if err != nil {
+		return err
+	}
+	r.dec, r.format = dec, format
+	return nil
+}
+
+// decodeErr tells a broken compressed stream (an invalid reply) from a
+// broken connection (which the raw reader saw).
+func (r *Reply) decodeErr(err error) error {
+	if raw := r.raw.err; raw != nil && raw != io.EOF {
+		return raw
+	}
+	var p *protoError
+	if errors.As(err, &p) {
+		return err
+	}
+	return perr(ReasonInvalid, "compressed reply is corrupt: "+err.Error())
+}
+
+// classify turns any error met while talking to n8n into an *Error.
+func (r *Reply) classify(err error, mid bool) *Error {
+	var e *Error
+	if !errors.As(err, &e) {
+		e = r.classifyOther(err)
+	}
+	e.MidStream = mid
+	return e
+}
+
+func (r *Reply) classifyOther(err error) *Error {
+	if r.ctx.Err() != nil {
+		cause := context.Cause(r.ctx)
+		switch {
+		case errors.Is(cause, errFirstByteTimeout):
+			return newError(ReasonFirstByteTimeout, cause)
+		case errors.Is(cause, errIdleTimeout):
+			return newError(ReasonIdleTimeout, cause)
+		case errors.Is(cause, errMaxDuration):
+			return newError(ReasonMaxDuration, cause)
+		case errors.Is(cause, errReplyClosed), errors.Is(cause, errReplyDone):
+			return newError(ReasonClosed, errReplyClosed)
+		default: // the caller's context ended
+			return newError(ReasonCanceled, cause)
+		}
+	}
+	var p *protoError
+	switch {
+	case errors.As(err, &p):
+		e := newError(p.reason, p)
+		e.Detail = p.detail
+		return e
+	case r.body == nil:
+		return newError(ReasonConnect, err)
+	default:
+		return newError(ReasonRead, err)
+	}
+}
+
+// activityReader reads the raw body, re-arms the idle timer on every byte
+// and remembers the body's last error.
+type activityReader struct {
+	r     io.Reader
+	reply *Reply
+	err   error
+}
+
+func (a *activityReader) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if n > 0 {
+		a.reply.touch()
+	}
+	if err != nil {
+		a.err = err
+	}
+	return n, err
+}
+
+// decodeReader reads a decompressor and reports its format errors as
+// invalid replies (connection errors pass through).
+type decodeReader struct {
+	r     io.Reader
+	reply *Reply
+}
+
+func (d *decodeReader) Read(p []byte) (int, error) {
+	n, err := d.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = d.reply.decodeErr(err)
+	}
+	return n, err
+}

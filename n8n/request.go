@@ -1,0 +1,161 @@
+package n8n
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+	"github.com/google/uuid"
+)
+
+// Request is one chat message to forward to n8n. It holds explicit values
+// only (never the incoming *http.Request), so nothing of the client's own
+// request, such as its Authorization header or cookies, can reach n8n.
+type Request struct {
+	// Action is the n8n Chat Trigger action. Empty means "sendMessage".
+	Action string
+	// SessionID names the conversation: the body's sessionId (what n8n's
+	// memory nodes key on) and session.session_id, and the token's sub and
+	// session_id. Required.
+	SessionID string
+	// Message is the visitor's text, sent as chatInput and message.
+	Message string
+	// Metadata is forwarded as the body's metadata; it must be a JSON
+	// object. Nil means {}.
+	Metadata json.RawMessage
+	// OriginDomain is the site the session belongs to.
+	OriginDomain string
+	// PageURL is the page the visitor is on.
+	PageURL string
+	// ClientIP is the visitor's IP address (Caddy's client_ip).
+	ClientIP string
+	// UserAgent is the visitor's User-Agent.
+	UserAgent string
+	// MessageCount is the session's message count.
+	MessageCount int
+}
+
+// sessionInfo is the body's "session" object.
+type sessionInfo struct {
+	SessionID    string `json:"session_id"`
+	OriginDomain string `json:"origin_domain"`
+	PageURL      string `json:"page_url"`
+	ClientIP     string `json:"client_ip"`
+	UserAgent    string `json:"user_agent"`
+	MessageCount int    `json:"message_count"`
+}
+
+// requestBody is what n8n receives (SPEC §5): the Chat Trigger's fields
+// (action, sessionId, chatInput, metadata) plus the original design's.
+type requestBody struct {
+	Action    string          `json:"action"`
+	SessionID string          `json:"sessionId"`
+	ChatInput string          `json:"chatInput"`
+	Message   string          `json:"message"`
+	Metadata  json.RawMessage `json:"metadata"`
+	Session   sessionInfo     `json:"session"`
+	JWTToken  string          `json:"jwt_token,omitempty"`
+	Timestamp string          `json:"timestamp"`
+}
+
+// tokenClockSkew backdates nbf a little: n8n's jsonwebtoken checks nbf
+// without clock tolerance, so a host whose clock runs slightly behind ours
+// would otherwise refuse a fresh token as "jwt not active".
+const tokenClockSkew = 5 * time.Second
+
+// buildBody returns the JSON body and the token (empty when there is no
+// session secret).
+func (c *Client) buildBody(req *Request, now time.Time) ([]byte, string, error) {
+	if req.SessionID == "" {
+		return nil, "", errNoSession
+	}
+	meta := req.Metadata
+	if len(bytes.TrimSpace(meta)) == 0 {
+		meta = json.RawMessage("{}")
+	} else {
+		var obj map[string]json.RawMessage
+		if err := json.Unmarshal(meta, &obj); err != nil || obj == nil {
+			return nil, "", errMetadata
+		}
+	}
+	var token string
+	if c.cfg.SessionSecret != "" {
+		var err error
+		if token, err = c.signToken(req, now); err != nil {
+			return nil, "", err
+		}
+	}
+	action := req.Action
+	if action == "" {
+		action = "sendMessage"
+	}
+	body, err := json.Marshal(requestBody{
+		Action:    action,
+		SessionID: req.SessionID,
+		ChatInput: req.Message,
+		Message:   req.Message,
+		Metadata:  meta,
+		Session: sessionInfo{
+			SessionID:    req.SessionID,
+			OriginDomain: req.OriginDomain,
+			PageURL:      req.PageURL,
+			ClientIP:     req.ClientIP,
+			UserAgent:    req.UserAgent,
+			MessageCount: req.MessageCount,
+		},
+		JWTToken:  token,
+		Timestamp: now.UTC().Format(time.RFC3339Nano),
+	})
+	if err != nil {
+		return nil, "", fmt.Errorf("n8n: encoding request: %w", err)
+	}
+	return body, token, nil
+}
+
+// signToken returns the HS256 token for n8n: exp = now + TokenTTL, iat,
+// nbf, jti, iss, aud, sub plus the session claims and type "n8n_chat".
+func (c *Client) signToken(req *Request, now time.Time) (string, error) {
+	claims := jwt.MapClaims{
+		"iss":           c.cfg.Issuer,
+		"aud":           c.cfg.Audience,
+		"sub":           req.SessionID,
+		"iat":           now.Unix(),
+		"nbf":           now.Add(-tokenClockSkew).Unix(),
+		"exp":           now.Add(c.cfg.TokenTTL).Unix(),
+		"jti":           uuid.NewString(),
+		"session_id":    req.SessionID,
+		"origin_domain": req.OriginDomain,
+		"page_url":      req.PageURL,
+		"client_ip":     req.ClientIP,
+		"user_agent":    req.UserAgent,
+		"type":          "n8n_chat",
+	}
+	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(c.cfg.SessionSecret))
+	if err != nil {
+		return "", fmt.Errorf("n8n: signing token: %w", err)
+	}
+	return s, nil
+}
+
+// setHeaders sets everything n8n gets besides the body. The header set is
+// built from scratch: nothing is copied from any incoming request.
+func (c *Client) setHeaders(h http.Header, token string) {
+	h.Set("Content-Type", "application/json")
+	h.Set("Accept", "application/json, application/x-ndjson, text/plain")
+	if !c.cfg.DisableCompression {
+		h.Set("Accept-Encoding", "gzip, br")
+	}
+	h.Set("User-Agent", c.cfg.UserAgent)
+	switch c.cfg.Auth.Mode {
+	case AuthJWT:
+		h.Set("Authorization", "Bearer "+token)
+	case AuthBasic:
+		r := http.Request{Header: h}
+		r.SetBasicAuth(c.cfg.Auth.Username, c.cfg.Auth.Password)
+	case AuthHeader:
+		h.Set(c.cfg.Auth.HeaderName, c.cfg.Auth.HeaderValue)
+	}
+}

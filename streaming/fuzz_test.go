@@ -1,0 +1,85 @@
+package streaming
+
+import (
+	"encoding/json"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+// FuzzSSEFraming checks that no content, code or message can change the
+// event structure: a WHATWG parser sees exactly two items, one error and
+// [DONE], each with one data line, and gets the text back.
+func FuzzSSEFraming(f *testing.F) {
+	for _, tc := range framingCases {
+		f.Add(tc.content, "upstream_error", tc.content)
+	}
+	f.Fuzz(func(t *testing.T, content, code, message string) {
+		rec := httptest.NewRecorder()
+		sw := NewSSEWriter(rec, Options{KeepaliveInterval: -1})
+		_ = sw.Item(content)
+		_ = sw.Item(content + "2")
+		_ = sw.Error(code, message)
+		_ = sw.Done()
+		events := parseSSE(rec.Body.String())
+		if len(events) != 4 {
+			t.Fatalf("%d events in %q", len(events), rec.Body.String())
+		}
+		for i, ev := range events {
+			if len(ev.data) != 1 || len(ev.comments) != 0 {
+				t.Fatalf("event %d: %+v", i, ev)
+			}
+		}
+		for i, want := range []string{content, content + "2"} {
+			var item struct {
+				Type, Content string
+			}
+			if err := json.Unmarshal([]byte(events[i].data[0]), &item); err != nil {
+				t.Fatal(err)
+			}
+			if item.Type != "item" || item.Content != validUTF8(want) || events[i].id != string(rune('1'+i)) {
+				t.Fatalf("item %d: %+v id %q", i, item, events[i].id)
+			}
+		}
+		var e struct {
+			Type, Error, Message string
+		}
+		if err := json.Unmarshal([]byte(events[2].data[0]), &e); err != nil {
+			t.Fatal(err)
+		}
+		if e.Type != "error" || e.Error != validUTF8(code) || e.Message != validUTF8(message) {
+			t.Fatalf("error event %+v", e)
+		}
+		if events[3].data[0] != "[DONE]" || !strings.HasSuffix(rec.Body.String(), "\n\ndata: [DONE]\n\n") {
+			t.Fatalf("does not end with [DONE]: %q", rec.Body.String())
+		}
+	})
+}
+
+// FuzzNDJSONFraming checks that every line is one JSON object and that the
+// lines are exactly begin, item, error, end whatever the text.
+func FuzzNDJSONFraming(f *testing.F) {
+	for _, tc := range framingCases {
+		f.Add(tc.content, tc.content)
+	}
+	f.Fuzz(func(t *testing.T, content, message string) {
+		rec := httptest.NewRecorder()
+		nw := NewNDJSONWriter(rec, Options{KeepaliveInterval: -1})
+		_ = nw.Item(content)
+		_ = nw.Error("code", message)
+		_ = nw.Done()
+		chunks := parseNDJSON(t, rec.Body.String())
+		want := []string{"begin", "item", "error", "end"}
+		if len(chunks) != len(want) {
+			t.Fatalf("%d lines", len(chunks))
+		}
+		for i, c := range chunks {
+			if c.Type != want[i] {
+				t.Fatalf("line %d is %q", i, c.Type)
+			}
+		}
+		if *chunks[1].Content != validUTF8(content) || *chunks[2].Content != validUTF8(message) {
+			t.Fatalf("content changed")
+		}
+	})
+}
