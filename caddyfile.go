@@ -1,12 +1,14 @@
 package chatproxy
 
 import (
+	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/dustin/go-humanize"
 )
 
@@ -52,7 +54,7 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		option := d.Val()
-		if seen[option] {
+		if seen[option] && option != "rate_limit" {
 			return d.Errf("chat_proxy: duplicate option '%s'", option)
 		}
 		seen[option] = true
@@ -93,6 +95,45 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "cookie":
 			err = cp.unmarshalCookie(d)
+		case "redis":
+			cp.Redis, err = singleArg(d, option)
+		case "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				var dur caddy.Duration
+				if dur, err = parseDuration(d, option, v); err == nil {
+					*map[string]*caddy.Duration{
+						"n8n_token_ttl":       &cp.N8nTokenTTL,
+						"upstream_timeout":    &cp.UpstreamTimeout,
+						"stream_idle_timeout": &cp.StreamIdleTimeout,
+						"max_stream_duration": &cp.MaxStreamDuration,
+					}[option] = dur
+				}
+			}
+		case "upstream_auth":
+			err = cp.unmarshalUpstreamAuth(d)
+		case "max_message_length":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				n, perr := strconv.Atoi(v)
+				if perr != nil || n < 1 || n > maxMessageLengthCap {
+					return d.Errf("chat_proxy: option '%s': must be a whole number from 1 to %d, got %q", option, maxMessageLengthCap, v)
+				}
+				cp.MaxMessageLength = n
+			}
+		case "on_client_disconnect":
+			if cp.OnClientDisconnect, err = singleArg(d, option); err == nil &&
+				cp.OnClientDisconnect != "cancel" && cp.OnClientDisconnect != "finish" {
+				return d.Errf("chat_proxy: option '%s' must be cancel or finish, got %q", option, cp.OnClientDisconnect)
+			}
+		case "bot_detection":
+			if cp.BotDetection, err = singleArg(d, option); err == nil {
+				if _, _, perr := guard.ParseBotDetection(cp.BotDetection); perr != nil {
+					return d.Errf("chat_proxy: option '%s': %v", option, perr)
+				}
+			}
+		case "rate_limit":
+			err = cp.unmarshalRateLimit(d)
 		default:
 			return d.Errf("chat_proxy: unrecognized option '%s'", option)
 		}
@@ -149,6 +190,71 @@ func (cp *ChatProxy) unmarshalCookie(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalUpstreamAuth parses
+//
+//	upstream_auth jwt | none | basic <user> <pass> | header <name> <value>
+func (cp *ChatProxy) unmarshalUpstreamAuth(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return d.Errf("chat_proxy: option 'upstream_auth' needs a mode: jwt, none, basic <user> <pass> or header <name> <value>")
+	}
+	ua := &UpstreamAuth{Mode: args[0]}
+	want := 1
+	switch args[0] {
+	case "jwt", "none":
+	case "basic":
+		want = 3
+		if len(args) == want {
+			ua.Username, ua.Password = args[1], args[2]
+		}
+	case "header":
+		want = 3
+		if len(args) == want {
+			ua.HeaderName, ua.HeaderValue = args[1], args[2]
+		}
+	default:
+		return d.Errf("chat_proxy: option 'upstream_auth': unknown mode %q (use jwt, none, basic or header)", args[0])
+	}
+	if len(args) != want {
+		return d.Errf("chat_proxy: option 'upstream_auth %s' takes %d value(s), got %d", args[0], want-1, len(args)-1)
+	}
+	cp.UpstreamAuth = ua
+	return noBlock(d, "upstream_auth")
+}
+
+// unmarshalRateLimit parses one tier's rates; each tier may appear once:
+//
+//	rate_limit <ip|session|domain|create> <N>/<window> [<N>/<window>...]
+//	rate_limit <tier> off
+func (cp *ChatProxy) unmarshalRateLimit(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) < 2 {
+		return d.Errf("chat_proxy: option 'rate_limit' needs a tier and at least one rate, as in: rate_limit ip 60/1m 1000/1h")
+	}
+	tier, err := guard.ParseTier(args[0])
+	if err != nil {
+		return d.Errf("chat_proxy: option 'rate_limit': %v", err)
+	}
+	if _, dup := cp.RateLimits[string(tier)]; dup {
+		return d.Errf("chat_proxy: duplicate option 'rate_limit %s'", tier)
+	}
+	rates := args[1:]
+	if len(rates) == 1 && rates[0] == "off" {
+		rates = []string{}
+	} else {
+		for _, r := range rates {
+			if _, err := guard.ParseRate(r); err != nil {
+				return d.Errf("chat_proxy: option 'rate_limit %s': %v", tier, err)
+			}
+		}
+	}
+	if cp.RateLimits == nil {
+		cp.RateLimits = make(map[string][]string)
+	}
+	cp.RateLimits[string(tier)] = rates
+	return noBlock(d, "rate_limit")
 }
 
 // singleArg reads the one argument an option takes and refuses extra

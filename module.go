@@ -4,23 +4,21 @@
 package chatproxy
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
-	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -34,7 +32,13 @@ const (
 	DefaultSessionTTL  = 7 * 24 * time.Hour
 	DefaultMaxBodySize = 64 << 10
 	DefaultCookieName  = "chat_session"
-	minSecretLength    = 32
+	// DefaultMaxMessageLength is in runes, as the original design's limit.
+	DefaultMaxMessageLength = 4000
+	// DefaultBotThreshold refuses a message only on strong evidence: no
+	// single ordinary signal reaches it.
+	DefaultBotThreshold = 50
+	minSecretLength     = 32
+	maxMessageLengthCap = 100000
 )
 
 // ChatProxy is the `chat_proxy` HTTP handler: the secure backend between
@@ -87,11 +91,59 @@ type ChatProxy struct {
 	// The session cookie set by session creation.
 	Cookie *CookieConfig `json:"cookie,omitempty"`
 
+	// Lifetime of the signed token sent to n8n with each message.
+	// Default: 30s.
+	N8nTokenTTL caddy.Duration `json:"n8n_token_ttl,omitempty"`
+
+	// How requests to n8n are authenticated. Default: `jwt`, a bearer
+	// token signed with session_secret that n8n's Webhook node "JWT Auth"
+	// verifies.
+	UpstreamAuth *UpstreamAuth `json:"upstream_auth,omitempty"`
+
+	// How long to wait for the first byte of n8n's reply (retries
+	// included). Default: 120s.
+	UpstreamTimeout caddy.Duration `json:"upstream_timeout,omitempty"`
+
+	// The longest silence allowed between two chunks of a streamed reply.
+	// Default: 60s.
+	StreamIdleTimeout caddy.Duration `json:"stream_idle_timeout,omitempty"`
+
+	// The longest a whole exchange with n8n may take. Default: 10m.
+	MaxStreamDuration caddy.Duration `json:"max_stream_duration,omitempty"`
+
+	// What happens when the visitor leaves mid-reply: `cancel` (default)
+	// stops the n8n request at once and stores the partial reply; `finish`
+	// reads the reply to its end and stores it whole.
+	OnClientDisconnect string `json:"on_client_disconnect,omitempty"`
+
+	// The longest message accepted, in characters (Unicode code points)
+	// after trimming. Default: 4000.
+	MaxMessageLength int `json:"max_message_length,omitempty"`
+
+	// A Redis URL (`redis://`, `rediss://`) for rate-limit state shared by
+	// every Caddy instance. Default: state kept in this process. Handlers
+	// with the same value share one client, which survives reloads.
+	Redis string `json:"redis,omitempty"`
+
+	// Rate limits per tier (`ip`, `session`, `domain`, `create`), each a
+	// list of `N/window` rates such as `60/1m`; N requests may come in a
+	// burst and the budget refills over the window. Tiers not given keep
+	// their defaults: ip 60/1m and 1000/1h, session 30/1m, domain 1000/1m,
+	// create 10/1m. A tier set to an empty list is not limited.
+	RateLimits map[string][]string `json:"rate_limits,omitempty"`
+
+	// Bot and spam defence: `off`, or a score threshold from 1 to 99 above
+	// which a message is refused. Default: 50.
+	BotDetection string `json:"bot_detection,omitempty"`
+
 	jwtSecret     []byte
 	sessionSecret []byte
 	database      string
+	redisURL      string
 	webhook       *url.URL
 	storeKey      string
+	redisKey      string
+	upstream      *n8n.Client
 	handler       *handler.Handler
 	logger        *zap.Logger
 }
@@ -112,6 +164,20 @@ type CookieConfig struct {
 	// Whether the cookie is marked Secure. Default: when the request came
 	// over TLS.
 	Secure *bool `json:"secure,omitempty"`
+}
+
+// UpstreamAuth configures how requests to n8n are authenticated.
+type UpstreamAuth struct {
+	// `jwt` (default), `basic`, `header` or `none`.
+	Mode string `json:"mode,omitempty"`
+	// The user name for `basic`.
+	Username string `json:"username,omitempty"`
+	// The password for `basic`. Use a placeholder.
+	Password string `json:"password,omitempty"`
+	// The header name for `header`, e.g. `X-N8N-Key`.
+	HeaderName string `json:"header_name,omitempty"`
+	// The header value for `header`. Use a placeholder.
+	HeaderValue string `json:"header_value,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -140,6 +206,46 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 	}
 	cp.storeKey = key
 
+	var rdb *redis.Client
+	if cp.redisURL != "" {
+		if rdb, cp.redisKey, err = acquireRedis(cp.redisURL); err != nil {
+			return err
+		}
+	}
+	limits, err := cp.rateLimits()
+	if err != nil {
+		return err
+	}
+	limiterCfg := guard.LimiterConfig{
+		Limits: limits,
+		// Every instance of a site shares jwt_secret, so all of them name
+		// a client's keys alike, while the names reveal no IP.
+		HashKey: deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
+		Logger:  cp.logger.Named("ratelimit"),
+	}
+	if rdb != nil {
+		limiterCfg.Redis = rdb
+	}
+	limiter, err := guard.NewLimiter(limiterCfg)
+	if err != nil {
+		return fmt.Errorf("rate_limit: %w", err)
+	}
+	var bots *guard.BotScorer
+	if enabled, threshold, _ := guard.ParseBotDetection(cp.BotDetection); enabled {
+		if bots, err = guard.NewBotScorer(guard.BotConfig{Threshold: threshold, Repeats: limiter}); err != nil {
+			return fmt.Errorf("bot_detection: %w", err)
+		}
+	}
+
+	upstreamCfg := cp.upstreamConfig()
+	upstreamLog := cp.logger.Named("n8n")
+	upstreamCfg.OnStateChange = func(from, to n8n.BreakerState) {
+		upstreamLog.Warn("n8n circuit breaker changed state", zap.String("from", string(from)), zap.String("to", string(to)))
+	}
+	if cp.upstream, err = n8n.New(upstreamCfg); err != nil {
+		return fmt.Errorf("n8n_webhook: %w", err)
+	}
+
 	origins, err := guard.ParseOrigins(cp.AllowedOrigins)
 	if err != nil {
 		return fmt.Errorf("allowed_origins: %w", err)
@@ -148,7 +254,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	cp.handler = handler.New(handler.Config{
+	hc := handler.Config{
 		Prefix:  cp.PathPrefix,
 		Origins: origins,
 		Sessions: &sessions.Manager{
@@ -156,190 +262,21 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 			Tokens: sessions.NewTokens(cp.jwtSecret, nil),
 			TTL:    time.Duration(cp.SessionTTL),
 		},
-		Store:       store,
-		Cookie:      cookie,
-		MaxBodySize: cp.MaxBodySize,
-		Logger:      cp.logger,
-	})
+		Store:              store,
+		Cookie:             cookie,
+		MaxBodySize:        cp.MaxBodySize,
+		Logger:             cp.logger,
+		Limiter:            limiter,
+		Bots:               bots,
+		Upstream:           cp.upstream,
+		MaxMessageLength:   cp.MaxMessageLength,
+		FinishOnDisconnect: cp.OnClientDisconnect == "finish",
+	}
+	if rdb != nil {
+		hc.Redis = rdb
+	}
+	cp.handler = handler.New(hc)
 	return nil
-}
-
-// resolve replaces placeholders in every string option and applies defaults.
-func (cp *ChatProxy) resolve() error {
-	repl := caddy.NewReplacer()
-	replace := func(option, value string, required bool) (string, error) {
-		if value == "" {
-			if required {
-				return "", fmt.Errorf("%s: required", option)
-			}
-			return "", nil
-		}
-		// An option that is set must not resolve to nothing: a typo in
-		// {env.X} must neither become an empty secret nor quietly send
-		// production data to the default embedded store.
-		out, err := repl.ReplaceOrErr(value, true, true)
-		if err != nil {
-			return "", fmt.Errorf("%s: %w", option, err)
-		}
-		return out, nil
-	}
-	var err error
-	var webhook, jwtSecret, sessionSecret string
-	if webhook, err = replace("n8n_webhook", cp.N8nWebhook, true); err != nil {
-		return err
-	}
-	if jwtSecret, err = replace("jwt_secret", cp.JWTSecret, true); err != nil {
-		return err
-	}
-	if sessionSecret, err = replace("session_secret", cp.SessionSecret, true); err != nil {
-		return err
-	}
-	// Secrets and the database URL (which may hold a password) live only
-	// in unexported fields once resolved.
-	cp.jwtSecret, cp.sessionSecret = []byte(jwtSecret), []byte(sessionSecret)
-	if cp.webhook, err = parseWebhook(webhook); err != nil {
-		return err
-	}
-	if cp.database, err = replace("database", cp.Database, false); err != nil {
-		return err
-	}
-	for i, o := range cp.AllowedOrigins {
-		if cp.AllowedOrigins[i], err = replace("allowed_origins", o, true); err != nil {
-			return err
-		}
-	}
-	if cp.PathPrefix, err = replace("path_prefix", cp.PathPrefix, false); err != nil {
-		return err
-	}
-	if cp.PathPrefix == "" {
-		cp.PathPrefix = DefaultPathPrefix
-	}
-	cp.PathPrefix = strings.TrimSuffix(cp.PathPrefix, "/")
-	if cp.SessionTTL == 0 {
-		cp.SessionTTL = caddy.Duration(DefaultSessionTTL)
-	}
-	if cp.MaxBodySize == 0 {
-		cp.MaxBodySize = DefaultMaxBodySize
-	}
-	if cp.Cookie == nil {
-		cp.Cookie = new(CookieConfig)
-	}
-	if cp.Cookie.Name, err = replace("cookie name", cp.Cookie.Name, false); err != nil {
-		return err
-	}
-	if cp.Cookie.Domain, err = replace("cookie domain", cp.Cookie.Domain, false); err != nil {
-		return err
-	}
-	if cp.Cookie.Name == "" {
-		cp.Cookie.Name = DefaultCookieName
-	}
-	if cp.Cookie.SameSite == "" {
-		cp.Cookie.SameSite = "lax"
-	}
-	return nil
-}
-
-func parseWebhook(raw string) (*url.URL, error) {
-	u, err := url.Parse(raw)
-	if err != nil {
-		// url.Parse errors quote the input, which may hold credentials.
-		return nil, errors.New("n8n_webhook: not a valid URL")
-	}
-	if u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
-		return nil, errors.New("n8n_webhook: must be an absolute http or https URL")
-	}
-	return u, nil
-}
-
-// Validate checks the provisioned configuration.
-func (cp *ChatProxy) Validate() error {
-	return cp.validateResolved()
-}
-
-func (cp *ChatProxy) validateResolved() error {
-	switch {
-	case len(cp.jwtSecret) < minSecretLength:
-		return fmt.Errorf("jwt_secret: must be at least %d bytes, got %d", minSecretLength, len(cp.jwtSecret))
-	case len(cp.sessionSecret) < minSecretLength:
-		return fmt.Errorf("session_secret: must be at least %d bytes, got %d", minSecretLength, len(cp.sessionSecret))
-	case string(cp.jwtSecret) == string(cp.sessionSecret):
-		return errors.New("session_secret: must differ from jwt_secret")
-	case cp.webhook == nil:
-		return errors.New("n8n_webhook: required")
-	case !validPathPrefix(cp.PathPrefix):
-		return fmt.Errorf("path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got %q", cp.PathPrefix)
-	case cp.SessionTTL < caddy.Duration(time.Minute):
-		return fmt.Errorf("session_ttl: must be at least 1m, got %s", time.Duration(cp.SessionTTL))
-	case cp.MaxBodySize < 1024:
-		return fmt.Errorf("max_body_size: must be at least 1KiB, got %d bytes", cp.MaxBodySize)
-	}
-	if _, err := storeKind(cp.database); err != nil {
-		return err
-	}
-	if _, err := guard.ParseOrigins(cp.AllowedOrigins); err != nil {
-		return fmt.Errorf("allowed_origins: %w", err)
-	}
-	_, err := cp.cookie()
-	return err
-}
-
-func (cp *ChatProxy) cookie() (handler.Cookie, error) {
-	c := handler.Cookie{Name: cp.Cookie.Name, Domain: cp.Cookie.Domain, Secure: cp.Cookie.Secure}
-	switch strings.ToLower(cp.Cookie.SameSite) {
-	case "lax":
-		c.SameSite = http.SameSiteLaxMode
-	case "strict":
-		c.SameSite = http.SameSiteStrictMode
-	case "none":
-		if c.Secure != nil && !*c.Secure {
-			return c, errors.New("cookie: same_site none needs a secure cookie")
-		}
-		t := true
-		c.Secure = &t
-		c.SameSite = http.SameSiteNoneMode
-	default:
-		return c, fmt.Errorf("cookie: same_site must be lax, strict or none, got %q", cp.Cookie.SameSite)
-	}
-	if c.Name == "" || strings.ContainsAny(c.Name, " \t;,=\"") {
-		return c, fmt.Errorf("cookie: invalid name %q", c.Name)
-	}
-	if c.Domain != "" && !validCookieDomain(c.Domain) {
-		return c, fmt.Errorf("cookie: invalid domain %q", c.Domain)
-	}
-	return c, nil
-}
-
-// validPathPrefix accepts "" (the root) or a clean absolute path of
-// unreserved characters, so route matching is exact and unsurprising.
-func validPathPrefix(p string) bool {
-	if p == "" {
-		return true
-	}
-	if !strings.HasPrefix(p, "/") || strings.Contains(p, "//") || strings.Contains(p, "/./") || strings.Contains(p, "/../") ||
-		strings.HasSuffix(p, "/.") || strings.HasSuffix(p, "/..") {
-		return false
-	}
-	for _, r := range p {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("/-._~", r)) {
-			return false
-		}
-	}
-	return true
-}
-
-// validCookieDomain accepts a host name (optionally with a leading dot),
-// which is all a Domain attribute may hold.
-func validCookieDomain(d string) bool {
-	d = strings.TrimPrefix(d, ".")
-	if d == "" || len(d) > 253 || strings.HasPrefix(d, "-") || strings.Contains(d, "..") || strings.HasSuffix(d, ".") {
-		return false
-	}
-	for _, r := range d {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.') {
-			return false
-		}
-	}
-	return true
 }
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
@@ -347,93 +284,29 @@ func (cp *ChatProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, next cadd
 	return cp.handler.ServeHTTP(w, r, next)
 }
 
-// Cleanup releases the store reference taken in Provision. It is safe after
-// a partial Provision and when called more than once.
+// Cleanup releases what Provision took: the store and Redis references and
+// the n8n client. It is safe after a partial Provision and when called more
+// than once.
 func (cp *ChatProxy) Cleanup() error {
-	if cp.storeKey == "" {
-		return nil
+	var errs []error
+	if cp.upstream != nil {
+		// Streams still running finish on their own connections.
+		errs = append(errs, cp.upstream.Close())
+		cp.upstream = nil
 	}
-	key := cp.storeKey
-	cp.storeKey = ""
-	if _, err := storePool.Delete(key); err != nil {
-		return fmt.Errorf("releasing store: %w", err)
-	}
-	return nil
-}
-
-// storePool shares one store (and its connection pool) between every
-// handler configured with the same database, across config reloads: Caddy
-// provisions the new config before cleaning up the old one, so the count
-// never drops to zero on a reload.
-var storePool = caddy.NewUsagePool()
-
-type pooledStore struct{ sessions.Store }
-
-func (p pooledStore) Destruct() error { return p.Close() }
-
-// storeKind tells which store a database option selects, and its location.
-func storeKind(database string) (string, error) {
-	switch {
-	case database == "":
-		return "sqlite", nil
-	case strings.HasPrefix(database, "postgres://"), strings.HasPrefix(database, "postgresql://"):
-		return "postgres", nil
-	case strings.HasPrefix(database, "sqlite:"):
-		if sqlitePath(database) == "" {
-			return "", errors.New("database: sqlite: needs a file path, as in sqlite:/var/lib/caddy/chat.db")
+	if cp.redisKey != "" {
+		if _, err := redisPool.Delete(cp.redisKey); err != nil {
+			errs = append(errs, fmt.Errorf("releasing redis client: %w", err))
 		}
-		return "sqlite", nil
+		cp.redisKey = ""
 	}
-	return "", errors.New("database: must be a postgres:// or postgresql:// URL, or sqlite:<path>")
-}
-
-func sqlitePath(database string) string {
-	if database == "" {
-		return sessions.DefaultSQLitePath()
-	}
-	p := strings.TrimPrefix(strings.TrimPrefix(database, "sqlite:"), "//")
-	if p == "" {
-		return ""
-	}
-	if abs, err := filepath.Abs(p); err == nil {
-		p = abs
-	}
-	return p
-}
-
-// acquireStore takes a reference to the shared store for the database
-// option. The key is a hash, so a password in the URL never appears in
-// pool keys or logs.
-func acquireStore(database string) (sessions.Store, string, error) {
-	kind, err := storeKind(database)
-	if err != nil {
-		return nil, "", err
-	}
-	var target string
-	if kind == "postgres" {
-		target = database
-	} else {
-		target = sqlitePath(database)
-	}
-	sum := sha256.Sum256([]byte(target))
-	key := kind + ":" + hex.EncodeToString(sum[:])
-	val, _, err := storePool.LoadOrNew(key, func() (caddy.Destructor, error) {
-		var s sessions.Store
-		var err error
-		if kind == "postgres" {
-			s, err = sessions.OpenPostgres(target)
-		} else {
-			s, err = sessions.OpenSQLite(target)
+	if cp.storeKey != "" {
+		if _, err := storePool.Delete(cp.storeKey); err != nil {
+			errs = append(errs, fmt.Errorf("releasing store: %w", err))
 		}
-		if err != nil {
-			return nil, fmt.Errorf("database: %w", err)
-		}
-		return pooledStore{s}, nil
-	})
-	if err != nil {
-		return nil, "", err
+		cp.storeKey = ""
 	}
-	return val.(pooledStore).Store, key, nil
+	return errors.Join(errs...)
 }
 
 // Interface guards
@@ -444,13 +317,3 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*ChatProxy)(nil)
 	_ caddyfile.Unmarshaler       = (*ChatProxy)(nil)
 )
-
-// parseURLQuiet parses a URL without an error that quotes it, since it may
-// hold a password.
-func parseURLQuiet(raw string) (*url.URL, error) {
-	u, err := url.Parse(raw)
-	if err != nil {
-		return nil, errors.New("not a valid URL")
-	}
-	return u, nil
-}

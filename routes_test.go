@@ -38,6 +38,8 @@ func newTestProxy(t *testing.T, kind string, mutate func(*ChatProxy)) *ChatProxy
 		JWTSecret:      testJWTSecret,
 		SessionSecret:  testSessionSecret,
 		AllowedOrigins: []string{allowedOrigin, "https://*.example.org"},
+		// Tests about other things make many requests from one address.
+		RateLimits: generousLimits(),
 	}
 	switch kind {
 	case "sqlite":
@@ -52,6 +54,10 @@ func newTestProxy(t *testing.T, kind string, mutate func(*ChatProxy)) *ChatProxy
 	}
 	provision(t, cp)
 	return cp
+}
+
+func generousLimits() map[string][]string {
+	return map[string][]string{"ip": {"100000/1m"}, "session": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}}
 }
 
 func provision(t *testing.T, cp *ChatProxy) {
@@ -595,7 +601,7 @@ func TestConcurrentSessionCreation(t *testing.T) {
 
 func TestEmbeddedStoreKeepsSessionsAcrossRestart(t *testing.T) {
 	db := "sqlite:" + t.TempDir() + "/chat.db"
-	first := &ChatProxy{N8nWebhook: "http://127.0.0.1:9/w", JWTSecret: testJWTSecret, SessionSecret: testSessionSecret, Database: db}
+	first := &ChatProxy{N8nWebhook: "http://127.0.0.1:9/w", JWTSecret: testJWTSecret, SessionSecret: testSessionSecret, Database: db, RateLimits: generousLimits()}
 	provision(t, first)
 	c := createSession2(t, first)
 	if err := first.Cleanup(); err != nil { // the last reference: the store is closed
@@ -604,7 +610,7 @@ func TestEmbeddedStoreKeepsSessionsAcrossRestart(t *testing.T) {
 	if n, _ := storePool.References(first.storeKey); n != 0 {
 		t.Fatalf("store still referenced after cleanup: %d", n)
 	}
-	second := &ChatProxy{N8nWebhook: "http://127.0.0.1:9/w", JWTSecret: testJWTSecret, SessionSecret: testSessionSecret, Database: db}
+	second := &ChatProxy{N8nWebhook: "http://127.0.0.1:9/w", JWTSecret: testJWTSecret, SessionSecret: testSessionSecret, Database: db, RateLimits: generousLimits()}
 	provision(t, second)
 	rec := serve(t, second, req{method: "GET", path: "/api/v1/session/validate", headers: bearer(c.Token)})
 	if rec.Code != 200 || !strings.Contains(rec.Body.String(), c.SessionID) {

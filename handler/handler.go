@@ -3,13 +3,17 @@
 package handler
 
 import (
+	"net"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -22,6 +26,25 @@ type Config struct {
 	Cookie      Cookie
 	MaxBodySize int64
 	Logger      *zap.Logger
+
+	// Limiter applies the rate-limit tiers; it is never nil (without Redis
+	// it keeps its state in process).
+	Limiter *guard.Limiter
+	// Bots scores chat messages; nil when bot_detection is off.
+	Bots *guard.BotScorer
+	// Redis is the limiter's shared client, for /health; nil without Redis.
+	Redis redis.UniversalClient
+	// Upstream forwards messages to n8n.
+	Upstream *n8n.Client
+	// MaxMessageLength is the longest message in runes.
+	MaxMessageLength int
+	// FinishOnDisconnect keeps reading n8n's reply to its end (and stores
+	// it whole) when the visitor leaves; otherwise the upstream request is
+	// cancelled at once.
+	FinishOnDisconnect bool
+	// KeepaliveInterval is the longest silence on a stream. Zero means
+	// the streaming package's default (15s).
+	KeepaliveInterval time.Duration
 }
 
 // Cookie describes the session cookie.
@@ -57,6 +80,9 @@ func New(cfg Config) *Handler {
 		newRoute("/session/destroy", map[string]routeFunc{http.MethodDelete: h.destroySession}),
 		newRoute("/chat/history", map[string]routeFunc{http.MethodGet: h.history}),
 		newRoute("/chat/history/", map[string]routeFunc{http.MethodGet: h.history}),
+		newRoute("/chat/message", map[string]routeFunc{http.MethodPost: h.chatMessage}),
+		newRoute("/chat/stream", map[string]routeFunc{http.MethodGet: h.chatStreamGet, http.MethodPost: h.chatStreamPost}),
+		newRoute("/n8n/chat", map[string]routeFunc{http.MethodPost: h.widgetChat}),
 	}
 	return h
 }
@@ -136,8 +162,47 @@ func setSecurityHeaders(h http.Header) {
 }
 
 // clientIP is Caddy's client_ip, which honours the server's trusted_proxies;
-// the raw X-Forwarded-For is never trusted.
+// the raw X-Forwarded-For is never trusted. The socket peer stands in when
+// the var is missing (a handler used outside Caddy's server).
 func clientIP(r *http.Request) string {
-	ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
-	return ip
+	if ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ip != "" {
+		return ip
+	}
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func (h *Handler) now() time.Time {
+	if h.cfg.Sessions.Now != nil {
+		return h.cfg.Sessions.Now().UTC()
+	}
+	return time.Now().UTC()
+}
+
+func ipKey(r *http.Request) guard.Key {
+	return guard.Key{Tier: guard.TierIP, ID: guard.IPKeyID(clientIP(r))}
+}
+
+// rateLimit counts the request against keys and answers 429 when a tier
+// refuses. It reports whether the request may go on; when not, the
+// response has been written (or the client is gone).
+func (h *Handler) rateLimit(w http.ResponseWriter, r *http.Request, keys ...guard.Key) bool {
+	d, err := h.cfg.Limiter.Allow(r.Context(), keys...)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return false // the client left; there is nobody to answer
+		}
+		h.cfg.Logger.Error("rate limiter failed", zap.Error(err))
+		_ = h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the request could not be checked; try again")
+		return false
+	}
+	d.SetHeaders(w.Header())
+	if !d.Allowed {
+		_ = writeJSON(w, http.StatusTooManyRequests, d.Body())
+		return false
+	}
+	return true
 }

@@ -34,7 +34,10 @@ type historyResponse struct {
 // that is not the caller's is 404, exactly like one that does not exist, so
 // the route cannot be used to probe for other visitors' sessions.
 func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID string) error {
-	s, ok := h.authenticate(w, r)
+	if !h.rateLimit(w, r, ipKey(r)) {
+		return nil
+	}
+	s, _, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
 	}

@@ -115,5 +115,3 @@ func equalFoldASCII(a, b string) bool {
 func (h *Handler) writeBadBody(w http.ResponseWriter, r *http.Request, e *errBadBody) error {
 	return h.writeError(w, r, e.status, e.code, e.message)
 }
-
-func zapError(err error) zap.Field { return zap.Error(err) }

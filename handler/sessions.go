@@ -4,18 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
-)
-
-// Bounds on what a visitor may attach to a session.
-const (
-	maxPageURLLength = 2048
-	maxMetadataBytes = 8 << 10
 )
 
 type createSessionRequest struct {
@@ -44,6 +37,9 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 	if bad != nil {
 		return h.writeBadBody(w, r, bad)
 	}
+	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))}) {
+		return nil
+	}
 	s, token, err := h.cfg.Sessions.Create(r.Context(), sessions.NewSession{
 		Site:        requestSite(r),
 		PageURL:     req.PageURL,
@@ -71,7 +67,10 @@ type validateResponse struct {
 }
 
 func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ string) error {
-	s, ok := h.authenticate(w, r)
+	if !h.rateLimit(w, r, ipKey(r)) {
+		return nil
+	}
+	s, _, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
 	}
@@ -84,7 +83,10 @@ func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ stri
 }
 
 func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ string) error {
-	s, ok := h.authenticate(w, r)
+	if !h.rateLimit(w, r, ipKey(r)) {
+		return nil
+	}
+	s, _, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
 	}
@@ -99,29 +101,33 @@ func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ strin
 // authenticate finds the caller's session from the bearer token or, failing
 // that, the session cookie. Cookie-authenticated requests must also pass
 // the CSRF rule. On failure it has written the response.
-func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*sessions.Session, bool) {
+func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*sessions.Session, *sessions.Claims, bool) {
 	token, fromCookie, present := h.sessionToken(r)
 	if !present {
 		_ = h.writeError(w, r, http.StatusUnauthorized, "unauthorized", "a session token is required (Authorization: Bearer, or the session cookie)")
-		return nil, false
+		return nil, nil, false
 	}
 	if fromCookie && !h.cfg.Origins.CookieRequestAllowed(r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site")) {
 		_ = h.writeError(w, r, http.StatusForbidden, "csrf_refused", "cookie-authenticated requests must come from an allowed origin; other clients use the bearer token")
-		return nil, false
+		return nil, nil, false
 	}
-	s, _, err := h.cfg.Sessions.Authenticate(r.Context(), token)
+	s, claims, err := h.cfg.Sessions.Authenticate(r.Context(), token)
 	switch {
 	case errors.Is(err, sessions.ErrInvalidToken):
 		_ = h.writeError(w, r, http.StatusUnauthorized, "invalid_token", "the session token is invalid or expired")
-		return nil, false
+		return nil, nil, false
 	case errors.Is(err, sessions.ErrSessionGone):
-		_ = h.writeError(w, r, http.StatusUnauthorized, "session_expired", "the session has ended; create a new one")
-		return nil, false
+		_ = h.sessionGone(w, r)
+		return nil, nil, false
 	case err != nil:
 		_ = h.storeError(w, r, "authenticate", err)
-		return nil, false
+		return nil, nil, false
 	}
-	return s, true
+	return s, claims, true
+}
+
+func (h *Handler) sessionGone(w http.ResponseWriter, r *http.Request) error {
+	return h.writeError(w, r, http.StatusUnauthorized, "session_expired", "the session has ended; create a new one")
 }
 
 // sessionToken returns the bearer token, else the cookie's. A malformed
@@ -192,25 +198,18 @@ func checkPageURL(raw string) *errBadBody {
 	if raw == "" {
 		return nil
 	}
-	if len(raw) > maxPageURLLength {
-		return &errBadBody{http.StatusBadRequest, "invalid_request", "page_url is too long"}
-	}
-	u, err := url.Parse(raw)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return &errBadBody{http.StatusBadRequest, "invalid_request", "page_url must be an http or https URL"}
+	if err := guard.CheckPageURL(raw); err != nil {
+		return inputError(guard.WithField(err, "page_url"))
 	}
 	return nil
 }
 
 func checkMetadata(raw json.RawMessage) (json.RawMessage, *errBadBody) {
+	if err := guard.CheckObject(raw, guard.ObjectLimits{}); err != nil {
+		return nil, inputError(guard.WithField(err, "metadata"))
+	}
 	if len(raw) == 0 || string(raw) == "null" {
 		return nil, nil
-	}
-	if len(raw) > maxMetadataBytes {
-		return nil, &errBadBody{http.StatusBadRequest, "invalid_request", "metadata is too large"}
-	}
-	if raw[0] != '{' {
-		return nil, &errBadBody{http.StatusBadRequest, "invalid_request", "metadata must be a JSON object"}
 	}
 	return raw, nil
 }

@@ -1,0 +1,397 @@
+package handler
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"mime"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/streaming"
+)
+
+// storeTimeout bounds the writes that record an exchange's outcome; they
+// run detached from the request so a visitor leaving cannot lose them.
+const storeTimeout = 10 * time.Second
+
+// honeypotReply is what a form-filling bot is told: an ordinary-looking
+// answer, so it learns nothing, while n8n is never called.
+const honeypotReply = "Thanks for your message! We will get back to you soon."
+
+type chatRequest struct {
+	Message string          `json:"message"`
+	Context json.RawMessage `json:"context"`
+	PageURL string          `json:"page_url"`
+	// Website is the honeypot: the widget keeps this field hidden and
+	// empty, so anything in it was typed by a bot.
+	Website string `json:"website"`
+}
+
+// exchange is one message of a visitor and n8n's reply to it.
+type exchange struct {
+	session     *sessions.Session
+	message     string
+	metadata    json.RawMessage // forwarded to n8n as metadata
+	stored      json.RawMessage // stored with the user message
+	pageURL     string
+	assistantID string
+}
+
+// chatMessage answers POST {prefix}/chat/message: SSE, or one JSON object
+// when the client asks for application/json and not for an event stream.
+func (h *Handler) chatMessage(w http.ResponseWriter, r *http.Request, _ string) error {
+	return h.chat(w, r, wantsJSON(r.Header.Get("Accept")))
+}
+
+func (h *Handler) chatStreamPost(w http.ResponseWriter, r *http.Request, _ string) error {
+	return h.chat(w, r, false)
+}
+
+// chatStreamGet serves EventSource clients, which can only GET and only
+// send the cookie; the cookie CSRF rule applies as for any cookie request.
+func (h *Handler) chatStreamGet(w http.ResponseWriter, r *http.Request, _ string) error {
+	return h.chat(w, r, false)
+}
+
+// wantsJSON reports whether Accept asks for JSON and not for SSE.
+func wantsJSON(accept string) bool {
+	json, sse := false, false
+	for part := range strings.SplitSeq(accept, ",") {
+		mt, params, err := mime.ParseMediaType(strings.TrimSpace(part))
+		if err != nil || params["q"] == "0" {
+			continue
+		}
+		switch mt {
+		case "application/json":
+			json = true
+		case "text/event-stream":
+			sse = true
+		}
+	}
+	return json && !sse
+}
+
+func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool) error {
+	s, claims, ok := h.authenticate(w, r)
+	if !ok {
+		return nil
+	}
+	var req chatRequest
+	if r.Method == http.MethodGet {
+		q := r.URL.Query()
+		req.Message, req.PageURL, req.Website = q.Get("message"), q.Get("page_url"), q.Get("website")
+	} else if bad := h.readJSON(w, r, &req, false); bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	ex, bad := h.checkChatInput(s, req.Message, req.Context, req.PageURL, "message", "context")
+	if bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierSession, ID: s.ID}, guard.Key{Tier: guard.TierDomain, ID: s.Site}) {
+		return nil
+	}
+	verdict := h.scoreBot(r, guard.BotSignals{
+		Honeypot:           req.Website,
+		UserAgent:          r.Header.Get("User-Agent"),
+		Message:            ex.message,
+		SessionID:          s.ID,
+		SessionCreated:     s.CreatedAt,
+		FirstMessage:       s.MessageCount == 0,
+		TokenFingerprint:   claims.Fingerprint,
+		RequestFingerprint: guard.Fingerprint(r),
+	})
+	switch verdict.Action {
+	case guard.ActionReject:
+		return h.writeError(w, r, http.StatusForbidden, "rejected", "the message was refused by the spam and bot filter")
+	case guard.ActionHoneypot:
+		return h.answerHoneypot(w, r, s.ID, asJSON)
+	}
+	if !h.storeUserMessage(w, r, ex) {
+		return nil
+	}
+	reply, err := h.send(r, ex, s.ID)
+	if err != nil {
+		return h.upstreamFailed(w, r, ex, err)
+	}
+	defer reply.Close()
+	if asJSON {
+		return h.relayJSON(w, r, ex, reply)
+	}
+	sw := streaming.NewSSEWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval})
+	return h.relayStream(sw, r, ex, reply)
+}
+
+// checkChatInput validates a message and its extras and prepares the
+// exchange. Text is kept verbatim apart from newline normalisation.
+func (h *Handler) checkChatInput(s *sessions.Session, message string, extra json.RawMessage, pageURL, messageField, extraField string) (*exchange, *errBadBody) {
+	text, err := guard.NormalizeMessage(message, h.cfg.MaxMessageLength)
+	if err != nil {
+		return nil, inputError(guard.WithField(err, messageField))
+	}
+	if err := guard.CheckObject(extra, guard.ObjectLimits{}); err != nil {
+		return nil, inputError(guard.WithField(err, extraField))
+	}
+	if pageURL != "" {
+		if err := guard.CheckPageURL(pageURL); err != nil {
+			return nil, inputError(guard.WithField(err, "page_url"))
+		}
+	}
+	if string(extra) == "null" {
+		extra = nil
+	}
+	ex := &exchange{session: s, message: text, metadata: extra, pageURL: pageURL}
+	if pageURL == "" {
+		ex.pageURL = s.PageURL
+	}
+	// The user message keeps what came with it, for the operator's record.
+	stored := map[string]json.RawMessage{}
+	if len(extra) > 0 {
+		stored[extraField] = extra
+	}
+	if pageURL != "" {
+		b, _ := json.Marshal(pageURL)
+		stored["page_url"] = b
+	}
+	if len(stored) > 0 {
+		ex.stored, _ = json.Marshal(stored)
+	}
+	id, err := uuid.NewV7()
+	if err != nil {
+		return nil, &errBadBody{http.StatusInternalServerError, "internal_error", "could not allocate a message id"}
+	}
+	ex.assistantID = id.String()
+	return ex, nil
+}
+
+func inputError(err error) *errBadBody {
+	return &errBadBody{http.StatusBadRequest, "invalid_request", err.Error()}
+}
+
+func (h *Handler) scoreBot(r *http.Request, signals guard.BotSignals) guard.Verdict {
+	if h.cfg.Bots == nil {
+		return guard.Verdict{Action: guard.ActionAllow}
+	}
+	v := h.cfg.Bots.Score(r.Context(), signals)
+	if v.Action != guard.ActionAllow {
+		reasons := make([]string, len(v.Reasons))
+		for i, reason := range v.Reasons {
+			reasons[i] = string(reason)
+		}
+		h.cfg.Logger.Info("chat message refused by the bot filter",
+			zap.String("action", v.Action.String()), zap.Int("score", v.Score),
+			zap.Strings("reasons", reasons), zap.String("session_id", signals.SessionID),
+			zap.String("client_ip", clientIP(r)))
+	}
+	return v
+}
+
+// answerHoneypot answers a bot like a person, without n8n and without
+// storing anything.
+func (h *Handler) answerHoneypot(w http.ResponseWriter, r *http.Request, sessionID string, asJSON bool) error {
+	id, _ := uuid.NewV7()
+	if asJSON {
+		return writeJSON(w, http.StatusOK, chatResponse{Response: honeypotReply, SessionID: sessionID, MessageID: id.String()})
+	}
+	sw := streaming.NewSSEWriter(w, streaming.Options{KeepaliveInterval: -1})
+	sw.Header().Set("X-Message-ID", id.String())
+	_ = sw.Item(honeypotReply)
+	return sw.Done()
+}
+
+// storeUserMessage records the visitor's message before n8n is called: a
+// message that cannot be stored is refused (503), so nothing is accepted
+// that is then lost.
+func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *exchange) bool {
+	err := h.cfg.Store.AppendMessage(r.Context(), &sessions.Message{
+		SessionID: ex.session.ID,
+		Role:      sessions.RoleUser,
+		Content:   ex.message,
+		Status:    sessions.StatusComplete,
+		Metadata:  ex.stored,
+	})
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, sessions.ErrNotFound):
+		// Revoked or deleted while this request was under way.
+		_ = h.sessionGone(w, r)
+	case r.Context().Err() != nil:
+		// The client left before the message was stored.
+	default:
+		_ = h.storeError(w, r, "store user message", err)
+	}
+	return false
+}
+
+// send forwards the message to n8n. With on_client_disconnect finish the
+// upstream request outlives the client's; it is still bounded by the
+// client's own timeouts (max_stream_duration).
+func (h *Handler) send(r *http.Request, ex *exchange, upstreamSessionID string) (*n8n.Reply, error) {
+	ctx := r.Context()
+	if h.cfg.FinishOnDisconnect {
+		ctx = context.WithoutCancel(ctx)
+	}
+	return h.cfg.Upstream.Send(ctx, &n8n.Request{
+		SessionID:    upstreamSessionID,
+		Message:      ex.message,
+		Metadata:     ex.metadata,
+		OriginDomain: ex.session.Site,
+		PageURL:      ex.pageURL,
+		ClientIP:     clientIP(r),
+		UserAgent:    r.Header.Get("User-Agent"),
+		MessageCount: ex.session.MessageCount + 1,
+	})
+}
+
+// upstreamFailed answers a failure before any reply text: a plain JSON
+// error with n8n's mapped status, and an assistant message with status
+// error so the history shows the message went unanswered.
+func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, ex *exchange, err error) error {
+	var ue *n8n.Error
+	if !errors.As(err, &ue) {
+		h.cfg.Logger.Error("sending to n8n", zap.Error(err))
+		h.storeReply(r, ex, "", sessions.StatusError)
+		return h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the message could not be forwarded")
+	}
+	h.logUpstreamError(ex, ue)
+	h.storeReply(r, ex, "", sessions.StatusError)
+	if ue.Code == n8n.CodeCanceled {
+		return nil // the client is gone
+	}
+	if s := ue.RetryAfterSeconds(); s > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(s))
+	}
+	return h.writeError(w, r, ue.Status, ue.Code, ue.Message)
+}
+
+func (h *Handler) logUpstreamError(ex *exchange, ue *n8n.Error) {
+	level := zap.WarnLevel
+	if ue.Code == n8n.CodeCanceled {
+		level = zap.DebugLevel
+	}
+	if ce := h.cfg.Logger.Check(level, "n8n exchange failed"); ce != nil {
+		ce.Write(zap.String("session_id", ex.session.ID), zap.String("code", ue.Code),
+			zap.String("reason", string(ue.Reason)), zap.Int("upstream_status", ue.UpstreamStatus),
+			zap.Bool("mid_stream", ue.MidStream), zap.String("detail", ue.Detail))
+	}
+}
+
+type chatResponse struct {
+	Response  string `json:"response"`
+	SessionID string `json:"session_id"`
+	MessageID string `json:"message_id"`
+}
+
+// relayJSON reads the whole reply and answers it as one JSON object.
+// Nothing has been written yet, so a failure is still a plain error.
+func (h *Handler) relayJSON(w http.ResponseWriter, r *http.Request, ex *exchange, reply *n8n.Reply) error {
+	text, err := reply.ReadAll()
+	if err != nil {
+		return h.relayJSONFailed(w, r, ex, text, err)
+	}
+	h.storeReply(r, ex, text, sessions.StatusComplete)
+	return writeJSON(w, http.StatusOK, chatResponse{Response: text, SessionID: ex.session.ID, MessageID: ex.assistantID})
+}
+
+// relayJSONFailed stores what arrived of a reply that broke off and, since
+// nothing was written yet, answers with a plain error.
+func (h *Handler) relayJSONFailed(w http.ResponseWriter, r *http.Request, ex *exchange, text string, err error) error {
+	status := sessions.StatusError
+	if text != "" {
+		status = sessions.StatusPartial
+	}
+	h.storeReply(r, ex, text, status)
+	var ue *n8n.Error
+	if !errors.As(err, &ue) {
+		return h.writeError(w, r, http.StatusBadGateway, n8n.CodeError, "the reply from the chat workflow broke off")
+	}
+	h.logUpstreamError(ex, ue)
+	if ue.Code == n8n.CodeCanceled {
+		return nil
+	}
+	code := ue.Status
+	if code < 500 {
+		code = http.StatusBadGateway
+	}
+	return h.writeError(w, r, code, ue.Code, ue.Message)
+}
+
+// relayStream writes each reply chunk to the client as it arrives. After
+// the first byte a failure can only be reported in the stream: an error
+// event, then the end marker. What was relayed is stored with its status.
+func (h *Handler) relayStream(sw streaming.Writer, r *http.Request, ex *exchange, reply *n8n.Reply) error {
+	sw.Header().Set("X-Message-ID", ex.assistantID)
+	var text strings.Builder
+	status := sessions.StatusComplete
+	clientGone := sw.Start() != nil
+	for {
+		if clientGone && !h.cfg.FinishOnDisconnect {
+			// cancel mode: stop n8n at once, keep what was relayed.
+			_ = reply.Close()
+			status = sessions.StatusPartial
+			if text.Len() == 0 {
+				status = sessions.StatusError
+			}
+			break
+		}
+		chunk, err := reply.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			status = sessions.StatusPartial
+			if text.Len() == 0 {
+				status = sessions.StatusError
+			}
+			var ue *n8n.Error
+			if errors.As(err, &ue) {
+				h.logUpstreamError(ex, ue)
+				if !clientGone && ue.Code != n8n.CodeCanceled {
+					_ = sw.Error(ue.Code, ue.Message)
+				}
+			} else if !clientGone {
+				_ = sw.Error(n8n.CodeError, "the reply from the chat workflow broke off")
+			}
+			break
+		}
+		text.WriteString(chunk)
+		if clientGone {
+			continue // finish mode: read to the end, then store it whole
+		}
+		if err := sw.Item(chunk); err != nil {
+			clientGone = true
+		}
+	}
+	_ = sw.Done()
+	h.storeReply(r, ex, text.String(), status)
+	return nil
+}
+
+// storeReply records n8n's reply. It runs detached from the request's
+// cancellation: a visitor who left still finds the reply (or what arrived
+// of it) in the history.
+func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), storeTimeout)
+	defer cancel()
+	err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{
+		ID:        ex.assistantID,
+		SessionID: ex.session.ID,
+		Role:      sessions.RoleAssistant,
+		Content:   text,
+		Status:    status,
+	})
+	if err != nil && !errors.Is(err, sessions.ErrNotFound) {
+		h.cfg.Logger.Error("storing assistant reply", zap.String("session_id", ex.session.ID),
+			zap.String("message_id", ex.assistantID), zap.String("status", status), zap.Error(err))
+	}
+}
