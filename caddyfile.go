@@ -36,6 +36,16 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    path_prefix     <path>
 //	    session_ttl     <duration>
 //	    max_body_size   <size>
+//	    n8n_token_ttl   <duration>
+//	    upstream_auth   jwt | none | basic <user> <pass> | header <name> <value>
+//	    upstream_timeout    <duration>
+//	    stream_idle_timeout <duration>
+//	    max_stream_duration <duration>
+//	    max_message_length  <runes>
+//	    on_client_disconnect cancel | finish
+//	    redis           <redis-url>
+//	    rate_limit      <ip|session|domain|create> <N>/<window>... | off
+//	    bot_detection   off | <threshold>
 //	    cookie {
 //	        name      <name>
 //	        same_site lax|strict|none
