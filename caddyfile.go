@@ -45,6 +45,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    on_client_disconnect cancel | finish
 //	    redis           <redis-url>
 //	    rate_limit      <ip|session|domain|create> <N>/<window>... | off
+//	    rate_limit_block <refusals> <duration> | off
 //	    bot_detection   off | <threshold>
 //	    cookie {
 //	        name      <name>
@@ -144,6 +145,8 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "rate_limit":
 			err = cp.unmarshalRateLimit(d)
+		case "rate_limit_block":
+			err = cp.unmarshalRateLimitBlock(d)
 		default:
 			return d.Errf("chat_proxy: unrecognized option '%s'", option)
 		}
@@ -265,6 +268,30 @@ func (cp *ChatProxy) unmarshalRateLimit(d *caddyfile.Dispenser) error {
 	}
 	cp.RateLimits[string(tier)] = rates
 	return noBlock(d, "rate_limit")
+}
+
+// unmarshalRateLimitBlock parses
+//
+//	rate_limit_block <refusals> <duration> | off
+func (cp *ChatProxy) unmarshalRateLimitBlock(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	switch {
+	case len(args) == 1 && args[0] == "off":
+		cp.BlockAfter = -1
+	case len(args) == 2:
+		n, err := strconv.Atoi(args[0])
+		if err != nil || n < 1 {
+			return d.Errf("chat_proxy: option 'rate_limit_block': refusals must be a whole number of at least 1, got %q", args[0])
+		}
+		dur, err := parseDuration(d, "rate_limit_block", args[1])
+		if err != nil {
+			return err
+		}
+		cp.BlockAfter, cp.BlockFor = n, dur
+	default:
+		return d.Errf("chat_proxy: option 'rate_limit_block' takes <refusals> <duration>, or off")
+	}
+	return noBlock(d, "rate_limit_block")
 }
 
 // singleArg reads the one argument an option takes and refuses extra

@@ -237,6 +237,9 @@ func (cp *ChatProxy) validateResolved() error {
 			return fmt.Errorf("%s: must be at least 1s, got %s", option, time.Duration(d))
 		}
 	}
+	if cp.BlockFor < 0 {
+		return fmt.Errorf("block_for: must not be negative, got %s", time.Duration(cp.BlockFor))
+	}
 	if _, _, err := guard.ParseBotDetection(cp.BotDetection); err != nil {
 		return fmt.Errorf("bot_detection: %w", err)
 	}

@@ -132,6 +132,14 @@ type ChatProxy struct {
 	// create 10/1m. A tier set to an empty list is not limited.
 	RateLimits map[string][]string `json:"rate_limits,omitempty"`
 
+	// Repeat offenders: a client (IP, session) refused this many times
+	// within a minute is refused outright for block_for. Default: 10
+	// refusals, 5m. A negative count turns blocking off.
+	BlockAfter int `json:"block_after,omitempty"`
+
+	// How long a repeat offender stays blocked. Default: 5m.
+	BlockFor caddy.Duration `json:"block_for,omitempty"`
+
 	// Bot and spam defence: `off`, or a score threshold from 1 to 99 above
 	// which a message is refused. Default: 50.
 	BotDetection string `json:"bot_detection,omitempty"`
@@ -220,8 +228,10 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		Limits: limits,
 		// Every instance of a site shares jwt_secret, so all of them name
 		// a client's keys alike, while the names reveal no IP.
-		HashKey: deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
-		Logger:  cp.logger.Named("ratelimit"),
+		HashKey:    deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
+		BlockAfter: cp.BlockAfter,
+		BlockFor:   time.Duration(cp.BlockFor),
+		Logger:     cp.logger.Named("ratelimit"),
 	}
 	if rdb != nil {
 		limiterCfg.Redis = rdb
