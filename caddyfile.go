@@ -3,6 +3,7 @@ package chatproxy
 import (
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -257,10 +258,16 @@ func (cp *ChatProxy) unmarshalRateLimit(d *caddyfile.Dispenser) error {
 	if len(rates) == 1 && rates[0] == "off" {
 		rates = []string{}
 	} else {
+		windows := make(map[time.Duration]bool)
 		for _, r := range rates {
-			if _, err := guard.ParseRate(r); err != nil {
+			l, err := guard.ParseRate(r)
+			if err != nil {
 				return d.Errf("chat_proxy: option 'rate_limit %s': %v", tier, err)
 			}
+			if windows[l.Period] {
+				return d.Errf("chat_proxy: option 'rate_limit %s': two rates with the window %s", tier, guard.FormatWindow(l.Period))
+			}
+			windows[l.Period] = true
 		}
 	}
 	if cp.RateLimits == nil {

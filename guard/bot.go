@@ -208,7 +208,7 @@ func ParseBotDetection(s string) (enabled bool, threshold int, err error) {
 	}
 	n, err := strconv.Atoi(s)
 	if err != nil || n < 1 || n >= maxScore {
-		return false, 0, fmt.Errorf("bot_detection %q: want off or a threshold from 1 to %d", s, maxScore-1)
+		return false, 0, fmt.Errorf("got %q, want off or a threshold from 1 to %d", s, maxScore-1)
 	}
 	return true, n, nil
 }

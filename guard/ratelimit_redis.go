@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -240,11 +241,13 @@ func RedisOptions(rawURL string) (*redis.Options, error) {
 		if errors.As(err, &ue) {
 			err = ue.Err // without the URL, which may hold a password
 		}
-		return nil, fmt.Errorf("redis url: %w", err)
+		// go-redis prefixes its own errors with "redis: "; callers name
+		// the option already.
+		return nil, errors.New(strings.TrimPrefix(err.Error(), "redis: "))
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil {
-		return nil, errors.New("redis url: invalid")
+		return nil, errors.New("invalid URL")
 	}
 	q := u.Query()
 	opt.ContextTimeoutEnabled = true
@@ -257,5 +260,12 @@ func RedisOptions(rawURL string) (*redis.Options, error) {
 	if !q.Has("write_timeout") {
 		opt.WriteTimeout = time.Second
 	}
+	// A Redis that refuses connections must cost a request (and /health)
+	// little: go-redis would otherwise retry each command 3 times and each
+	// dial 5 times. The limiter falls back to in-process state instead.
+	if !q.Has("max_retries") {
+		opt.MaxRetries = 1
+	}
+	opt.DialerRetries = 1
 	return opt, nil
 }

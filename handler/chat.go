@@ -93,10 +93,11 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool) erro
 	} else if bad := h.readJSON(w, r, &req, false); bad != nil {
 		return h.writeBadBody(w, r, bad)
 	}
-	ex, bad := h.checkChatInput(s, req.Message, req.Context, req.PageURL, "message", "context")
+	ex, bad := h.checkChatInput(req.Message, req.Context, req.PageURL, "message", "context")
 	if bad != nil {
 		return h.writeBadBody(w, r, bad)
 	}
+	ex.attach(s)
 	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierSession, ID: s.ID}, guard.Key{Tier: guard.TierDomain, ID: s.Site}) {
 		return nil
 	}
@@ -133,7 +134,7 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool) erro
 
 // checkChatInput validates a message and its extras and prepares the
 // exchange. Text is kept verbatim apart from newline normalisation.
-func (h *Handler) checkChatInput(s *sessions.Session, message string, extra json.RawMessage, pageURL, messageField, extraField string) (*exchange, *errBadBody) {
+func (h *Handler) checkChatInput(message string, extra json.RawMessage, pageURL, messageField, extraField string) (*exchange, *errBadBody) {
 	text, err := guard.NormalizeMessage(message, h.cfg.MaxMessageLength)
 	if err != nil {
 		return nil, inputError(guard.WithField(err, messageField))
@@ -149,10 +150,7 @@ func (h *Handler) checkChatInput(s *sessions.Session, message string, extra json
 	if string(extra) == "null" {
 		extra = nil
 	}
-	ex := &exchange{session: s, message: text, metadata: extra, pageURL: pageURL}
-	if pageURL == "" {
-		ex.pageURL = s.PageURL
-	}
+	ex := &exchange{message: text, metadata: extra, pageURL: pageURL}
 	// The user message keeps what came with it, for the operator's record.
 	stored := map[string]json.RawMessage{}
 	if len(extra) > 0 {
@@ -171,6 +169,15 @@ func (h *Handler) checkChatInput(s *sessions.Session, message string, extra json
 	}
 	ex.assistantID = id.String()
 	return ex, nil
+}
+
+// attach binds the exchange to its session; without a page_url of its own
+// the message is taken to come from the session's page.
+func (ex *exchange) attach(s *sessions.Session) {
+	ex.session = s
+	if ex.pageURL == "" {
+		ex.pageURL = s.PageURL
+	}
 }
 
 func inputError(err error) *errBadBody {

@@ -132,16 +132,18 @@ func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id st
 		// A new conversation costs what creating a session costs.
 		keys = append(keys, guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))})
 	}
+	// Refuse bad input before a conversation is created for it.
+	ex, bad := h.checkChatInput(*req.ChatInput, req.Metadata, "", "chatInput", "metadata")
+	if bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
 	if !h.rateLimit(w, r, keys...) {
 		return nil
 	}
 	if s, err = h.ensureWidgetSession(r, s, site, id); err != nil {
 		return h.storeError(w, r, "create widget session", err)
 	}
-	ex, bad := h.checkChatInput(s, *req.ChatInput, req.Metadata, "", "chatInput", "metadata")
-	if bad != nil {
-		return h.writeBadBody(w, r, bad)
-	}
+	ex.attach(s)
 	signals := guard.BotSignals{
 		UserAgent:    r.Header.Get("User-Agent"),
 		Message:      ex.message,
