@@ -44,6 +44,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_stream_duration <duration>
 //	    max_message_length  <runes>
 //	    on_client_disconnect cancel | finish
+//	    circuit_breaker <failures> <open duration>
 //	    redis           <redis-url>
 //	    rate_limit      <ip|session|domain|create> <N>/<window>... | off
 //	    rate_limit_block <refusals> <duration> | off
@@ -146,6 +147,20 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "rate_limit":
 			err = cp.unmarshalRateLimit(d)
+		case "circuit_breaker":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.Errf("chat_proxy: option 'circuit_breaker' takes <failures> <open duration>, as in: circuit_breaker 5 30s")
+			}
+			n, perr := strconv.Atoi(args[0])
+			if perr != nil || n < 1 || n > 1000 {
+				return d.Errf("chat_proxy: option 'circuit_breaker': failures must be a whole number from 1 to 1000, got %q", args[0])
+			}
+			var dur caddy.Duration
+			if dur, err = parseDuration(d, option, args[1]); err == nil {
+				cp.CircuitBreakerFailures, cp.CircuitBreakerOpen = n, dur
+				err = noBlock(d, option)
+			}
 		case "rate_limit_block":
 			err = cp.unmarshalRateLimitBlock(d)
 		default:

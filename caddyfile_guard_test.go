@@ -26,6 +26,24 @@ func TestUnmarshalCaddyfileGuardOptions(t *testing.T) {
 			json:  `{"rate_limits":{"ip":["60/1m","1000/1h"]}}`,
 		},
 		{
+			name:  "circuit breaker",
+			input: "chat_proxy {\n\tcircuit_breaker 3 45s\n}",
+			want:  ChatProxy{CircuitBreakerFailures: 3, CircuitBreakerOpen: caddy.Duration(45 * time.Second)},
+			json:  `{"circuit_breaker_failures":3,"circuit_breaker_open":45000000000}`,
+		},
+		{
+			name:  "repeat offenders blocked",
+			input: "chat_proxy {\n\trate_limit_block 5 10m\n}",
+			want:  ChatProxy{BlockAfter: 5, BlockFor: caddy.Duration(10 * time.Minute)},
+			json:  `{"block_after":5,"block_for":600000000000}`,
+		},
+		{
+			name:  "no blocking",
+			input: "chat_proxy {\n\trate_limit_block off\n}",
+			want:  ChatProxy{BlockAfter: -1},
+			json:  `{"block_after":-1}`,
+		},
+		{
 			name:  "a tier turned off",
 			input: "chat_proxy {\n\trate_limit create off\n}",
 			want:  ChatProxy{RateLimits: map[string][]string{"create": {}}},
@@ -152,6 +170,16 @@ func TestUnmarshalCaddyfileGuardErrors(t *testing.T) {
 		input string
 		want  string // the whole error
 	}{
+		{"circuit breaker without open time", "chat_proxy {\n\tcircuit_breaker 3\n}",
+			"chat_proxy: option 'circuit_breaker' takes <failures> <open duration>, as in: circuit_breaker 5 30s, at Testfile:2"},
+		{"circuit breaker zero failures", "chat_proxy {\n\tcircuit_breaker 0 30s\n}",
+			`chat_proxy: option 'circuit_breaker': failures must be a whole number from 1 to 1000, got "0", at Testfile:2`},
+		{"circuit breaker bad duration", "chat_proxy {\n\tcircuit_breaker 5 soon\n}",
+			`chat_proxy: option 'circuit_breaker': invalid duration "soon" (use e.g. 30s, 10m, 7d), at Testfile:2`},
+		{"rate_limit_block one value", "chat_proxy {\n\trate_limit_block 5\n}",
+			"chat_proxy: option 'rate_limit_block' takes <refusals> <duration>, or off, at Testfile:2"},
+		{"rate_limit_block bad count", "chat_proxy {\n\trate_limit_block many 5m\n}",
+			`chat_proxy: option 'rate_limit_block': refusals must be a whole number of at least 1, got "many", at Testfile:2`},
 		{"duplicate tier", "chat_proxy {\n\trate_limit ip 60/1m\n\trate_limit session 5/1m\n\trate_limit ip 100/1m\n}",
 			"chat_proxy: duplicate option 'rate_limit ip', at Testfile:4"},
 		{"duplicate tier, the second off", "chat_proxy {\n\trate_limit create 10/1m\n\trate_limit create off\n}",

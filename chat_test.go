@@ -997,6 +997,49 @@ func TestChatCircuitBreaker(t *testing.T) {
 	}
 }
 
+// 4d. circuit_breaker sets the threshold and open time; after the open
+// time one probe goes through, and a good one closes the circuit.
+func TestChatCircuitBreakerProbeCloses(t *testing.T) {
+	t.Parallel()
+	e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) {
+		cp.CircuitBreakerFailures = 2
+		cp.CircuitBreakerOpen = caddy.Duration(time.Second)
+	}})
+	s := e.newSession(t)
+	e.fake.setScript(fakeReply(500, "application/json", `{"message":"Error in workflow"}`))
+	for i := range 2 {
+		wantError(t, e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"fail %d"}`, i), authz(s.Token, "Accept", "application/json")), 502, "upstream_error")
+	}
+	hits := e.fake.Hits()
+	wantError(t, e.serve(t, "POST", "/api/v1/chat/message", `{"message":"while open"}`, authz(s.Token, "Accept", "application/json")), 503, "upstream_unavailable")
+	if e.fake.Hits() != hits {
+		t.Fatalf("the open circuit called n8n")
+	}
+	e.fake.setScript(fakeOutput("back again"))
+	// Poll until the open time has passed; every refused try must not reach n8n.
+	deadline := time.Now().Add(5 * time.Second)
+	for try := 0; ; try++ {
+		rec := e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"probe %d"}`, try), authz(s.Token, "Accept", "application/json"))
+		if rec.Code == 200 {
+			if !strings.Contains(rec.Body.String(), "back again") {
+				t.Fatalf("probe answer: %s", rec.Body)
+			}
+			break
+		}
+		wantError(t, rec, 503, "upstream_unavailable")
+		if time.Now().After(deadline) {
+			t.Fatal("the circuit never let a probe through")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if e.fake.Hits() != hits+1 {
+		t.Fatalf("hits = %d, want exactly one probe after %d", e.fake.Hits(), hits)
+	}
+	if code, h := e.health(t); code != 200 || h.Status != "ok" || h.Checks["n8n"].Status != "ok" {
+		t.Fatalf("health after a good probe: %d %+v", code, h)
+	}
+}
+
 // 5. The user message is stored before n8n is called.
 func TestChatUserMessageStoredFirst(t *testing.T) {
 	t.Parallel()

@@ -149,6 +149,10 @@ func (cp *ChatProxy) upstreamConfig() n8n.Config {
 			HeaderName:  ua.HeaderName,
 			HeaderValue: ua.HeaderValue,
 		},
+		Breaker: n8n.BreakerConfig{
+			FailureThreshold: uint32(cp.CircuitBreakerFailures),
+			OpenTimeout:      time.Duration(cp.CircuitBreakerOpen),
+		},
 		UpstreamTimeout:   time.Duration(cp.UpstreamTimeout),
 		StreamIdleTimeout: time.Duration(cp.StreamIdleTimeout),
 		MaxStreamDuration: time.Duration(cp.MaxStreamDuration),
@@ -236,6 +240,12 @@ func (cp *ChatProxy) validateResolved() error {
 		if d < caddy.Duration(time.Second) {
 			return fmt.Errorf("%s: must be at least 1s, got %s", option, time.Duration(d))
 		}
+	}
+	if cp.CircuitBreakerFailures < 0 || cp.CircuitBreakerFailures > 1000 {
+		return fmt.Errorf("circuit_breaker: failures must be between 1 and 1000, got %d", cp.CircuitBreakerFailures)
+	}
+	if cp.CircuitBreakerOpen < 0 {
+		return fmt.Errorf("circuit_breaker: open time must not be negative, got %s", time.Duration(cp.CircuitBreakerOpen))
 	}
 	if cp.BlockFor < 0 {
 		return fmt.Errorf("block_for: must not be negative, got %s", time.Duration(cp.BlockFor))

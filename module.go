@@ -111,6 +111,15 @@ type ChatProxy struct {
 	// The longest a whole exchange with n8n may take. Default: 10m.
 	MaxStreamDuration caddy.Duration `json:"max_stream_duration,omitempty"`
 
+	// How many n8n failures in a row (connection errors, 5xx, timeouts,
+	// broken streams) open the circuit breaker, which then answers 503 at
+	// once instead of calling n8n. Default: 5.
+	CircuitBreakerFailures int `json:"circuit_breaker_failures,omitempty"`
+
+	// How long the circuit stays open before one probe request is let
+	// through; a good probe closes it. Default: 30s.
+	CircuitBreakerOpen caddy.Duration `json:"circuit_breaker_open,omitempty"`
+
 	// What happens when the visitor leaves mid-reply: `cancel` (default)
 	// stops the n8n request at once and stores the partial reply; `finish`
 	// reads the reply to its end and stores it whole.
