@@ -115,6 +115,29 @@ func serve(t *testing.T, cp *ChatProxy, rq req) *httptest.ResponseRecorder {
 	return rec
 }
 
+// serveRecorded is serve for other goroutines: a handler error becomes a
+// 599 response instead of a t.Fatalf.
+func serveRecorded(cp *ChatProxy, rq req) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, strings.NewReader(rq.body))
+	if rq.body != "" {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range rq.headers {
+		r.Header.Set(k, v)
+	}
+	rec := httptest.NewRecorder()
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
+	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.7")
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(passedOn)
+		return nil
+	})
+	if err := cp.ServeHTTP(rec, r, next); err != nil {
+		rec.Code = 599
+	}
+	return rec
+}
+
 func decode[T any](t *testing.T, rec *httptest.ResponseRecorder) T {
 	t.Helper()
 	var v T
@@ -567,19 +590,21 @@ func TestConcurrentSessionCreation(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			cp := newTestProxy(t, kind, nil)
 			const n = 200
-			ids := make([]string, n)
+			recs := make([]*httptest.ResponseRecorder, n)
 			var wg sync.WaitGroup
 			for i := range n {
-				wg.Go(func() {
-					rec := serve(t, cp, req{method: "POST", path: "/api/v1/session/create"})
-					if rec.Code != http.StatusCreated {
-						t.Errorf("create %d: %d %s", i, rec.Code, rec.Body)
-						return
-					}
-					ids[i] = decode[created](t, rec).SessionID
-				})
+				// serve may call t.Fatalf, which belongs to this goroutine
+				// only; the goroutines just record, the checks come after.
+				wg.Go(func() { recs[i] = serveRecorded(cp, req{method: "POST", path: "/api/v1/session/create"}) })
 			}
 			wg.Wait()
+			ids := make([]string, n)
+			for i, rec := range recs {
+				if rec.Code != http.StatusCreated {
+					t.Fatalf("create %d: %d %s", i, rec.Code, rec.Body)
+				}
+				ids[i] = decode[created](t, rec).SessionID
+			}
 			seen := make(map[string]bool)
 			store := cp.handlerStore()
 			for _, id := range ids {
