@@ -1,0 +1,110 @@
+// A stand-in for an n8n Webhook node in "Streaming" response mode, for the
+// browser end-to-end tests. It answers POST /webhook/chat the way n8n does:
+// status 200, Content-Type application/json, one JSON object per line
+// (begin, items, end), each line flushed on its own and spaced out in time
+// so the browser can be seen receiving a reply piece by piece.
+//
+// It records every request it gets (action, sessionId, chatInput), so the
+// tests can assert what reached "n8n" and what did not: GET /__requests
+// lists them, GET /__counts counts them by action.
+//
+//   E2E_N8N_PORT=8081 node stand-in-n8n.mjs
+import http from "node:http";
+
+import { replyParts } from "./lib/reply.mjs";
+
+const port = Number(process.env.E2E_N8N_PORT);
+const chunkDelayMs = Number(process.env.E2E_N8N_CHUNK_DELAY_MS || 150);
+if (!port) {
+	console.error("stand-in-n8n: set E2E_N8N_PORT");
+	process.exit(2);
+}
+
+const requests = [];
+
+function chunk(type, content) {
+	const metadata = { nodeId: "agent", nodeName: "AI Agent", itemIndex: 0, runIndex: 0, timestamp: Date.now() };
+	return JSON.stringify(content === undefined ? { type, metadata } : { type, content, metadata }) + "\n";
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function readBody(req) {
+	const parts = [];
+	for await (const p of req) parts.push(p);
+	return Buffer.concat(parts).toString("utf8");
+}
+
+const server = http.createServer(async (req, res) => {
+	const url = new URL(req.url, "http://stand-in");
+	if (req.method === "GET" && url.pathname === "/__requests") {
+		res.writeHead(200, { "Content-Type": "application/json" });
+		res.end(JSON.stringify(requests));
+		return;
+	}
+	if (req.method === "GET" && url.pathname === "/__counts") {
+		const counts = {};
+		for (const r of requests) counts[r.action] = (counts[r.action] ?? 0) + 1;
+		res.writeHead(200, { "Content-Type": "application/json" });
+		res.end(JSON.stringify(counts));
+		return;
+	}
+	if (req.method === "GET" && url.pathname === "/__ready") {
+		res.writeHead(200, { "Content-Type": "text/plain" });
+		res.end("ok");
+		return;
+	}
+	if (url.pathname !== "/webhook/chat") {
+		res.writeHead(404, { "Content-Type": "application/json" });
+		res.end('{"code":404,"message":"The requested webhook is not registered."}');
+		return;
+	}
+	const raw = await readBody(req);
+	let body = {};
+	try {
+		body = JSON.parse(raw);
+	} catch {
+		// recorded with an empty action below
+	}
+	const entry = {
+		at: new Date().toISOString(),
+		method: req.method,
+		action: typeof body.action === "string" ? body.action : "",
+		sessionId: body.sessionId ?? null,
+		chatInput: body.chatInput ?? null,
+		authorization: req.headers.authorization ? req.headers.authorization.split(" ")[0] : null,
+	};
+	requests.push(entry);
+	console.log(`stand-in-n8n: ${req.method} ${url.pathname} action=${entry.action} chatInput=${JSON.stringify(entry.chatInput)}`);
+
+	if (req.method !== "POST" || entry.action !== "sendMessage") {
+		// n8n would run the workflow for anything; the tests assert that
+		// nothing but sendMessage ever gets here.
+		res.writeHead(200, { "Content-Type": "application/json; charset=utf-8" });
+		res.end(JSON.stringify({ output: `unexpected action ${JSON.stringify(entry.action)}` }));
+		return;
+	}
+	res.writeHead(200, {
+		"Content-Type": "application/json; charset=utf-8",
+		"Cache-Control": "no-cache, no-transform",
+	});
+	res.flushHeaders();
+	res.write(chunk("begin"));
+	for (const part of replyParts(String(entry.chatInput ?? ""))) {
+		await sleep(chunkDelayMs);
+		if (res.destroyed) return;
+		res.write(chunk("item", part));
+	}
+	await sleep(chunkDelayMs);
+	res.end(chunk("end"));
+});
+
+server.listen(port, "127.0.0.1", () => {
+	console.log(`stand-in-n8n: listening on 127.0.0.1:${port}, ${chunkDelayMs} ms between chunks`);
+});
+for (const sig of ["SIGINT", "SIGTERM"]) {
+	process.on(sig, () => {
+		server.closeAllConnections();
+		process.exit(0);
+	});
+}
