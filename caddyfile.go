@@ -49,6 +49,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    rate_limit      <ip|session|domain|create> <N>/<window>... | off
 //	    rate_limit_block <refusals> <duration> | off
 //	    bot_detection   off | <threshold>
+//	    metrics_allow   <cidr...>
+//	    log_content     on | off
+//	    history_retention <duration>
+//	    purge_interval  <duration>
 //	    cookie {
 //	        name      <name>
 //	        same_site lax|strict|none
@@ -110,7 +114,8 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = cp.unmarshalCookie(d)
 		case "redis":
 			cp.Redis, err = singleArg(d, option)
-		case "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration":
+		case "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration",
+			"history_retention", "purge_interval":
 			var v string
 			if v, err = singleArg(d, option); err == nil {
 				var dur caddy.Duration
@@ -120,6 +125,8 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						"upstream_timeout":    &cp.UpstreamTimeout,
 						"stream_idle_timeout": &cp.StreamIdleTimeout,
 						"max_stream_duration": &cp.MaxStreamDuration,
+						"history_retention":   &cp.HistoryRetention,
+						"purge_interval":      &cp.PurgeInterval,
 					}[option] = dur
 				}
 			}
@@ -163,6 +170,20 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "rate_limit_block":
 			err = cp.unmarshalRateLimitBlock(d)
+		case "metrics_allow":
+			err = cp.unmarshalMetricsAllow(d)
+		case "log_content":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				switch v {
+				case "on":
+					cp.LogContent = true
+				case "off":
+					cp.LogContent = false
+				default:
+					return d.Errf("chat_proxy: option 'log_content' must be on or off, got %q", v)
+				}
+			}
 		default:
 			return d.Errf("chat_proxy: unrecognized option '%s'", option)
 		}
@@ -314,6 +335,28 @@ func (cp *ChatProxy) unmarshalRateLimitBlock(d *caddyfile.Dispenser) error {
 		return d.Errf("chat_proxy: option 'rate_limit_block' takes <refusals> <duration>, or off")
 	}
 	return noBlock(d, "rate_limit_block")
+}
+
+// unmarshalMetricsAllow parses
+//
+//	metrics_allow <cidr|ip> [<cidr|ip>...]
+//
+// Placeholders are checked when they are resolved, at provision time.
+func (cp *ChatProxy) unmarshalMetricsAllow(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return d.Errf("chat_proxy: option 'metrics_allow' needs at least one network, as in: metrics_allow 127.0.0.1/32 10.0.0.0/8")
+	}
+	for _, a := range args {
+		if strings.Contains(a, "{") {
+			continue
+		}
+		if _, err := parseNetwork(a); err != nil {
+			return d.Errf("chat_proxy: option 'metrics_allow': invalid network %q (use a CIDR such as 10.0.0.0/8, or an IP address)", a)
+		}
+	}
+	cp.MetricsAllow = args
+	return noBlock(d, "metrics_allow")
 }
 
 // singleArg reads the one argument an option takes and refuses extra

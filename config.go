@@ -91,6 +91,15 @@ func (cp *ChatProxy) resolve() error {
 	if cp.redisURL, err = replace("redis", cp.Redis, false); err != nil {
 		return err
 	}
+	allow := make([]string, len(cp.MetricsAllow))
+	for i, n := range cp.MetricsAllow {
+		if allow[i], err = replace("metrics_allow", n, true); err != nil {
+			return err
+		}
+	}
+	if cp.metricsAllow, err = parseMetricsAllow(allow); err != nil {
+		return err
+	}
 	if cp.UpstreamAuth == nil {
 		cp.UpstreamAuth = &UpstreamAuth{Mode: string(n8n.AuthJWT)}
 	}
@@ -131,6 +140,12 @@ func (cp *ChatProxy) resolve() error {
 	}
 	if cp.BotDetection == "" {
 		cp.BotDetection = strconv.Itoa(DefaultBotThreshold)
+	}
+	if cp.HistoryRetention == 0 {
+		cp.HistoryRetention = caddy.Duration(DefaultHistoryRetention)
+	}
+	if cp.PurgeInterval == 0 {
+		cp.PurgeInterval = caddy.Duration(DefaultPurgeInterval)
 	}
 	return nil
 }
@@ -246,6 +261,12 @@ func (cp *ChatProxy) validateResolved() error {
 	}
 	if cp.CircuitBreakerOpen < 0 {
 		return fmt.Errorf("circuit_breaker: open time must not be negative, got %s", time.Duration(cp.CircuitBreakerOpen))
+	}
+	if cp.HistoryRetention < caddy.Duration(time.Hour) {
+		return fmt.Errorf("history_retention: must be at least 1h, got %s", time.Duration(cp.HistoryRetention))
+	}
+	if cp.PurgeInterval < caddy.Duration(time.Minute) {
+		return fmt.Errorf("purge_interval: must be at least 1m, got %s", time.Duration(cp.PurgeInterval))
 	}
 	if cp.BlockFor < 0 {
 		return fmt.Errorf("block_for: must not be negative, got %s", time.Duration(cp.BlockFor))

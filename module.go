@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"time"
 
@@ -44,9 +45,10 @@ const (
 // ChatProxy is the `chat_proxy` HTTP handler: the secure backend between
 // website chat widgets and an n8n workflow.
 //
-// It answers its own routes under `path_prefix` (sessions, history, and
-// with later features chat), plus `/health`, and passes every other request
-// to the next handler, so a site can serve its own pages beside the API.
+// It answers its own routes under `path_prefix` (sessions, chat, history,
+// the @n8n/chat widget), plus `/health` and `/metrics`, and passes every
+// other request to the next handler, so a site can serve its own pages
+// beside the API.
 //
 // Secrets should be given as `{env.NAME}` or `{file./path}` placeholders;
 // they are resolved when the config is provisioned, so they never appear in
@@ -153,6 +155,32 @@ type ChatProxy struct {
 	// which a message is refused. Default: 50.
 	BotDetection string `json:"bot_detection,omitempty"`
 
+	// How long conversation history is kept. A background purge deletes
+	// messages older than this, and sessions that have expired together
+	// with their messages. With several Caddy instances on one database
+	// only one purges at a time (a PostgreSQL advisory lock). Handlers that
+	// share a store share its purge, whose shortest retention applies to
+	// the whole store. Default: 30d.
+	HistoryRetention caddy.Duration `json:"history_retention,omitempty"`
+
+	// How often the purge runs, with 10% jitter; the first run comes a
+	// minute or so after the config is loaded. Default: 1h.
+	PurgeInterval caddy.Duration `json:"purge_interval,omitempty"`
+
+	// Client networks that may read the module's `GET /metrics`: CIDRs
+	// such as `10.0.0.0/8`, or single addresses. The client is Caddy's
+	// client_ip, which honours the server's trusted_proxies: behind a load
+	// balancer, set trusted_proxies, or every visitor has the balancer's
+	// (private) address. Others get 404. Default: loopback and private
+	// ranges (127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12,
+	// 192.168.0.0/16, fc00::/7). Placeholders are resolved.
+	MetricsAllow []string `json:"metrics_allow,omitempty"`
+
+	// Whether each chat exchange's log line carries the message and the
+	// reply text. Default: off, since chat text is the visitors' personal
+	// data; turn it on only to debug a workflow.
+	LogContent bool `json:"log_content,omitempty"`
+
 	jwtSecret     []byte
 	sessionSecret []byte
 	database      string
@@ -163,6 +191,10 @@ type ChatProxy struct {
 	upstream      *n8n.Client
 	handler       *handler.Handler
 	logger        *zap.Logger
+	drain         *handler.Drain
+	purger        *purger
+	metricsAllow  []netip.Prefix
+	untrackPools  []func()
 }
 
 // CookieConfig configures the session cookie.
@@ -217,11 +249,14 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		return err
 	}
 
-	store, key, err := acquireStore(cp.database)
+	pooled, key, err := acquirePooledStore(cp.database)
 	if err != nil {
 		return err
 	}
 	cp.storeKey = key
+	store := pooled.Store
+	cp.startPurger(ctx, pooled)
+	cp.setupDrain(ctx)
 
 	var rdb *redis.Client
 	if cp.redisURL != "" {
@@ -256,9 +291,14 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		}
 	}
 
+	rec, err := cp.provisionMetrics(ctx, store, rdb)
+	if err != nil {
+		return err
+	}
 	upstreamCfg := cp.upstreamConfig()
 	upstreamLog := cp.logger.Named("n8n")
 	upstreamCfg.OnStateChange = func(from, to n8n.BreakerState) {
+		rec.SetCircuitState(string(to))
 		upstreamLog.Warn("n8n circuit breaker changed state", zap.String("from", string(from)), zap.String("to", string(to)))
 	}
 	if cp.upstream, err = n8n.New(upstreamCfg); err != nil {
@@ -290,6 +330,10 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		Upstream:           cp.upstream,
 		MaxMessageLength:   cp.MaxMessageLength,
 		FinishOnDisconnect: cp.OnClientDisconnect == "finish",
+		Drain:              cp.drain,
+		Metrics:            rec,
+		MetricsAllow:       cp.metricsAllow,
+		LogContent:         cp.LogContent,
 	}
 	if rdb != nil {
 		hc.Redis = rdb
@@ -308,6 +352,10 @@ func (cp *ChatProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, next cadd
 // than once.
 func (cp *ChatProxy) Cleanup() error {
 	var errs []error
+	cp.cleanupMetrics()
+	// Before the store is released: streams cut short by an exiting Caddy
+	// store their partial replies.
+	cp.finishDrain()
 	if cp.upstream != nil {
 		// Streams still running finish on their own connections.
 		errs = append(errs, cp.upstream.Close())

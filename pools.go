@@ -21,7 +21,12 @@ import (
 // never drops to zero on a reload.
 var storePool = caddy.NewUsagePool()
 
-type pooledStore struct{ sessions.Store }
+// pooledStore is one shared store and the state of its purge, which all
+// the handlers on the store share (see purge.go).
+type pooledStore struct {
+	sessions.Store
+	purge *purgeState
+}
 
 func (p pooledStore) Destruct() error { return p.Close() }
 
@@ -59,9 +64,15 @@ func sqlitePath(database string) string {
 // option. The key is a hash, so a password in the URL never appears in
 // pool keys or logs.
 func acquireStore(database string) (sessions.Store, string, error) {
+	p, key, err := acquirePooledStore(database)
+	return p.Store, key, err
+}
+
+// acquirePooledStore is acquireStore with the store's shared purge state.
+func acquirePooledStore(database string) (pooledStore, string, error) {
 	kind, err := storeKind(database)
 	if err != nil {
-		return nil, "", err
+		return pooledStore{}, "", err
 	}
 	var target string
 	if kind == "postgres" {
@@ -82,12 +93,12 @@ func acquireStore(database string) (sessions.Store, string, error) {
 		if err != nil {
 			return nil, fmt.Errorf("database: %w", err)
 		}
-		return pooledStore{s}, nil
+		return pooledStore{Store: s, purge: newPurgeState()}, nil
 	})
 	if err != nil {
-		return nil, "", err
+		return pooledStore{}, "", err
 	}
-	return val.(pooledStore).Store, key, nil
+	return val.(pooledStore), key, nil
 }
 
 // redisPool shares one Redis client between every handler configured with

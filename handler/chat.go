@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/streaming"
@@ -45,22 +46,23 @@ type exchange struct {
 	stored      json.RawMessage // stored with the user message
 	pageURL     string
 	assistantID string
+	xl          *exchangeLog // its metrics and log line; nil when not followed
 }
 
 // chatMessage answers POST {prefix}/chat/message: SSE, or one JSON object
 // when the client asks for application/json and not for an event stream.
 func (h *Handler) chatMessage(w http.ResponseWriter, r *http.Request, _ string) error {
-	return h.chat(w, r, wantsJSON(r.Header.Get("Accept")))
+	return h.chat(w, r, wantsJSON(r.Header.Get("Accept")), metrics.RouteMessage)
 }
 
 func (h *Handler) chatStreamPost(w http.ResponseWriter, r *http.Request, _ string) error {
-	return h.chat(w, r, false)
+	return h.chat(w, r, false, metrics.RouteStream)
 }
 
 // chatStreamGet serves EventSource clients, which can only GET and only
 // send the cookie; the cookie CSRF rule applies as for any cookie request.
 func (h *Handler) chatStreamGet(w http.ResponseWriter, r *http.Request, _ string) error {
-	return h.chat(w, r, false)
+	return h.chat(w, r, false, metrics.RouteStream)
 }
 
 // wantsJSON reports whether Accept asks for JSON and not for SSE.
@@ -81,11 +83,13 @@ func wantsJSON(accept string) bool {
 	return json && !sse
 }
 
-func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool) error {
+func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool, route string) error {
 	s, claims, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
 	}
+	xl, w := h.beginExchange(w, route, s.ID, s.Site)
+	defer h.endExchange(r, xl)
 	var req chatRequest
 	if r.Method == http.MethodGet {
 		q := r.URL.Query()
@@ -98,10 +102,11 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool) erro
 		return h.writeBadBody(w, r, bad)
 	}
 	ex.attach(s)
+	h.track(ex, xl)
 	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierSession, ID: s.ID}, guard.Key{Tier: guard.TierDomain, ID: s.Site}) {
 		return nil
 	}
-	verdict := h.scoreBot(r, guard.BotSignals{
+	verdict := h.scoreBot(r, xl, guard.BotSignals{
 		Honeypot:           req.Website,
 		UserAgent:          r.Header.Get("User-Agent"),
 		Message:            ex.message,
@@ -129,7 +134,7 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool) erro
 		return h.relayJSON(w, r, ex, reply)
 	}
 	sw := streaming.NewSSEWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval})
-	return h.relayStream(sw, r, ex, reply)
+	return h.streamReply(sw, r, ex, reply)
 }
 
 // checkChatInput validates a message and its extras and prepares the
@@ -184,20 +189,24 @@ func inputError(err error) *errBadBody {
 	return &errBadBody{http.StatusBadRequest, "invalid_request", err.Error()}
 }
 
-func (h *Handler) scoreBot(r *http.Request, signals guard.BotSignals) guard.Verdict {
+// scoreBot asks the bot filter about a message. A refusal or a honeypot
+// catch is counted per signal and settles the exchange's outcome; its log
+// line then carries the score and signals.
+func (h *Handler) scoreBot(r *http.Request, xl *exchangeLog, signals guard.BotSignals) guard.Verdict {
 	if h.cfg.Bots == nil {
 		return guard.Verdict{Action: guard.ActionAllow}
 	}
 	v := h.cfg.Bots.Score(r.Context(), signals)
-	if v.Action != guard.ActionAllow {
-		reasons := make([]string, len(v.Reasons))
-		for i, reason := range v.Reasons {
-			reasons[i] = string(reason)
-		}
-		h.cfg.Logger.Info("chat message refused by the bot filter",
-			zap.String("action", v.Action.String()), zap.Int("score", v.Score),
-			zap.Strings("reasons", reasons), zap.String("session_id", signals.SessionID),
-			zap.String("client_ip", clientIP(r)))
+	if v.Action == guard.ActionAllow {
+		return v
+	}
+	for _, reason := range v.Reasons {
+		h.cfg.Metrics.GuardRefused(string(reason))
+	}
+	xl.bot = &v
+	xl.outcome = metrics.OutcomeRejected
+	if v.Action == guard.ActionHoneypot {
+		xl.outcome = metrics.OutcomeHoneypot
 	}
 	return v
 }
@@ -248,7 +257,8 @@ func (h *Handler) send(r *http.Request, ex *exchange, upstreamSessionID string) 
 	if h.cfg.FinishOnDisconnect {
 		ctx = context.WithoutCancel(ctx)
 	}
-	return h.cfg.Upstream.Send(ctx, &n8n.Request{
+	start := time.Now()
+	reply, err := h.cfg.Upstream.Send(ctx, &n8n.Request{
 		SessionID:    upstreamSessionID,
 		Message:      ex.message,
 		Metadata:     ex.metadata,
@@ -258,6 +268,8 @@ func (h *Handler) send(r *http.Request, ex *exchange, upstreamSessionID string) 
 		UserAgent:    r.Header.Get("User-Agent"),
 		MessageCount: ex.session.MessageCount + 1,
 	})
+	h.noteSent(ex, start, reply, err)
+	return reply, err
 }
 
 // upstreamFailed answers a failure before any reply text: a plain JSON
@@ -267,6 +279,9 @@ func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, ex *exc
 	var ue *n8n.Error
 	if !errors.As(err, &ue) {
 		h.cfg.Logger.Error("sending to n8n", zap.Error(err))
+		if ex.xl != nil {
+			ex.xl.outcome = metrics.OutcomeError
+		}
 		h.storeReply(r, ex, "", sessions.StatusError)
 		return h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the message could not be forwarded")
 	}
@@ -281,15 +296,17 @@ func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, ex *exc
 	return h.writeError(w, r, ue.Status, ue.Code, ue.Message)
 }
 
+// logUpstreamError adds n8n's failure to the exchange: its log line then
+// carries the code, reason, n8n's status and detail, and the failure is
+// counted (see endExchange).
 func (h *Handler) logUpstreamError(ex *exchange, ue *n8n.Error) {
-	level := zap.WarnLevel
-	if ue.Code == n8n.CodeCanceled {
-		level = zap.DebugLevel
+	x := ex.xl
+	if x == nil {
+		return
 	}
-	if ce := h.cfg.Logger.Check(level, "n8n exchange failed"); ce != nil {
-		ce.Write(zap.String("session_id", ex.session.ID), zap.String("code", ue.Code),
-			zap.String("reason", string(ue.Reason)), zap.Int("upstream_status", ue.UpstreamStatus),
-			zap.Bool("mid_stream", ue.MidStream), zap.String("detail", ue.Detail))
+	x.upstreamErr = ue
+	if ue.UpstreamStatus != 0 {
+		x.upstreamStatus = ue.UpstreamStatus
 	}
 }
 
@@ -338,6 +355,11 @@ func (h *Handler) relayJSONFailed(w http.ResponseWriter, r *http.Request, ex *ex
 // event, then the end marker. What was relayed is stored with its status.
 func (h *Handler) relayStream(sw streaming.Writer, r *http.Request, ex *exchange, reply *n8n.Reply) error {
 	sw.Header().Set("X-Message-ID", ex.assistantID)
+	// When Caddy exits, the drain closes the reply: the stream then ends
+	// with a server_shutdown error event and [DONE], and the partial reply
+	// is stored before the drain stops counting this stream.
+	shutdown, stopWatch := h.cfg.Drain.watch(reply)
+	defer stopWatch()
 	var text strings.Builder
 	status := sessions.StatusComplete
 	clientGone := sw.Start() != nil
@@ -361,7 +383,11 @@ func (h *Handler) relayStream(sw streaming.Writer, r *http.Request, ex *exchange
 				status = sessions.StatusError
 			}
 			var ue *n8n.Error
-			if errors.As(err, &ue) {
+			if shutdown() {
+				if !clientGone {
+					_ = sw.Error(CodeServerShutdown, shutdownMessage)
+				}
+			} else if errors.As(err, &ue) {
 				h.logUpstreamError(ex, ue)
 				if !clientGone && ue.Code != n8n.CodeCanceled {
 					_ = sw.Error(ue.Code, ue.Message)
@@ -388,6 +414,7 @@ func (h *Handler) relayStream(sw streaming.Writer, r *http.Request, ex *exchange
 // cancellation: a visitor who left still finds the reply (or what arrived
 // of it) in the history.
 func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string) {
+	h.noteReplyEnded(ex, text, status)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), storeTimeout)
 	defer cancel()
 	err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{

@@ -2,6 +2,8 @@ package handler
 
 import (
 	"net/http"
+
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 )
 
 // exposedHeaders are the response headers a widget's script may read.
@@ -20,6 +22,7 @@ func (h *Handler) checkOrigin(w http.ResponseWriter, r *http.Request) bool {
 		return true
 	}
 	if !h.cfg.Origins.Allowed(origin) {
+		h.cfg.Metrics.GuardRefused(metrics.RefusalOrigin)
 		_ = h.writeError(w, r, http.StatusForbidden, "origin_not_allowed", "this origin is not allowed to use the chat API")
 		return false
 	}

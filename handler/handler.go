@@ -1,10 +1,12 @@
-// Package handler implements the chat_proxy HTTP routes: sessions, history
-// and health, with CORS, CSRF checks, security headers and JSON errors.
+// Package handler implements the chat_proxy HTTP routes: sessions, chat,
+// history, health and metrics, with CORS, CSRF checks, security headers
+// and JSON errors.
 package handler
 
 import (
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -13,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
@@ -45,6 +48,17 @@ type Config struct {
 	// KeepaliveInterval is the longest silence on a stream. Zero means
 	// the streaming package's default (15s).
 	KeepaliveInterval time.Duration
+	// Drain ends running streams cleanly when Caddy exits; nil: never.
+	Drain *Drain
+
+	// Metrics records the handler's events; nil records nothing.
+	Metrics *metrics.Recorder
+	// MetricsAllow lists the client networks that may read /metrics;
+	// everyone else gets 404. Empty: nobody.
+	MetricsAllow []netip.Prefix
+	// LogContent adds the message and reply text to each exchange's log
+	// line. Off by default: chat text is the visitor's personal data.
+	LogContent bool
 }
 
 // Cookie describes the session cookie.
@@ -126,6 +140,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		return h.health(w, r)
 	}
+	if r.URL.Path == "/metrics" {
+		return h.serveMetrics(w, r)
+	}
 	apiPath, ok := strings.CutPrefix(r.URL.Path, h.cfg.Prefix)
 	if !ok || !strings.HasPrefix(apiPath, "/") {
 		return next.ServeHTTP(w, r)
@@ -201,6 +218,7 @@ func (h *Handler) rateLimit(w http.ResponseWriter, r *http.Request, keys ...guar
 	}
 	d.SetHeaders(w.Header())
 	if !d.Allowed {
+		h.cfg.Metrics.RateLimited(string(d.Tier))
 		_ = writeJSON(w, http.StatusTooManyRequests, d.Body())
 		return false
 	}

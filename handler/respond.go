@@ -11,6 +11,8 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 )
 
 // apiError is the JSON error body: {"error": code, "message": text}.
@@ -113,5 +115,12 @@ func equalFoldASCII(a, b string) bool {
 }
 
 func (h *Handler) writeBadBody(w http.ResponseWriter, r *http.Request, e *errBadBody) error {
-	return h.writeError(w, r, e.status, e.code, e.message)
+	return h.refuseInput(w, r, e.status, e.code, e.message)
+}
+
+// refuseInput answers a request refused for its body or input, and counts
+// the refusal.
+func (h *Handler) refuseInput(w http.ResponseWriter, r *http.Request, status int, code, message string) error {
+	h.cfg.Metrics.GuardRefused(metrics.RefusalInput)
+	return h.writeError(w, r, status, code, message)
 }

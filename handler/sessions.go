@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -51,6 +52,7 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 	if err != nil {
 		return h.storeError(w, r, "create session", err)
 	}
+	h.cfg.Metrics.SessionCreated(metrics.KindVisitor, s.Site)
 	h.setSessionCookie(w, r, token, s.ExpiresAt)
 	return writeJSON(w, http.StatusCreated, createSessionResponse{
 		SessionID: s.ID,
@@ -108,6 +110,7 @@ func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*session
 		return nil, nil, false
 	}
 	if fromCookie && !h.cfg.Origins.CookieRequestAllowed(r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site")) {
+		h.cfg.Metrics.GuardRefused(metrics.RefusalCSRF)
 		_ = h.writeError(w, r, http.StatusForbidden, "csrf_refused", "cookie-authenticated requests must come from an allowed origin; other clients use the bearer token")
 		return nil, nil, false
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/streaming"
 )
@@ -36,7 +37,7 @@ type widgetRequest struct {
 // site, in a namespace apart from visitor sessions.
 func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) error {
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "multipart/form-data" {
-		return h.writeError(w, r, http.StatusUnsupportedMediaType, "unsupported_media_type", "file uploads are not supported; send the message as JSON")
+		return h.refuseInput(w, r, http.StatusUnsupportedMediaType, "unsupported_media_type", "file uploads are not supported; send the message as JSON")
 	}
 	var req widgetRequest
 	if bad := h.readJSON(w, r, &req, false); bad != nil {
@@ -45,15 +46,15 @@ func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) e
 	switch req.Action {
 	case "loadPreviousSession", "sendMessage":
 	case "":
-		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "action is required: sendMessage or loadPreviousSession")
+		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "action is required: sendMessage or loadPreviousSession")
 	default:
-		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "unknown action; use sendMessage or loadPreviousSession")
+		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "unknown action; use sendMessage or loadPreviousSession")
 	}
 	if req.SessionID == "" {
-		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "sessionId is required")
+		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "sessionId is required")
 	}
 	if err := guard.CheckWidgetSessionID(req.SessionID); err != nil {
-		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", guard.WithField(err, "sessionId").Error())
+		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", guard.WithField(err, "sessionId").Error())
 	}
 	site := requestSite(r)
 	id := widgetSessionID(site, req.SessionID)
@@ -61,7 +62,7 @@ func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) e
 		return h.widgetHistory(w, r, id)
 	}
 	if req.ChatInput == nil {
-		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "chatInput is required")
+		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "chatInput is required")
 	}
 	return h.widgetSend(w, r, site, id, req)
 }
@@ -122,6 +123,8 @@ func (h *Handler) widgetHistory(w http.ResponseWriter, r *http.Request, id strin
 }
 
 func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id string, req widgetRequest) error {
+	xl, w := h.beginExchange(w, metrics.RouteWidget, id, site)
+	defer h.endExchange(r, xl)
 	s, err := h.cfg.Store.GetSession(r.Context(), id)
 	isNew := errors.Is(err, sessions.ErrNotFound)
 	if err != nil && !isNew {
@@ -144,6 +147,7 @@ func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id st
 		return h.storeError(w, r, "create widget session", err)
 	}
 	ex.attach(s)
+	h.track(ex, xl)
 	signals := guard.BotSignals{
 		UserAgent:    r.Header.Get("User-Agent"),
 		Message:      ex.message,
@@ -153,7 +157,7 @@ func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id st
 	if !isNew {
 		signals.SessionCreated = s.CreatedAt
 	}
-	verdict := h.scoreBot(r, signals)
+	verdict := h.scoreBot(r, xl, signals)
 	if verdict.Action == guard.ActionReject {
 		return h.writeError(w, r, http.StatusForbidden, "rejected", "the message was refused by the spam and bot filter")
 	}
@@ -169,7 +173,7 @@ func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id st
 		return h.relayWidgetJSON(w, r, ex, reply)
 	}
 	nw := streaming.NewNDJSONWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval})
-	return h.relayStream(nw, r, ex, reply)
+	return h.streamReply(nw, r, ex, reply)
 }
 
 // widgetStreaming reports whether the widget runs in streaming mode, where
@@ -214,6 +218,9 @@ func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site
 	if errors.Is(err, sessions.ErrExists) {
 		// Two first messages raced; use the one that won.
 		return h.cfg.Store.GetSession(ctx, id)
+	}
+	if err == nil {
+		h.cfg.Metrics.SessionCreated(metrics.KindWidget, site)
 	}
 	return created, err
 }

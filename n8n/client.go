@@ -232,7 +232,7 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 	if err != nil {
 		return fail(err)
 	}
-	r.body = resp.Body
+	r.body, r.status = resp.Body, resp.StatusCode
 	if err := checkStatus(resp); err != nil {
 		return fail(err)
 	}

@@ -31,6 +31,7 @@ type Reply struct {
 	idleArmed atomic.Bool
 
 	body   io.ReadCloser // nil until n8n answered
+	status int           // n8n's HTTP status, once it answered
 	raw    *activityReader
 	dec    decoder
 	format Format
@@ -43,6 +44,10 @@ type Reply struct {
 
 // Format returns the detected shape of n8n's reply.
 func (r *Reply) Format() Format { return r.format }
+
+// StatusCode returns the HTTP status n8n answered with (a 2xx, since Send
+// returns a Reply only for those), for logs.
+func (r *Reply) StatusCode() int { return r.status }
 
 // Next returns the next piece of reply text (never empty). It returns
 // io.EOF at the clean end of the reply, or an *Error with MidStream set

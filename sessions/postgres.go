@@ -340,38 +340,132 @@ func finishPage(p *Page, limit int) {
 	}
 }
 
-// Purge implements Store: one batch, hence one implicit transaction.
+// pgPurgeLock takes the purge lock for the rest of the transaction, or
+// reports false at once when another session holds it. The key is derived
+// from the current schema, as the migration lock's is, so deployments (and
+// parallel tests) in different schemas of one database never block each
+// other.
+const pgPurgeLock = `SELECT pg_try_advisory_xact_lock(hashtextextended('chatproxy-purge:' || coalesce(current_schema(), ''), 0))`
+
+// Purge implements Store. Each batch is one transaction under the purge
+// lock: first old messages (of any session), then expired sessions with
+// whatever messages they have left.
 func (s *PostgresStore) Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (int64, int64, error) {
 	const op = "purging"
 	if err := s.ready(ctx); err != nil {
 		return 0, 0, s.fail(op, err)
 	}
 	exp, old := normTime(expiredBefore), normTime(messagesBefore)
-	b := &pgx.Batch{}
-	// Keep message_count equal to the stored history of the sessions that stay.
-	b.Queue(`
-UPDATE chatproxy_sessions s SET message_count = greatest(s.message_count - d.n, 0)
-FROM (SELECT session_id, count(*) AS n FROM chatproxy_messages WHERE created_at < $2 GROUP BY session_id) d
-WHERE s.id = d.session_id AND s.expires_at >= $1`, exp, old)
-	b.Queue(`
-DELETE FROM chatproxy_messages
-WHERE created_at < $2 OR session_id IN (SELECT id FROM chatproxy_sessions WHERE expires_at < $1)`, exp, old)
-	b.Queue(`DELETE FROM chatproxy_sessions WHERE expires_at < $1`, exp)
-	br := s.pool.SendBatch(ctx, b)
-	var tags [3]pgconn.CommandTag
-	var err error
-	for i := range tags {
-		if tags[i], err = br.Exec(); err != nil {
-			break
+	var sessions, messages int64
+	first := true
+	for _, batch := range []func(pgx.Tx) (ns, nm int64, more bool, err error){
+		func(tx pgx.Tx) (int64, int64, bool, error) { return pgPurgeOldMessages(ctx, tx, old) },
+		func(tx pgx.Tx) (int64, int64, bool, error) { return pgPurgeExpiredSessions(ctx, tx, exp) },
+	} {
+		for more := true; more; {
+			var ns, nm int64
+			locked, err := s.inPurgeTx(ctx, func(tx pgx.Tx) error {
+				var err error
+				ns, nm, more, err = batch(tx)
+				return err
+			})
+			if err != nil {
+				return sessions, messages, s.fail(op, err)
+			}
+			if !locked {
+				if first {
+					return 0, 0, s.fail(op, ErrBusy)
+				}
+				// Another instance took over between two batches.
+				return sessions, messages, nil
+			}
+			first = false
+			sessions += ns
+			messages += nm
 		}
 	}
-	if cerr := br.Close(); err == nil {
-		err = cerr
-	}
+	return sessions, messages, nil
+}
+
+// inPurgeTx runs fn in a transaction that holds the purge lock. It reports
+// false, having run nothing, when another instance holds the lock.
+func (s *PostgresStore) inPurgeTx(ctx context.Context, fn func(pgx.Tx) error) (bool, error) {
+	tx, err := s.pool.Begin(ctx)
 	if err != nil {
-		return 0, 0, s.fail(op, err)
+		return false, err
 	}
-	return tags[2].RowsAffected(), tags[1].RowsAffected(), nil
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }() // a no-op after Commit
+	var locked bool
+	if err := tx.QueryRow(ctx, pgPurgeLock).Scan(&locked); err != nil || !locked {
+		return false, err
+	}
+	if err := fn(tx); err != nil {
+		return true, err
+	}
+	return true, tx.Commit(ctx)
+}
+
+// pgPurgeOldMessages deletes up to purgeBatch messages created before old
+// and lowers their sessions' message_count to match. The batch is the
+// oldest such messages by seq, up to a bound, so its statements agree on
+// it without shipping ids back and forth. The sessions are locked first,
+// as AppendMessage and RevokeSession lock a session before its messages,
+// so a purge never deadlocks with them; once they are locked, the DELETE
+// and the count it returns are exact.
+func pgPurgeOldMessages(ctx context.Context, tx pgx.Tx, old time.Time) (int64, int64, bool, error) {
+	var bound *int64
+	var n int64
+	err := tx.QueryRow(ctx, `
+SELECT max(seq), count(*) FROM (
+    SELECT seq FROM chatproxy_messages WHERE created_at < $1 ORDER BY seq LIMIT $2
+) AS batch`, old, purgeBatch).Scan(&bound, &n)
+	if err != nil || bound == nil {
+		return 0, 0, false, err
+	}
+	if _, err := tx.Exec(ctx, `
+SELECT 1 FROM chatproxy_sessions
+WHERE id IN (SELECT session_id FROM chatproxy_messages WHERE created_at < $1 AND seq <= $2)
+ORDER BY id FOR NO KEY UPDATE`, old, *bound); err != nil {
+		return 0, 0, false, err
+	}
+	var deleted int64
+	err = tx.QueryRow(ctx, `
+WITH d AS (
+    DELETE FROM chatproxy_messages WHERE created_at < $1 AND seq <= $2 RETURNING session_id
+), c AS (
+    SELECT session_id, count(*) AS n FROM d GROUP BY session_id
+), u AS (
+    UPDATE chatproxy_sessions s SET message_count = greatest(s.message_count - c.n, 0)
+    FROM c WHERE s.id = c.session_id
+)
+SELECT coalesce(sum(n), 0)::bigint FROM c`, old, *bound).Scan(&deleted)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	return 0, deleted, n >= int64(purgeBatch), nil
+}
+
+// pgPurgeExpiredSessions deletes up to purgeBatch sessions that expired
+// before exp, with their messages. Locking the rows re-checks the expiry,
+// so a session extended meanwhile stays.
+func pgPurgeExpiredSessions(ctx context.Context, tx pgx.Tx, exp time.Time) (int64, int64, bool, error) {
+	rows, err := tx.Query(ctx, `SELECT id FROM chatproxy_sessions WHERE expires_at < $1 LIMIT $2 FOR UPDATE`, exp, purgeBatch)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(ids) == 0 {
+		return 0, 0, false, err
+	}
+	mtag, err := tx.Exec(ctx, `DELETE FROM chatproxy_messages WHERE session_id = ANY($1)`, ids)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	stag, err := tx.Exec(ctx, `DELETE FROM chatproxy_sessions WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	return stag.RowsAffected(), mtag.RowsAffected(), len(ids) >= purgeBatch, nil
 }
 
 // Stats implements Store.

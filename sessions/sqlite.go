@@ -357,39 +357,81 @@ func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string
 	return &page, nil
 }
 
-// Purge implements Store.
+// Purge implements Store. Each batch is its own write transaction, so a
+// large backlog never holds the write lock (and the chat's writes) for
+// long: first old messages, then expired sessions with what they have left.
 func (s *SQLiteStore) Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (int64, int64, error) {
 	exp, old := normTime(expiredBefore).UnixMicro(), normTime(messagesBefore).UnixMicro()
 	var sessions, messages int64
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		// Keep message_count equal to the stored history of the sessions that stay.
-		if _, err := tx.ExecContext(ctx, `
-UPDATE chatproxy_sessions
-SET message_count = max(message_count -
-    (SELECT count(*) FROM chatproxy_messages m WHERE m.session_id = chatproxy_sessions.id AND m.created_at < ?2), 0)
-WHERE expires_at >= ?1 AND id IN (SELECT session_id FROM chatproxy_messages WHERE created_at < ?2)`, exp, old); err != nil {
-			return err
+	for _, batch := range []func(*sql.Tx) (ns, nm int64, more bool, err error){
+		func(tx *sql.Tx) (int64, int64, bool, error) { return litePurgeOldMessages(ctx, tx, old) },
+		func(tx *sql.Tx) (int64, int64, bool, error) { return litePurgeExpiredSessions(ctx, tx, exp) },
+	} {
+		for more := true; more; {
+			var ns, nm int64
+			err := s.write(ctx, func(tx *sql.Tx) error {
+				var err error
+				ns, nm, more, err = batch(tx)
+				return err
+			})
+			if err != nil {
+				return sessions, messages, opErr("purging", err)
+			}
+			sessions += ns
+			messages += nm
 		}
-		res, err := tx.ExecContext(ctx, `
-DELETE FROM chatproxy_messages
-WHERE created_at < ?2 OR session_id IN (SELECT id FROM chatproxy_sessions WHERE expires_at < ?1)`, exp, old)
-		if err != nil {
-			return err
-		}
-		if messages, err = res.RowsAffected(); err != nil {
-			return err
-		}
-		res, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE expires_at < ?1`, exp)
-		if err != nil {
-			return err
-		}
-		sessions, err = res.RowsAffected()
-		return err
-	})
-	if err != nil {
-		return 0, 0, opErr("purging", err)
 	}
 	return sessions, messages, nil
+}
+
+// litePurgeOldMessages deletes up to purgeBatch messages created before
+// old (the oldest by seq, up to a bound) and lowers their sessions'
+// message_count to match. The write transaction excludes every other
+// writer, so the statements see the same rows.
+func litePurgeOldMessages(ctx context.Context, tx *sql.Tx, old int64) (int64, int64, bool, error) {
+	var bound sql.NullInt64
+	var n int64
+	err := tx.QueryRowContext(ctx, `
+SELECT max(seq), count(*) FROM (
+    SELECT seq FROM chatproxy_messages WHERE created_at < ?1 ORDER BY seq LIMIT ?2
+)`, old, purgeBatch).Scan(&bound, &n)
+	if err != nil || !bound.Valid {
+		return 0, 0, false, err
+	}
+	if _, err := tx.ExecContext(ctx, `
+UPDATE chatproxy_sessions
+SET message_count = max(message_count -
+    (SELECT count(*) FROM chatproxy_messages m
+     WHERE m.session_id = chatproxy_sessions.id AND m.created_at < ?1 AND m.seq <= ?2), 0)
+WHERE id IN (SELECT session_id FROM chatproxy_messages WHERE created_at < ?1 AND seq <= ?2)`, old, bound.Int64); err != nil {
+		return 0, 0, false, err
+	}
+	res, err := tx.ExecContext(ctx, `DELETE FROM chatproxy_messages WHERE created_at < ?1 AND seq <= ?2`, old, bound.Int64)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	deleted, err := res.RowsAffected()
+	return 0, deleted, n >= int64(purgeBatch), err
+}
+
+// litePurgeExpiredSessions deletes up to purgeBatch sessions that expired
+// before exp, with their messages; both statements pick the same sessions
+// (same order, same transaction).
+func litePurgeExpiredSessions(ctx context.Context, tx *sql.Tx, exp int64) (int64, int64, bool, error) {
+	const batch = `SELECT id FROM chatproxy_sessions WHERE expires_at < ?1 ORDER BY expires_at, id LIMIT ?2`
+	res, err := tx.ExecContext(ctx, `DELETE FROM chatproxy_messages WHERE session_id IN (`+batch+`)`, exp, purgeBatch)
+	if err != nil {
+		return 0, 0, false, err
+	}
+	nm, err := res.RowsAffected()
+	if err != nil {
+		return 0, 0, false, err
+	}
+	if res, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE id IN (`+batch+`)`, exp, purgeBatch); err != nil {
+		return 0, 0, false, err
+	}
+	ns, err := res.RowsAffected()
+	return ns, nm, ns >= int64(purgeBatch), err
 }
 
 // Stats implements Store.

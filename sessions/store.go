@@ -20,7 +20,18 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrExists means a session with that id is already stored.
 	ErrExists = errors.New("already exists")
+	// ErrBusy means another instance holds the purge lock: Purge skipped
+	// its work rather than wait, since that instance is doing it.
+	ErrBusy = errors.New("another instance is purging")
 )
+
+// PurgeBatch is how many rows one purge transaction deletes at most (old
+// messages, or expired sessions with their messages); a large backlog is
+// removed in several short transactions so chat writes never wait long.
+const PurgeBatch = 10000
+
+// purgeBatch is PurgeBatch, smaller in tests so they cover several batches.
+var purgeBatch = PurgeBatch
 
 // Kinds of session. Visitor sessions are created through the session API;
 // widget sessions are named by the @n8n/chat widget and scoped to a site.
@@ -136,6 +147,14 @@ type Store interface {
 	// many of each it removed; the messages count includes those of the
 	// purged sessions. message_count of the sessions that stay is reduced by
 	// the messages they lost, so it keeps counting the stored history.
+	//
+	// The work is done in transactions of at most PurgeBatch rows each.
+	// Only one instance purges a database at a time: on PostgreSQL each
+	// transaction takes a transaction-scoped advisory lock (per schema)
+	// without waiting, and Purge returns ErrBusy (having deleted nothing)
+	// when another instance holds it; should another instance take the
+	// lock between two batches, Purge stops there and reports what it did.
+	// The embedded store's write lock serializes purges instead.
 	Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (sessions, messages int64, err error)
 	// Stats reports schema version and row counts.
 	Stats(ctx context.Context) (*Stats, error)

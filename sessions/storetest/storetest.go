@@ -43,6 +43,7 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"Paging", testPaging},
 		{"PagingBeforeErrors", testPagingBeforeErrors},
 		{"Purge", testPurge},
+		{"PurgeMany", testPurgeMany},
 		{"Stats", testStats},
 		{"ConcurrentCreate", testConcurrentCreate},
 		{"ConcurrentAppend", testConcurrentAppend},
@@ -53,6 +54,13 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 			tt.fn(t, open(t))
 		})
 	}
+}
+
+// RunPurge runs only the purge tests, for callers that change how a
+// store purges (e.g. a batch size small enough to need many batches).
+func RunPurge(t *testing.T, open func(t *testing.T) sessions.Store) {
+	t.Run("Purge", func(t *testing.T) { testPurge(t, open(t)) })
+	t.Run("PurgeMany", func(t *testing.T) { testPurgeMany(t, open(t)) })
 }
 
 // t0 has nanoseconds and a zone on purpose: stores keep microseconds in UTC.
@@ -689,6 +697,67 @@ func testPurge(t *testing.T, st sessions.Store) {
 	}
 
 	// Nothing left to purge.
+	if ns, nm, err := st.Purge(ctx(t), cutSessions, cutMessages); err != nil || ns != 0 || nm != 0 {
+		t.Errorf("second Purge = %d, %d, %v; want 0, 0, nil", ns, nm, err)
+	}
+}
+
+// testPurgeMany purges a history spread over many sessions: what is past
+// retention goes, exactly, however many batches that takes, and every
+// remaining session's message_count still counts its stored history.
+func testPurgeMany(t *testing.T, st sessions.Store) {
+	cutSessions := t0.Add(24 * time.Hour)
+	cutMessages := t0.Add(5 * time.Second)
+	var kept []string
+	for i := range 7 { // expired: go whole, with both their messages
+		s := newSession(fmt.Sprintf("expired-%d", i))
+		s.ExpiresAt = cutSessions.Add(-time.Duration(i+1) * time.Minute)
+		mustCreate(t, st, s)
+		appendN(t, st, s.ID, 2)
+	}
+	want := map[string][]string{}
+	for i := range 4 { // active: lose their 5 old messages, keep 3
+		id := fmt.Sprintf("active-%d", i)
+		kept = append(kept, id)
+		s := newSession(id)
+		s.ExpiresAt = cutSessions.Add(time.Hour)
+		mustCreate(t, st, s)
+		want[id] = ids(appendN(t, st, id, 8)[5:])
+	}
+	// Interleave a session whose messages are all recent.
+	fresh := newSession("fresh")
+	fresh.ExpiresAt = cutSessions.Add(time.Hour)
+	mustCreate(t, st, fresh)
+	m := sessions.Message{SessionID: "fresh", Role: sessions.RoleUser, Content: "new", CreatedAt: cutMessages.Add(time.Minute)}
+	if err := st.AppendMessage(ctx(t), &m); err != nil {
+		t.Fatal(err)
+	}
+	kept = append(kept, "fresh")
+	want["fresh"] = []string{m.ID}
+
+	ns, nm, err := st.Purge(ctx(t), cutSessions, cutMessages)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ns != 7 || nm != 7*2+4*5 {
+		t.Errorf("Purge removed %d sessions, %d messages; want 7, %d", ns, nm, 7*2+4*5)
+	}
+	for _, id := range kept {
+		p := mustList(t, st, id, "", 50)
+		if got := ids(p.Messages); !reflect.DeepEqual(got, want[id]) || p.TotalCount != len(want[id]) {
+			t.Errorf("%s keeps %v (total %d), want %v", id, got, p.TotalCount, want[id])
+		}
+		if got := mustGet(t, st, id).MessageCount; got != len(want[id]) {
+			t.Errorf("%s MessageCount = %d, want %d", id, got, len(want[id]))
+		}
+	}
+	stats, err := st.Stats(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats.Sessions != 5 || stats.Messages != 4*3+1 {
+		t.Errorf("Stats after purge = %+v, want 5 sessions, 13 messages", stats)
+	}
 	if ns, nm, err := st.Purge(ctx(t), cutSessions, cutMessages); err != nil || ns != 0 || nm != 0 {
 		t.Errorf("second Purge = %d, %d, %v; want 0, 0, nil", ns, nm, err)
 	}

@@ -1,0 +1,212 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// slowN8n is a stand-in n8n webhook that streams a reply as n8n does
+// (NDJSON: begin, items, end), one item at a time under the test's
+// control: the first item at once, each further line only on next().
+type slowN8n struct {
+	srv      *httptest.Server
+	items    []string
+	proceed  chan struct{}
+	canceled chan struct{} // closed when the proxy abandoned a request
+	hits     atomic.Int32
+	gone     atomic.Bool
+}
+
+func newSlowN8n(t *testing.T, items ...string) *slowN8n {
+	t.Helper()
+	f := &slowN8n{items: items, proceed: make(chan struct{}), canceled: make(chan struct{})}
+	quit := make(chan struct{})
+	f.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.hits.Add(1)
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		write := func(typ, content string) {
+			m := map[string]any{"type": typ, "metadata": map[string]any{"nodeId": "agent", "nodeName": "AI Agent", "itemIndex": 0, "runIndex": 0}}
+			if typ == "item" {
+				m["content"] = content
+			}
+			b, _ := json.Marshal(m)
+			_, _ = w.Write(append(b, '\n'))
+			_ = http.NewResponseController(w).Flush()
+		}
+		wait := func() bool {
+			select {
+			case <-f.proceed:
+				return true
+			case <-r.Context().Done():
+				if f.gone.CompareAndSwap(false, true) {
+					close(f.canceled)
+				}
+			case <-quit:
+			case <-time.After(15 * time.Second):
+			}
+			return false
+		}
+		write("begin", "")
+		for i, it := range f.items {
+			if i > 0 && !wait() {
+				return
+			}
+			write("item", it)
+		}
+		if wait() {
+			write("end", "")
+		}
+	}))
+	t.Cleanup(func() {
+		close(quit)
+		f.srv.CloseClientConnections()
+		f.srv.Close()
+	})
+	return f
+}
+
+// URL is the webhook URL.
+func (f *slowN8n) URL() string { return f.srv.URL + "/webhook/slow/chat" }
+
+// next lets the stand-in write its next line.
+func (f *slowN8n) next(t *testing.T) {
+	t.Helper()
+	select {
+	case f.proceed <- struct{}{}:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stand-in n8n did not wait for the go-ahead")
+	}
+}
+
+// sseReader reads an event stream as the widget does.
+type sseReader struct {
+	t  *testing.T
+	br *bufio.Reader
+}
+
+type sseEvent struct {
+	Data string
+	JSON struct {
+		Type    string `json:"type"`
+		Content string `json:"content"`
+		Error   string `json:"error"`
+		Message string `json:"message"`
+	}
+}
+
+// next returns the next event's data, skipping comments (keepalives).
+func (s sseReader) next() sseEvent {
+	s.t.Helper()
+	var ev sseEvent
+	for {
+		line, err := s.br.ReadString('\n')
+		if err != nil {
+			s.t.Fatalf("reading the stream: %v (read %q)", err, line)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		switch {
+		case line == "" && ev.Data != "":
+			if ev.Data != "[DONE]" {
+				if err := json.Unmarshal([]byte(ev.Data), &ev.JSON); err != nil {
+					s.t.Fatalf("event data %q: %v", ev.Data, err)
+				}
+			}
+			return ev
+		case strings.HasPrefix(line, "data: "):
+			ev.Data = strings.TrimPrefix(line, "data: ")
+		}
+	}
+}
+
+func (s sseReader) item(want string) {
+	s.t.Helper()
+	if ev := s.next(); ev.JSON.Type != "item" || ev.JSON.Content != want {
+		s.t.Fatalf("event %q, want the item %q", ev.Data, want)
+	}
+}
+
+// end expects [DONE] and then a clean end of the response.
+func (s sseReader) end() {
+	s.t.Helper()
+	if ev := s.next(); ev.Data != "[DONE]" {
+		s.t.Fatalf("event %q, want [DONE]", ev.Data)
+	}
+	if rest, err := io.ReadAll(s.br); err != nil || len(rest) != 0 {
+		s.t.Fatalf("after [DONE]: %q, %v (want a clean end of the response)", rest, err)
+	}
+}
+
+// openStream posts a chat message and returns the event stream.
+func openStream(t *testing.T, url, token, message string) sseReader {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	req, err := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(`{"message":"`+message+`"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36")
+	resp, err := (&http.Client{}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = resp.Body.Close() })
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("chat: %d %s %s", resp.StatusCode, resp.Header.Get("Content-Type"), b)
+	}
+	return sseReader{t: t, br: bufio.NewReader(resp.Body)}
+}
+
+// createSession creates a session without an Origin (as a server would)
+// and returns its id and token.
+func createSession(t *testing.T, url string) (string, string) {
+	t.Helper()
+	c := client{t: t, http: &http.Client{Timeout: 5 * time.Second}}
+	status, _, body := c.do("POST", url, "", nil)
+	if status != 201 {
+		t.Fatalf("create: %d %s", status, body)
+	}
+	var created struct {
+		SessionID string `json:"session_id"`
+		Token     string `json:"token"`
+	}
+	mustJSON(t, body, &created)
+	return created.SessionID, created.Token
+}
+
+// freePorts returns n TCP ports nothing listens on now.
+func freePorts(t *testing.T, n int) []int {
+	t.Helper()
+	var ports []int
+	var lns []net.Listener
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+	}
+	for _, ln := range lns {
+		_ = ln.Close()
+	}
+	return ports
+}
+
+func portURL(port int, path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", port, path) }

@@ -1,0 +1,196 @@
+// Package metrics holds the chat_proxy module's Prometheus collectors and
+// the small API the routes record through.
+//
+// The collectors are created once, when the package is loaded, and are
+// registered into every config's registry (Caddy builds a new one per
+// config load), so values carry over a `caddy reload` and several
+// chat_proxy handlers share one set of series. The same collectors also
+// live in a registry of this package, which the module's own /metrics
+// route serves.
+//
+// Every label takes values from a small, fixed or configured set: never a
+// session id, an IP address, a URL or free text.
+package metrics
+
+import (
+	"errors"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+const (
+	namespace = "caddy"
+	subsystem = "chatproxy"
+)
+
+// Route labels: which chat route an exchange came through.
+const (
+	RouteMessage = "message" // POST {prefix}/chat/message
+	RouteStream  = "stream"  // GET or POST {prefix}/chat/stream
+	RouteWidget  = "widget"  // POST {prefix}/n8n/chat (sendMessage)
+)
+
+// Outcome labels of messages_total: how a chat exchange ended.
+const (
+	OutcomeOK            = "ok"             // the reply reached the client whole
+	OutcomeUpstreamError = "upstream_error" // n8n failed, before or during the reply (circuit open included)
+	OutcomeClientGone    = "client_gone"    // the client left before the reply was complete
+	OutcomeRateLimited   = "rate_limited"   // refused with 429
+	OutcomeRejected      = "rejected"       // refused by the bot and spam filter (403)
+	OutcomeHoneypot      = "honeypot"       // a bot filled the honeypot field; answered without n8n
+	OutcomeInvalid       = "invalid"        // refused for its input or body (400, 413, 415) or its session ended
+	OutcomeError         = "error"          // a failure of this server (store unavailable, internal error)
+	OutcomeShutdown      = "shutdown"       // Caddy shut down mid-reply; the stream ended with a server_shutdown event
+)
+
+// Session kind labels of sessions_created_total.
+const (
+	KindVisitor = "visitor" // POST {prefix}/session/create
+	KindWidget  = "widget"  // a new @n8n/chat widget conversation
+)
+
+// Guard refusal reasons besides the bot filter's signals (guard.Reason).
+const (
+	RefusalOrigin = "origin" // a disallowed Origin (403)
+	RefusalCSRF   = "csrf"   // a cookie request without browser evidence of an allowed origin (403)
+	RefusalInput  = "input"  // an invalid body or input (400, 413, 415)
+)
+
+// OtherSite is the site label of a site that allowed_origins does not name.
+const OtherSite = "other"
+
+// The circuit breaker states, as n8n.BreakerState spells them.
+var circuitStates = []string{"closed", "half-open", "open"}
+
+var (
+	sessionsCreated = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "sessions_created_total",
+		Help: "Sessions created, by kind (visitor, widget) and site.",
+	}, []string{"kind", "site"})
+
+	messages = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "messages_total",
+		Help: "Chat messages handled, by route (message, stream, widget), outcome and site.",
+	}, []string{"route", "outcome", "site"})
+
+	upstreamTTFB = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name:    "upstream_ttfb_seconds",
+		Help:    "Time from sending a message to n8n to the first reply text, by upstream.",
+		Buckets: []float64{0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120},
+	}, []string{"upstream"})
+
+	upstreamDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name:    "upstream_duration_seconds",
+		Help:    "Time from sending a message to n8n to the end of its reply (or failure), by upstream.",
+		Buckets: []float64{0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600},
+	}, []string{"upstream"})
+
+	upstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "upstream_errors_total",
+		Help: "Failed exchanges with n8n, by upstream and reason (n8n.Reason: connect, status, first_byte_timeout, circuit_open, …).",
+	}, []string{"upstream", "reason"})
+
+	chunksRelayed = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "chunks_relayed_total",
+		Help: "Reply chunks written to clients on streams (SSE events, NDJSON lines).",
+	})
+
+	bytesRelayed = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "relayed_bytes_total",
+		Help: "Bytes of reply text handed to clients (streamed or whole).",
+	})
+
+	activeStreams = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "active_streams",
+		Help: "Replies being streamed to clients right now.",
+	})
+
+	rateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "rate_limited_total",
+		Help: "Requests refused with 429, by the refusing tier (ip, session, domain, create).",
+	}, []string{"tier"})
+
+	guardRefusals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "guard_refusals_total",
+		Help: "Requests refused (or, for honeypot, quietly answered) by the guard, by reason: origin, csrf, input, or a bot signal; a bot refusal counts once per signal.",
+	}, []string{"reason"})
+
+	circuitState = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "circuit_state",
+		Help: "The n8n circuit breaker's state, by upstream: 1 for the current state (closed, half-open, open), 0 for the others.",
+	}, []string{"upstream", "state"})
+
+	pools = &poolCollector{db: map[string]*poolEntry{}, redis: map[string]*poolEntry{}}
+
+	// collectors is every collector above, in registration order.
+	collectors = []prometheus.Collector{
+		sessionsCreated, messages, upstreamTTFB, upstreamDuration, upstreamErrors,
+		chunksRelayed, bytesRelayed, activeStreams, rateLimited, guardRefusals,
+		circuitState, pools,
+	}
+
+	// own is the registry the module's /metrics route serves, and handler
+	// serves it; both are set up by init, once every collector exists.
+	own     *prometheus.Registry
+	handler http.Handler
+)
+
+func init() {
+	own = prometheus.NewPedanticRegistry()
+	for _, c := range collectors {
+		own.MustRegister(c)
+	}
+	handler = promhttp.HandlerFor(own, promhttp.HandlerOpts{
+		ErrorHandling: promhttp.ContinueOnError,
+		// Caddy's encode directive compresses, when the site wants it.
+		DisableCompression: true,
+	})
+	// Series that exist from the start, so that rate() and absent-based
+	// alerts work before the first refusal.
+	for _, tier := range []string{"ip", "session", "domain", "create"} {
+		rateLimited.WithLabelValues(tier)
+	}
+	for _, reason := range []string{RefusalOrigin, RefusalCSRF, RefusalInput} {
+		guardRefusals.WithLabelValues(reason)
+	}
+}
+
+// Register adds the module's collectors to reg, typically the config's
+// registry from caddy.Context.GetMetricsRegistry, so that they appear on
+// Caddy's admin /metrics. Registering again into the same registry (a
+// second chat_proxy handler in one config) is not an error.
+func Register(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) {
+				continue
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// Handler serves the module's metrics in the Prometheus text format. The
+// caller decides who may read them.
+func Handler() http.Handler { return handler }
+
+// Gatherer gathers the module's metrics, as Handler serves them.
+func Gatherer() prometheus.Gatherer { return own }
