@@ -292,7 +292,12 @@ func grWithBackend(t *testing.T, backend string) func(*ChatProxy) {
 		return func(*ChatProxy) {}
 	}
 	u := testenv.RedisURL(t)
-	return func(cp *ChatProxy) { cp.Redis = u }
+	return func(cp *ChatProxy) {
+		cp.Redis = u
+		// These tests count exact budgets; a loaded machine must not turn
+		// a slow Redis answer into the in-process fallback.
+		cp.redisTimeout = 5 * time.Second
+	}
 }
 
 // 200 concurrent requests against one budget let exactly the limit
@@ -591,6 +596,9 @@ func TestGuardTwoInstancesShareOneBudget(t *testing.T) {
 			instance := func(redisURL string) *ChatProxy {
 				return grProxy(t, n8n.URL, func(cp *ChatProxy) {
 					cp.JWTSecret, cp.Database, cp.Redis = secret, db, redisURL
+					if redisURL != "" {
+						cp.redisTimeout = 5 * time.Second
+					}
 					cp.RateLimits = grLimits(map[string][]string{"create": {"10/1m"}, "session": {"4/1m"}})
 				})
 			}

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -57,6 +58,9 @@ func TestTwoInstancesShareHistoryAndLimits(t *testing.T) {
 			RateLimits: map[string][]string{
 				"session": {"3/1m"}, "ip": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"},
 			},
+			// The budget is counted exactly: no in-process fallback on a
+			// slow answer from a loaded machine's Redis.
+			redisTimeout: 5 * time.Second,
 		}
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 		t.Cleanup(cancel)

@@ -185,16 +185,20 @@ type ChatProxy struct {
 	sessionSecret []byte
 	database      string
 	redisURL      string
-	webhook       *url.URL
-	storeKey      string
-	redisKey      string
-	upstream      *n8n.Client
-	handler       *handler.Handler
-	logger        *zap.Logger
-	drain         *handler.Drain
-	purger        *purger
-	metricsAllow  []netip.Prefix
-	untrackPools  []func()
+	// redisTimeout overrides the limiter's per-call Redis timeout. Tests
+	// that count exact budgets set it, so that a starved CI machine does
+	// not push the limiter into its in-process fallback mid-count.
+	redisTimeout time.Duration
+	webhook      *url.URL
+	storeKey     string
+	redisKey     string
+	upstream     *n8n.Client
+	handler      *handler.Handler
+	logger       *zap.Logger
+	drain        *handler.Drain
+	purger       *purger
+	metricsAllow []netip.Prefix
+	untrackPools []func()
 }
 
 // CookieConfig configures the session cookie.
@@ -272,10 +276,11 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		Limits: limits,
 		// Every instance of a site shares jwt_secret, so all of them name
 		// a client's keys alike, while the names reveal no IP.
-		HashKey:    deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
-		BlockAfter: cp.BlockAfter,
-		BlockFor:   time.Duration(cp.BlockFor),
-		Logger:     cp.logger.Named("ratelimit"),
+		HashKey:      deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
+		BlockAfter:   cp.BlockAfter,
+		RedisTimeout: cp.redisTimeout,
+		BlockFor:     time.Duration(cp.BlockFor),
+		Logger:       cp.logger.Named("ratelimit"),
 	}
 	if rdb != nil {
 		limiterCfg.Redis = rdb
