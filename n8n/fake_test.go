@@ -283,7 +283,11 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 // decodeBody runs the parser on a body without HTTP, as Reply.open does.
 func decodeBody(body []byte, contentType string, maxLine int, maxReply int64) (texts []string, format Format, err error) {
-	br := bufio.NewReaderSize(&limitReader{r: strings.NewReader(string(body)), n: maxReply, max: maxReply}, 64<<10)
+	return decodeWith(newReplyReader(strings.NewReader(string(body)), maxReply), contentType, maxLine)
+}
+
+// decodeWith reads a whole reply from br as Reply does.
+func decodeWith(br *bufio.Reader, contentType string, maxLine int) (texts []string, format Format, err error) {
 	dec, format, err := sniff(br, contentType, maxLine)
 	if err != nil {
 		return nil, "", err

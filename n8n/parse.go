@@ -105,7 +105,7 @@ func sniff(br *bufio.Reader, contentType string, maxLine int) (decoder, Format, 
 func readFirstLine(br *bufio.Reader, maxLine int) (line []byte, complete bool, err error) {
 	for {
 		frag, err := br.ReadSlice('\n')
-		line = append(line, frag...)
+		line = appendFrag(line, frag)
 		switch {
 		case err == nil:
 			return line, len(line) <= maxLine+1, nil
@@ -290,13 +290,13 @@ type lineReader struct {
 // readLine returns the next line without its '\n' (the slice is reused by
 // the next call), io.EOF after the last one.
 func (l *lineReader) readLine() ([]byte, error) {
-	l.buf = l.buf[:0]
+	l.buf = shrink(l.buf)
 	for {
 		frag, err := l.br.ReadSlice('\n')
 		if len(l.buf)+len(frag) > l.max+1 {
 			return nil, perr(ReasonLineTooLong, fmt.Sprintf("reply line exceeds %d bytes", l.max))
 		}
-		l.buf = append(l.buf, frag...)
+		l.buf = appendFrag(l.buf, frag)
 		switch {
 		case err == nil:
 			return l.buf[:len(l.buf)-1], nil
@@ -310,6 +310,31 @@ func (l *lineReader) readLine() ([]byte, error) {
 			return nil, err
 		}
 	}
+}
+
+// appendFrag appends a fragment of a line to it, doubling its capacity
+// when full: a long line comes in fragments of the reader's buffer size,
+// and append alone grows large slices by only a quarter each time.
+func appendFrag(line, frag []byte) []byte {
+	if n := len(line) + len(frag); n > cap(line) {
+		grown := make([]byte, len(line), max(2*cap(line), n))
+		copy(grown, line)
+		line = grown
+	}
+	return append(line, frag...)
+}
+
+// keepBufBytes is the largest line buffer kept for the next line; a
+// longer one (after a long line) is dropped, so that a stream waiting for
+// its next line does not hold it.
+const keepBufBytes = 64 << 10
+
+// shrink empties b for reuse, or drops it when it is large.
+func shrink(b []byte) []byte {
+	if cap(b) > keepBufBytes {
+		return nil
+	}
+	return b[:0]
 }
 
 // ndjsonDecoder reads n8n's streaming chunks.
@@ -482,7 +507,7 @@ func (d *sseDecoder) nextLine() ([]byte, error) {
 // dispatch ends the current event and returns its text ("" for none).
 func (d *sseDecoder) dispatch() (string, error) {
 	data, hasData, event := string(d.data), d.hasData, d.event
-	d.data, d.hasData, d.event = d.data[:0], false, ""
+	d.data, d.hasData, d.event = shrink(d.data), false, ""
 	if !hasData {
 		return "", nil
 	}
@@ -529,7 +554,10 @@ type textDecoder struct {
 
 func (d *textDecoder) next() (string, error) {
 	if d.buf == nil {
-		d.buf = make([]byte, 32<<10)
+		// Held while the stream waits, so as small as the reader's
+		// buffer: chunks are at most this long, their joined text is the
+		// same.
+		d.buf = make([]byte, replyBufSize)
 	}
 	for !d.eof {
 		n := copy(d.buf, d.carry)

@@ -152,13 +152,24 @@ func (r *Reply) open(resp *http.Response) error {
 		return perr(ReasonUnsupportedFormat, fmt.Sprintf("unsupported content encoding %q", sanitize(ce)))
 	}
 	cfg := &r.client.cfg
-	br := bufio.NewReaderSize(&limitReader{r: src, n: cfg.MaxReplyBytes, max: cfg.MaxReplyBytes}, 64<<10)
-	dec, format, err := sniff(br, resp.Header.Get("Content-Type"), cfg.MaxLineBytes)
+	dec, format, err := sniff(newReplyReader(src, cfg.MaxReplyBytes), resp.Header.Get("Content-Type"), cfg.MaxLineBytes)
 	if err != nil {
 		return err
 	}
 	r.dec, r.format = dec, format
 	return nil
+}
+
+// replyBufSize is the read buffer of a reply, net/http's default size: it
+// is held for the whole life of a stream, idle ones included. It does not
+// bound lines: the parsers join the fragments of longer ones (lineReader,
+// readFirstLine) up to MaxLineBytes.
+const replyBufSize = 4 << 10
+
+// newReplyReader is what the parsers read: the (decompressed) body, cut
+// off after maxReply bytes, buffered.
+func newReplyReader(src io.Reader, maxReply int64) *bufio.Reader {
+	return bufio.NewReaderSize(&limitReader{r: src, n: maxReply, max: maxReply}, replyBufSize)
 }
 
 // decodeErr tells a broken compressed stream (an invalid reply) from a

@@ -46,7 +46,7 @@ func benchSSE() []byte {
 }
 
 // Parsing a whole eight-chunk reply from a reader, set up as Reply.open
-// sets it up (size limit, 64 KiB buffered reader, format sniffing), without
+// sets it up (size limit, buffered reader, format sniffing), without
 // HTTP.
 func BenchmarkDecodeReply(b *testing.B) {
 	for _, bc := range []struct {
@@ -62,8 +62,7 @@ func BenchmarkDecodeReply(b *testing.B) {
 			b.SetBytes(int64(len(bc.body)))
 			for b.Loop() {
 				rd.Reset(bc.body)
-				br := bufio.NewReaderSize(&limitReader{r: rd, n: DefaultMaxReplyBytes, max: DefaultMaxReplyBytes}, 64<<10)
-				dec, _, err := sniff(br, bc.contentType, DefaultMaxLineBytes)
+				dec, _, err := sniff(newReplyReader(rd, DefaultMaxReplyBytes), bc.contentType, DefaultMaxLineBytes)
 				if err != nil {
 					b.Fatal(err)
 				}
