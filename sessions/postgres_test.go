@@ -143,3 +143,24 @@ func TestPostgresErrorsHideThePassword(t *testing.T) {
 		}
 	}
 }
+
+func TestPostgresPoolSize(t *testing.T) {
+	for _, tc := range []struct {
+		conn string
+		want int32
+	}{
+		{"postgres://postgres@127.0.0.1/test", sessions.DefaultPoolMaxConns},
+		{"postgres://postgres@127.0.0.1/test?sslmode=disable&pool_max_conns=5", 5},
+		{"host=127.0.0.1 user=postgres pool_max_conns=40", 40},
+		{"host=127.0.0.1 user=postgres", sessions.DefaultPoolMaxConns},
+	} {
+		st, err := sessions.OpenPostgres(tc.conn)
+		if err != nil {
+			t.Fatalf("OpenPostgres(%q): %v", tc.conn, err)
+		}
+		if got := st.Pool().Config().MaxConns; got != tc.want {
+			t.Errorf("OpenPostgres(%q): pool size %d, want %d", tc.conn, got, tc.want)
+		}
+		_ = st.Close()
+	}
+}

@@ -184,20 +184,29 @@ func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, erro
 	if err := s.ready(ctx); err != nil {
 		return nil, opErr(op, err)
 	}
+	sess, err := liteScanSession(s.r.QueryRowContext(ctx, liteGetSession, id))
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	return sess, nil
+}
+
+// liteScanSession reads a row of liteGetSession; no row is ErrNotFound.
+func liteScanSession(row *sql.Row) (*Session, error) {
 	var (
 		sess                   Session
 		md                     sql.NullString
 		created, seen, expires int64
 		revoked                sql.NullInt64
 	)
-	err := s.r.QueryRowContext(ctx, liteGetSession, id).Scan(
+	err := row.Scan(
 		&sess.ID, &sess.Kind, &sess.Site, &sess.PageURL, &sess.UserAgent, &sess.ClientIP,
 		&sess.Fingerprint, &md, &created, &seen, &expires, &revoked, &sess.MessageCount)
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil, opErr(op, ErrNotFound)
+		return nil, ErrNotFound
 	}
 	if err != nil {
-		return nil, opErr(op, err)
+		return nil, err
 	}
 	if md.Valid {
 		sess.Metadata = []byte(md.String)
@@ -288,6 +297,43 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
 		return err
 	})
 	return opErr(op, err)
+}
+
+// AppendUserMessage implements Store.
+func (s *SQLiteStore) AppendUserMessage(ctx context.Context, m *Message, kind string) (*Session, error) {
+	const op = "appending user message"
+	if err := prepareUserMessage(m, time.Now()); err != nil {
+		return nil, opErr(op, err)
+	}
+	var sess *Session
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `
+UPDATE chatproxy_sessions SET message_count = message_count + 1
+WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
+			m.SessionID, m.CreatedAt.UnixMicro(), kind)
+		if err != nil {
+			return err
+		}
+		if err := mustAffect(res, ErrNotFound); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `
+INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
+			m.ID, m.SessionID, m.Role, m.Content, m.Status, liteJSON(m.Metadata), m.CreatedAt.UnixMicro())
+		if liteUniqueViolation(err) {
+			return ErrExists
+		}
+		if err != nil {
+			return err
+		}
+		sess, err = liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))
+		return err
+	})
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	return sess, nil
 }
 
 // liteListMessages is pgListMessages for SQLite; see there.

@@ -136,6 +136,15 @@ type Store interface {
 	// after the visitor deleted the session is not kept; ErrExists if a
 	// message with that ID exists.
 	AppendMessage(ctx context.Context, m *Message) error
+	// AppendUserMessage stores a visitor's message like AppendMessage
+	// (Role is set to RoleUser), but only to a session of the given kind
+	// that is active at the message's time: not revoked and not expired.
+	// It returns the session as stored after the append, MessageCount
+	// including m, so a chat message needs one statement where a session
+	// read and an append took two. ErrNotFound means there is no active
+	// session of that id and kind; ErrExists that a message with that ID
+	// exists.
+	AppendUserMessage(ctx context.Context, m *Message, kind string) (*Session, error)
 	// ListMessages returns up to limit messages of the session, oldest
 	// first: the newest ones, or with before set, the newest ones older
 	// than the message with that id (ErrNotFound if it is not in the session).
@@ -255,6 +264,17 @@ func prepareMessage(m *Message, now time.Time) error {
 	}
 	m.CreatedAt = normTime(m.CreatedAt)
 	return nil
+}
+
+// prepareUserMessage is prepareMessage for AppendUserMessage.
+func prepareUserMessage(m *Message, now time.Time) error {
+	if m.Role == "" {
+		m.Role = RoleUser
+	}
+	if m.Role != RoleUser {
+		return fmt.Errorf("AppendUserMessage with role %q", m.Role)
+	}
+	return prepareMessage(m, now)
 }
 
 // migrateGate runs a store's migrations on first use. Unlike a sync.Once

@@ -29,6 +29,11 @@ type Claims struct {
 	jwt.RegisteredClaims
 	// Fingerprint is a hash of stable request traits at creation time.
 	Fingerprint string `json:"fp,omitempty"`
+	// Site is the session's site (the host of the Origin it was created
+	// from), which never changes: a chat message can be rate-limited per
+	// site before the session row is read. Tokens issued before this
+	// claim existed lack it.
+	Site string `json:"site,omitempty"`
 }
 
 // Tokens issues and verifies visitor session tokens (HS256 only).
@@ -71,6 +76,7 @@ func (t *Tokens) Issue(s *Session) (string, error) {
 			ID:        rand.Text(),
 		},
 		Fingerprint: s.Fingerprint,
+		Site:        s.Site,
 	}
 	signed, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString(t.key)
 	if err != nil {

@@ -43,7 +43,7 @@ func sign(t *testing.T, method jwt.SigningMethod, claims jwt.MapClaims, key any)
 func TestIssueVerifyRoundTrip(t *testing.T) {
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	tok := NewTokens(testKey, fixedClock(now))
-	s := &Session{ID: "SESSIONA", Fingerprint: "fp1", ExpiresAt: now.Add(7 * 24 * time.Hour)}
+	s := &Session{ID: "SESSIONA", Site: "shop.example", Fingerprint: "fp1", ExpiresAt: now.Add(7 * 24 * time.Hour)}
 	raw, err := tok.Issue(s)
 	if err != nil {
 		t.Fatal(err)
@@ -52,7 +52,7 @@ func TestIssueVerifyRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatalf("verify: %v", err)
 	}
-	if c.Subject != "SESSIONA" || c.Fingerprint != "fp1" || c.Issuer != TokenIssuer || c.ID == "" ||
+	if c.Subject != "SESSIONA" || c.Site != "shop.example" || c.Fingerprint != "fp1" || c.Issuer != TokenIssuer || c.ID == "" ||
 		!c.ExpiresAt.Equal(s.ExpiresAt) || !c.IssuedAt.Equal(now) {
 		t.Fatalf("claims = %+v", c)
 	}

@@ -39,6 +39,7 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"Revoke", testRevoke},
 		{"Append", testAppend},
 		{"AppendRejectsInvalid", testAppendRejectsInvalid},
+		{"AppendUser", testAppendUser},
 		{"SameTimestampOrder", testSameTimestampOrder},
 		{"Paging", testPaging},
 		{"PagingBeforeErrors", testPagingBeforeErrors},
@@ -519,6 +520,80 @@ func testAppend(t *testing.T, st sessions.Store) {
 	wantErr(t, "AppendMessage with a duplicate id", st.AppendMessage(ctx(t), dup), sessions.ErrExists)
 	if got := mustGet(t, st, "chat").MessageCount; got != 3 {
 		t.Errorf("MessageCount after a refused duplicate = %d, want 3", got)
+	}
+}
+
+func testAppendUser(t *testing.T, st sessions.Store) {
+	created := newSession("visitor")
+	created.PageURL = "https://example.com/pricing"
+	created.Metadata = json.RawMessage(`{"plan":"pro"}`)
+	mustCreate(t, st, created)
+	appendN(t, st, "visitor", 2)
+
+	m := &sessions.Message{SessionID: "visitor", Content: "third", Metadata: json.RawMessage(`{"page_url": "https://example.com/"}`)}
+	got, err := st.AppendUserMessage(ctx(t), m, sessions.KindVisitor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Role != sessions.RoleUser || m.Status != sessions.StatusComplete || m.ID == "" {
+		t.Errorf("message not filled in: %+v", m)
+	}
+	want := mustGet(t, st, "visitor")
+	if want.MessageCount != 3 {
+		t.Errorf("stored MessageCount = %d, want 3", want.MessageCount)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("AppendUserMessage returned\n%+v\nwant the stored session\n%+v", got, want)
+	}
+	p := mustList(t, st, "visitor", "", 10)
+	if last := p.Messages[len(p.Messages)-1]; last.ID != m.ID || last.Content != "third" || last.Role != sessions.RoleUser ||
+		!jsonEqual(t, last.Metadata, m.Metadata) || !timeEqual(last.CreatedAt, m.CreatedAt) {
+		t.Errorf("stored %+v, want %+v", last, *m)
+	}
+
+	// Only an active session takes messages: each refusal stores nothing.
+	expired := newSession("expired")
+	mustCreate(t, st, expired)
+	revoked := newSession("revoked")
+	mustCreate(t, st, revoked)
+	if err := st.RevokeSession(ctx(t), "revoked", t0); err != nil {
+		t.Fatal(err)
+	}
+	visitor := sessions.KindVisitor
+	for _, tc := range []struct {
+		name string
+		m    sessions.Message
+		kind string
+		want error
+	}{
+		{"missing session", sessions.Message{SessionID: "nobody", Content: "hi"}, visitor, sessions.ErrNotFound},
+		{"revoked session", sessions.Message{SessionID: "revoked", Content: "hi"}, visitor, sessions.ErrNotFound},
+		{"at the expiry", sessions.Message{SessionID: "expired", Content: "hi", CreatedAt: expired.ExpiresAt}, visitor, sessions.ErrNotFound},
+		{"after the expiry", sessions.Message{SessionID: "expired", Content: "hi", CreatedAt: expired.ExpiresAt.Add(time.Hour)}, visitor, sessions.ErrNotFound},
+		{"other kind", sessions.Message{SessionID: "visitor", Content: "hi"}, sessions.KindWidget, sessions.ErrNotFound},
+		{"duplicate id", sessions.Message{ID: m.ID, SessionID: "visitor", Content: "again"}, visitor, sessions.ErrExists},
+	} {
+		s, err := st.AppendUserMessage(ctx(t), &tc.m, tc.kind)
+		if s != nil {
+			t.Errorf("%s: returned a session", tc.name)
+		}
+		wantErr(t, "AppendUserMessage, "+tc.name, err, tc.want)
+	}
+	for id, n := range map[string]int{"visitor": 3, "expired": 0, "revoked": 0} {
+		if got := mustGet(t, st, id).MessageCount; got != n {
+			t.Errorf("%s: MessageCount = %d after refusals, want %d", id, got, n)
+		}
+		if p := mustList(t, st, id, "", 10); p.TotalCount != n {
+			t.Errorf("%s: %d messages stored, want %d", id, p.TotalCount, n)
+		}
+	}
+	// Just before the expiry is still in time.
+	if _, err := st.AppendUserMessage(ctx(t), &sessions.Message{SessionID: "expired", Content: "in time",
+		CreatedAt: expired.ExpiresAt.Add(-time.Microsecond)}, sessions.KindVisitor); err != nil {
+		t.Errorf("AppendUserMessage just before the expiry: %v", err)
+	}
+	if _, err := st.AppendUserMessage(ctx(t), &sessions.Message{SessionID: "visitor", Role: sessions.RoleAssistant}, sessions.KindVisitor); err == nil {
+		t.Error("AppendUserMessage took an assistant message")
 	}
 }
 
