@@ -1947,3 +1947,82 @@ func readAll(t *testing.T, r io.Reader) string {
 	}
 	return string(b)
 }
+
+// TestChatWithoutSessionRead covers the chat path that takes the session
+// from its token (site claim, older than the bot filter's first-message
+// window) and lets the user-message insert confirm it is active: inactive
+// sessions are refused exactly as when the session is read first, nothing
+// is stored and n8n is not called; an active one gets the stored page_url
+// and message count.
+func TestChatWithoutSessionRead(t *testing.T) {
+	t.Parallel()
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) { cp.BotDetection = "off" }})
+			e.fake.setScript(fakeOutput("Hi!"))
+			ctx := context.Background()
+			now := time.Now().UTC()
+			// Issued an hour ago: older than any first-message window.
+			hourAgo := sessions.NewTokens([]byte(testJWTSecret), func() time.Time { return now.Add(-time.Hour) })
+			store := func(id string, mutate func(*sessions.Session)) string {
+				s := &sessions.Session{ID: id, Site: "shop.example.com", PageURL: "https://shop.example.com/start",
+					CreatedAt: now.Add(-time.Hour), ExpiresAt: now.Add(time.Hour).Truncate(time.Second)}
+				if mutate != nil {
+					mutate(s)
+				}
+				tok, err := hourAgo.Issue(s)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := e.store.CreateSession(ctx, s); err != nil {
+					t.Fatal(err)
+				}
+				return tok
+			}
+			active := store("ACTIVE", nil)
+			revoked := store("REVOKED", nil)
+			if err := e.store.RevokeSession(ctx, "REVOKED", now); err != nil {
+				t.Fatal(err)
+			}
+			deleted := store("DELETED", nil)
+			if err := e.store.DeleteSession(ctx, "DELETED"); err != nil {
+				t.Fatal(err)
+			}
+			// The store's expiry is what counts, whatever the token says.
+			store("EXPIRED", func(s *sessions.Session) { s.ExpiresAt = now.Add(-time.Minute) })
+			expiredToken, _ := hourAgo.Issue(&sessions.Session{ID: "EXPIRED", Site: "shop.example.com", ExpiresAt: now.Add(time.Hour)})
+			widget := store("WIDGET", func(s *sessions.Session) { s.Kind = sessions.KindWidget })
+
+			for name, token := range map[string]string{"revoked": revoked, "deleted": deleted, "expired in the store": expiredToken, "widget session": widget} {
+				t.Run(name, func(t *testing.T) {
+					for _, accept := range []string{"text/event-stream", "application/json"} {
+						wantError(t, e.serve(t, "POST", "/api/v1/chat/message", `{"message":"hello"}`, authz(token, "Accept", accept)), 401, "session_expired")
+					}
+				})
+			}
+			if e.fake.Hits() != 0 {
+				t.Fatalf("n8n called %d times for inactive sessions", e.fake.Hits())
+			}
+			for _, id := range []string{"REVOKED", "EXPIRED", "WIDGET"} {
+				if p, err := e.store.ListMessages(ctx, id, "", 10); err != nil || p.TotalCount != 0 {
+					t.Fatalf("%s: messages stored for a refused message: %+v %v", id, p, err)
+				}
+			}
+
+			for i, want := range []int{1, 3} {
+				rec := e.serve(t, "POST", "/api/v1/chat/message", `{"message":"hello"}`, authz(active, "Accept", "application/json"))
+				if rec.Code != 200 {
+					t.Fatalf("message %d: %d %s", i, rec.Code, rec.Body)
+				}
+				ss := e.fake.last(t).Body.Session
+				if ss.MessageCount != want || ss.OriginDomain != "shop.example.com" || ss.PageURL != "https://shop.example.com/start" {
+					t.Errorf("message %d: n8n session %+v, want message_count %d and the stored page_url", i, ss, want)
+				}
+			}
+			if h := e.history(t, active); h.TotalCount != 4 {
+				t.Errorf("history holds %d messages, want 4", h.TotalCount)
+			}
+		})
+	}
+}

@@ -189,16 +189,19 @@ type ChatProxy struct {
 	// that count exact budgets set it, so that a starved CI machine does
 	// not push the limiter into its in-process fallback mid-count.
 	redisTimeout time.Duration
-	webhook      *url.URL
-	storeKey     string
-	redisKey     string
-	upstream     *n8n.Client
-	handler      *handler.Handler
-	logger       *zap.Logger
-	drain        *handler.Drain
-	purger       *purger
-	metricsAllow []netip.Prefix
-	untrackPools []func()
+	// replyStoreTimeout overrides how long a reply's store is retried,
+	// for tests of a database that stays down.
+	replyStoreTimeout time.Duration
+	webhook           *url.URL
+	storeKey          string
+	redisKey          string
+	upstream          *n8n.Client
+	handler           *handler.Handler
+	logger            *zap.Logger
+	drain             *handler.Drain
+	purger            *purger
+	metricsAllow      []netip.Prefix
+	untrackPools      []func()
 }
 
 // CookieConfig configures the session cookie.
@@ -336,6 +339,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		MaxMessageLength:   cp.MaxMessageLength,
 		FinishOnDisconnect: cp.OnClientDisconnect == "finish",
 		Drain:              cp.drain,
+		ReplyStoreTimeout:  cp.replyStoreTimeout,
 		Metrics:            rec,
 		MetricsAllow:       cp.metricsAllow,
 		LogContent:         cp.LogContent,

@@ -21,9 +21,15 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/streaming"
 )
 
-// storeTimeout bounds the writes that record an exchange's outcome; they
-// run detached from the request so a visitor leaving cannot lose them.
-const storeTimeout = 10 * time.Second
+// DefaultReplyStoreTimeout bounds the attempts to store a reply; they run
+// detached from the request so a visitor leaving cannot lose it.
+const DefaultReplyStoreTimeout = 10 * time.Second
+
+// Backoff between attempts to store a reply.
+const (
+	replyStoreFirstRetry = 50 * time.Millisecond
+	replyStoreMaxRetry   = time.Second
+)
 
 // honeypotReply is what a form-filling bot is told: an ordinary-looking
 // answer, so it learns nothing, while n8n is never called.
@@ -45,6 +51,7 @@ type exchange struct {
 	metadata    json.RawMessage // forwarded to n8n as metadata
 	stored      json.RawMessage // stored with the user message
 	pageURL     string
+	ownPageURL  bool // pageURL came with the message, not from the session
 	assistantID string
 	xl          *exchangeLog // its metrics and log line; nil when not followed
 }
@@ -84,7 +91,7 @@ func wantsJSON(accept string) bool {
 }
 
 func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool, route string) error {
-	s, claims, ok := h.authenticate(w, r)
+	s, claims, ok := h.authenticateMessage(w, r)
 	if !ok {
 		return nil
 	}
@@ -155,7 +162,7 @@ func (h *Handler) checkChatInput(message string, extra json.RawMessage, pageURL,
 	if string(extra) == "null" {
 		extra = nil
 	}
-	ex := &exchange{message: text, metadata: extra, pageURL: pageURL}
+	ex := &exchange{message: text, metadata: extra, pageURL: pageURL, ownPageURL: pageURL != ""}
 	// The user message keeps what came with it, for the operator's record.
 	stored := map[string]json.RawMessage{}
 	if len(extra) > 0 {
@@ -177,10 +184,11 @@ func (h *Handler) checkChatInput(message string, extra json.RawMessage, pageURL,
 }
 
 // attach binds the exchange to its session; without a page_url of its own
-// the message is taken to come from the session's page.
+// the message is taken to come from the session's page. It is called again
+// with the stored session once the user message is in.
 func (ex *exchange) attach(s *sessions.Session) {
 	ex.session = s
-	if ex.pageURL == "" {
+	if !ex.ownPageURL {
 		ex.pageURL = s.PageURL
 	}
 }
@@ -226,20 +234,22 @@ func (h *Handler) answerHoneypot(w http.ResponseWriter, r *http.Request, session
 
 // storeUserMessage records the visitor's message before n8n is called: a
 // message that cannot be stored is refused (503), so nothing is accepted
-// that is then lost.
+// that is then lost. The same statement confirms the session is active and
+// returns it as stored, which the exchange then uses.
 func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *exchange) bool {
-	err := h.cfg.Store.AppendMessage(r.Context(), &sessions.Message{
+	s, err := h.cfg.Store.AppendUserMessage(r.Context(), &sessions.Message{
 		SessionID: ex.session.ID,
-		Role:      sessions.RoleUser,
 		Content:   ex.message,
 		Status:    sessions.StatusComplete,
 		Metadata:  ex.stored,
-	})
+	}, ex.session.Kind)
 	switch {
 	case err == nil:
+		ex.attach(s)
 		return true
 	case errors.Is(err, sessions.ErrNotFound):
-		// Revoked or deleted while this request was under way.
+		// Revoked, expired or deleted, found by the insert or while this
+		// request was under way.
 		_ = h.sessionGone(w, r)
 	case r.Context().Err() != nil:
 		// The client left before the message was stored.
@@ -266,7 +276,7 @@ func (h *Handler) send(r *http.Request, ex *exchange, upstreamSessionID string) 
 		PageURL:      ex.pageURL,
 		ClientIP:     clientIP(r),
 		UserAgent:    r.Header.Get("User-Agent"),
-		MessageCount: ex.session.MessageCount + 1,
+		MessageCount: ex.session.MessageCount, // counts the message just stored
 	})
 	h.noteSent(ex, start, reply, err)
 	return reply, err
@@ -412,20 +422,49 @@ func (h *Handler) relayStream(sw streaming.Writer, r *http.Request, ex *exchange
 
 // storeReply records n8n's reply. It runs detached from the request's
 // cancellation: a visitor who left still finds the reply (or what arrived
-// of it) in the history.
+// of it) in the history. A failed write (the database restarting, a
+// connection cut) is tried again until ReplyStoreTimeout, so a short
+// outage loses no reply; the reply keeps its id, so an attempt whose
+// commit went through unacknowledged makes the next one find it stored.
 func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string) {
 	h.noteReplyEnded(ex, text, status)
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), storeTimeout)
+	timeout := h.cfg.ReplyStoreTimeout
+	if timeout <= 0 {
+		timeout = DefaultReplyStoreTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
 	defer cancel()
-	err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{
-		ID:        ex.assistantID,
-		SessionID: ex.session.ID,
-		Role:      sessions.RoleAssistant,
-		Content:   text,
-		Status:    status,
-	})
-	if err != nil && !errors.Is(err, sessions.ErrNotFound) {
-		h.cfg.Logger.Error("storing assistant reply", zap.String("session_id", ex.session.ID),
-			zap.String("message_id", ex.assistantID), zap.String("status", status), zap.Error(err))
+	wait := replyStoreFirstRetry
+	for attempt := 1; ; attempt++ {
+		err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{
+			ID:        ex.assistantID,
+			SessionID: ex.session.ID,
+			Role:      sessions.RoleAssistant,
+			Content:   text,
+			Status:    status,
+		})
+		switch {
+		case err == nil, errors.Is(err, sessions.ErrNotFound):
+			return // stored, or the visitor deleted the session meanwhile
+		case errors.Is(err, sessions.ErrExists) && attempt > 1:
+			return // an earlier attempt was committed
+		}
+		giveUp := errors.Is(err, sessions.ErrExists) // a fresh id taken: not a passing fault
+		t := time.NewTimer(wait)
+		if !giveUp {
+			select {
+			case <-ctx.Done():
+				giveUp = true
+			case <-t.C:
+			}
+		}
+		if giveUp {
+			t.Stop()
+			h.cfg.Logger.Error("storing assistant reply", zap.String("session_id", ex.session.ID),
+				zap.String("message_id", ex.assistantID), zap.String("status", status),
+				zap.Int("attempts", attempt), zap.Error(err))
+			return
+		}
+		wait = min(2*wait, replyStoreMaxRetry)
 	}
 }

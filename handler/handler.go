@@ -50,6 +50,9 @@ type Config struct {
 	KeepaliveInterval time.Duration
 	// Drain ends running streams cleanly when Caddy exits; nil: never.
 	Drain *Drain
+	// ReplyStoreTimeout bounds the attempts to store a reply; zero means
+	// DefaultReplyStoreTimeout.
+	ReplyStoreTimeout time.Duration
 
 	// Metrics records the handler's events; nil records nothing.
 	Metrics *metrics.Recorder

@@ -1,6 +1,7 @@
 package handler
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -104,6 +105,27 @@ func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ strin
 // that, the session cookie. Cookie-authenticated requests must also pass
 // the CSRF rule. On failure it has written the response.
 func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*sessions.Session, *sessions.Claims, bool) {
+	return h.authenticateWith(w, r, h.cfg.Sessions.Authenticate)
+}
+
+// authenticateMessage is authenticate for the chat routes, whose user
+// message insert confirms the session is active: a session the token
+// describes fully is not read first (see Manager.AuthenticateMessage).
+// Sessions younger than the bot filter's first-message delay are read, as
+// the filter needs their message count; a second more covers the token's
+// whole-second iat.
+func (h *Handler) authenticateMessage(w http.ResponseWriter, r *http.Request) (*sessions.Session, *sessions.Claims, bool) {
+	var minAge time.Duration
+	if h.cfg.Bots != nil {
+		minAge = h.cfg.Bots.MinFirstMessageDelay() + time.Second
+	}
+	return h.authenticateWith(w, r, func(ctx context.Context, token string) (*sessions.Session, *sessions.Claims, error) {
+		return h.cfg.Sessions.AuthenticateMessage(ctx, token, minAge)
+	})
+}
+
+func (h *Handler) authenticateWith(w http.ResponseWriter, r *http.Request,
+	auth func(context.Context, string) (*sessions.Session, *sessions.Claims, error)) (*sessions.Session, *sessions.Claims, bool) {
 	token, fromCookie, present := h.sessionToken(r)
 	if !present {
 		_ = h.writeError(w, r, http.StatusUnauthorized, "unauthorized", "a session token is required (Authorization: Bearer, or the session cookie)")
@@ -114,7 +136,7 @@ func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*session
 		_ = h.writeError(w, r, http.StatusForbidden, "csrf_refused", "cookie-authenticated requests must come from an allowed origin; other clients use the bearer token")
 		return nil, nil, false
 	}
-	s, claims, err := h.cfg.Sessions.Authenticate(r.Context(), token)
+	s, claims, err := auth(r.Context(), token)
 	switch {
 	case errors.Is(err, sessions.ErrInvalidToken):
 		_ = h.writeError(w, r, http.StatusUnauthorized, "invalid_token", "the session token is invalid or expired")
