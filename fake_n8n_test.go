@@ -30,8 +30,10 @@ const fakeWaitLimit = 10 * time.Second
 // context ended while the script was still answering it (the proxy
 // cancelled the upstream request).
 type n8nFake struct {
-	srv  *httptest.Server
-	hits atomic.Int32
+	srv    *httptest.Server
+	hits   atomic.Int32
+	active atomic.Int32 // requests whose script is still running
+	open   atomic.Int32 // connections open to the fake
 
 	quit     chan struct{} // closed at cleanup: releases scripts waiting on gates
 	quitOnce sync.Once
@@ -104,7 +106,16 @@ func (c *n8nCall) markCanceled() { c.cancelOnce.Do(func() { close(c.canceled) })
 func newN8nFake(t *testing.T, script n8nScript) *n8nFake {
 	t.Helper()
 	f := &n8nFake{script: script, quit: make(chan struct{}), arrived: make(chan *n8nCall, 256)}
-	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew:
+			f.open.Add(1)
+		case http.StateHijacked, http.StateClosed:
+			f.open.Add(-1)
+		}
+	}
+	f.srv.Start()
 	t.Cleanup(func() {
 		f.release()
 		f.srv.CloseClientConnections()
@@ -140,6 +151,13 @@ func (f *n8nFake) requireJWT(secret string) {
 // Hits is how many requests reached the fake.
 func (f *n8nFake) Hits() int { return int(f.hits.Load()) }
 
+// Active is how many requests the fake is still answering.
+func (f *n8nFake) Active() int { return int(f.active.Load()) }
+
+// OpenConns is how many connections to the fake are open (counted from
+// the server's ConnState: new, until closed or hijacked).
+func (f *n8nFake) OpenConns() int { return int(f.open.Load()) }
+
 // Calls returns the recorded requests, oldest first.
 func (f *n8nFake) Calls() []*n8nCall {
 	f.mu.Lock()
@@ -171,6 +189,8 @@ func (f *n8nFake) waitCall(t *testing.T) *n8nCall {
 
 func (f *n8nFake) serve(w http.ResponseWriter, r *http.Request) {
 	n := f.hits.Add(1)
+	f.active.Add(1)
+	defer f.active.Add(-1)
 	raw, _ := io.ReadAll(r.Body)
 	c := &n8nCall{
 		N: int(n), Method: r.Method, Path: r.URL.Path, Header: r.Header.Clone(), Raw: raw,
