@@ -5,7 +5,9 @@
 //
 //   - every event is written with a single Write and flushed at once through
 //     http.NewResponseController, so it passes Caddy's writer wrappers
-//     (encode, the access-log recorder, ...) without being buffered;
+//     (encode, the access-log recorder, ...) without being buffered; with
+//     Options.Batch, the headers and items wait for the caller's Flush, so
+//     a relay sends what arrived together in one write;
 //   - responses carry "Cache-Control: no-cache, no-transform" and
 //     "Incremental: ?1", so Caddy's encode handler sends the headers at once
 //     and neither compresses nor holds back the stream;
@@ -65,8 +67,11 @@ type Writer interface {
 	// Start writes the status line and headers (200) and flushes them.
 	// Item, Error, Keepalive and Done call it when it has not been called.
 	Start() error
-	// Item writes one piece of reply text and flushes it.
+	// Item writes one piece of reply text and flushes it (with
+	// Options.Batch, leaves it for Flush).
 	Item(content string) error
+	// Flush sends what Start and Item left unflushed (Options.Batch).
+	Flush() error
 	// Error writes an error event and flushes it. The stream stays open:
 	// call Done afterwards.
 	Error(code, message string) error
@@ -93,7 +98,8 @@ const DefaultKeepaliveInterval = 15 * time.Second
 type Options struct {
 	// KeepaliveInterval is the longest silence on the stream: when nothing
 	// has been written for this long the writer writes a keepalive on its
-	// own (from a timer goroutine, serialized with the caller's writes).
+	// own (from a timer callback, serialized with the caller's writes; an
+	// idle stream holds no goroutine).
 	// Zero means DefaultKeepaliveInterval (15 s); a negative value turns the
 	// timer off, and the caller may then call Keepalive itself.
 	KeepaliveInterval time.Duration
@@ -104,30 +110,60 @@ type Options struct {
 	// NodeName is the metadata.nodeName of NDJSON chunks. Empty means
 	// "Chat Proxy". Ignored by SSEWriter.
 	NodeName string
+	// Batch leaves the headers (Start) and items in the response buffer
+	// until the caller's Flush; Error, Keepalive and Done flush as always.
+	// For a relay that calls Flush whenever it is about to wait for more
+	// upstream data: items that arrived together leave in one write
+	// instead of one write each, and none waits while upstream is silent.
+	Batch bool
 }
 
 // stream is the part both writers share: the mutex, the sticky write error,
-// flushing, and the keepalive timer.
+// flushing, the frame buffer and the keepalive timer.
 type stream struct {
 	w  http.ResponseWriter
-	rc *http.ResponseController
+	rc http.ResponseController // a value, not a pointer: one allocation less per stream
 
-	interval time.Duration
+	interval  time.Duration
+	keepalive []byte // the frame the timer writes
+	batch     bool   // Options.Batch
 
 	mu      sync.Mutex
 	started bool
 	done    bool
+	held    bool // written but not flushed yet (batch)
 	err     error     // first write or flush error; every later write returns it
 	last    time.Time // time of the last successful write
-	stop    chan struct{}
+	buf     []byte    // frame being encoded; reused so that events do not allocate
+	// timer writes keepalives. It is a time.AfterFunc timer, so an idle
+	// stream holds no goroutine. nil when off or stopped for good.
+	timer *time.Timer
+	// stopped is closed once the timer is stopped for good and no callback
+	// can touch the ResponseWriter any more.
 	stopped chan struct{}
 }
 
-func newStream(w http.ResponseWriter, interval time.Duration) stream {
+// maxKeptBuf is the largest frame buffer kept between events: an idle
+// stream should not pin the memory of one exceptionally long chunk.
+const maxKeptBuf = 4 << 10
+
+func newStream(w http.ResponseWriter, opts Options, keepalive []byte) stream {
+	interval := opts.KeepaliveInterval
 	if interval == 0 {
 		interval = DefaultKeepaliveInterval
 	}
-	return stream{w: w, rc: http.NewResponseController(w), interval: interval}
+	return stream{w: w, rc: *http.NewResponseController(w), interval: interval, keepalive: keepalive, batch: opts.Batch}
+}
+
+// Flush sends what Start and Item left unflushed (Options.Batch); it is
+// cheap when nothing is, and returns the stream's write error, if any.
+func (s *stream) Flush() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.held {
+		return s.err
+	}
+	return s.flushLocked()
 }
 
 // Header returns the response headers.
@@ -141,8 +177,9 @@ func (s *stream) Started() bool {
 }
 
 // startLocked writes the headers set by setHeaders and the status 200,
-// flushes, then writes first (if any), and starts the keepalive timer.
-func (s *stream) startLocked(setHeaders func(http.Header), first []byte, keepalive []byte) error {
+// flushes (batch: holds), then writes first (if any), and starts the
+// keepalive timer.
+func (s *stream) startLocked(setHeaders func(http.Header), first []byte) error {
 	if s.started {
 		return s.err
 	}
@@ -152,17 +189,23 @@ func (s *stream) startLocked(setHeaders func(http.Header), first []byte, keepali
 	setHeaders(h)
 	s.w.WriteHeader(http.StatusOK)
 	s.last = time.Now()
-	if first != nil {
-		if err := s.writeLocked(first); err != nil {
+	switch {
+	case first != nil:
+		if err := s.emitLocked(first); err != nil {
 			return err
 		}
-	} else if err := s.flushLocked(); err != nil {
-		return err
+	case s.batch:
+		s.held = true
+	default:
+		if err := s.flushLocked(); err != nil {
+			return err
+		}
 	}
 	if s.interval > 0 {
-		s.stop = make(chan struct{})
 		s.stopped = make(chan struct{})
-		go s.keepaliveLoop(keepalive, s.stop, s.stopped)
+		// Armed under s.mu, which the callback takes first: it always
+		// sees s.timer set.
+		s.timer = time.AfterFunc(s.interval, s.keepaliveTick)
 	}
 	return nil
 }
@@ -180,6 +223,51 @@ func (s *stream) writeLocked(p []byte) error {
 	return s.flushLocked()
 }
 
+// holdLocked writes p with one Write and leaves it for Flush.
+func (s *stream) holdLocked(p []byte) error {
+	if s.err != nil {
+		return s.err
+	}
+	if _, err := s.w.Write(p); err != nil {
+		s.err = errors.Join(errWrite, err)
+		return s.err
+	}
+	s.held = true
+	return nil
+}
+
+// emitLocked writes an item or opening frame: held with Options.Batch,
+// else flushed.
+func (s *stream) emitLocked(p []byte) error {
+	if s.batch {
+		return s.holdLocked(p)
+	}
+	return s.writeLocked(p)
+}
+
+// writeBufLocked writes s.buf (the frame just encoded into it) and keeps
+// the buffer for the next frame unless it grew too large.
+func (s *stream) writeBufLocked() error {
+	err := s.writeLocked(s.buf)
+	s.recycleBufLocked()
+	return err
+}
+
+// emitBufLocked is writeBufLocked for item frames (see emitLocked).
+func (s *stream) emitBufLocked() error {
+	err := s.emitLocked(s.buf)
+	s.recycleBufLocked()
+	return err
+}
+
+func (s *stream) recycleBufLocked() {
+	if cap(s.buf) > maxKeptBuf {
+		s.buf = nil
+	} else {
+		s.buf = s.buf[:0]
+	}
+}
+
 var errWrite = errors.New("streaming: write to client failed")
 
 func (s *stream) flushLocked() error {
@@ -193,51 +281,48 @@ func (s *stream) flushLocked() error {
 		s.err = errors.Join(errWrite, err)
 		return s.err
 	}
+	s.held = false
 	s.last = time.Now()
 	return nil
 }
 
-// keepaliveLoop writes frame whenever the stream has been silent for the
-// interval, until stop is closed, the stream is done or a write failed.
-func (s *stream) keepaliveLoop(frame []byte, stop <-chan struct{}, stopped chan<- struct{}) {
-	defer close(stopped)
-	t := time.NewTimer(s.interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-stop:
-			return
-		case <-t.C:
-		}
-		s.mu.Lock()
-		if s.done || s.err != nil {
-			s.mu.Unlock()
-			return
-		}
-		wait := s.interval - time.Since(s.last)
-		if wait <= 0 {
-			if err := s.writeLocked(frame); err != nil {
-				s.mu.Unlock()
-				return
-			}
-			wait = s.interval
-		}
-		s.mu.Unlock()
-		t.Reset(wait)
+// keepaliveTick is the timer's callback, run on a short-lived goroutine of
+// its own. It writes a keepalive when the stream has been silent for the
+// interval and re-arms the timer for the next possible deadline, so writes
+// never touch the timer. It stops for good once the stream is done or a
+// write failed.
+func (s *stream) keepaliveTick() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.timer == nil {
+		return
 	}
+	if !s.done && s.err == nil {
+		wait := s.interval - time.Since(s.last)
+		if wait > 0 {
+			s.timer.Reset(wait)
+			return
+		}
+		if s.writeLocked(s.keepalive) == nil {
+			s.timer.Reset(s.interval)
+			return
+		}
+	}
+	s.timer = nil
+	close(s.stopped)
 }
 
-// finish marks the stream done under the lock (the caller holds it) and
-// returns a function that stops the keepalive goroutine and waits for it;
-// call it after unlocking.
-func (s *stream) finishLocked() func() {
+// finishLocked marks the stream done under the lock (the caller holds it)
+// and stops the keepalive timer. It returns a channel to wait on after
+// unlocking (nil: nothing to wait for): if a callback has already started
+// it is blocked on s.mu, will see done without writing, and closes the
+// channel, so that nothing uses the ResponseWriter once Done returns.
+func (s *stream) finishLocked() <-chan struct{} {
 	s.done = true
-	stop, stopped := s.stop, s.stopped
-	s.stop = nil
-	return func() {
-		if stop != nil {
-			close(stop)
-			<-stopped
-		}
+	s.buf = nil
+	if s.timer != nil && s.timer.Stop() {
+		s.timer = nil
+		close(s.stopped)
 	}
+	return s.stopped
 }

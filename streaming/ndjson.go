@@ -1,9 +1,9 @@
 package streaming
 
 import (
-	"encoding/json"
 	"errors"
 	"net/http"
+	"strconv"
 	"time"
 )
 
@@ -22,8 +22,9 @@ import (
 // "Error: <content>", so the message (never the code) goes in content.
 type NDJSONWriter struct {
 	stream
-	nodeID   string
-	nodeName string
+	// meta is the encoded metadata up to the timestamp, the same for every
+	// line: ,"metadata":{"nodeId":…,"nodeName":…,"itemIndex":0,"runIndex":0,"timestamp":
+	meta []byte
 }
 
 var _ Writer = (*NDJSONWriter)(nil)
@@ -36,14 +37,19 @@ var errUnknownKind = errors.New("streaming: unknown chunk kind")
 // (or the first chunk). The Content-Type is application/x-ndjson;
 // charset=utf-8 unless the caller has set one (the widget ignores it).
 func NewNDJSONWriter(w http.ResponseWriter, opts Options) *NDJSONWriter {
-	n := &NDJSONWriter{stream: newStream(w, opts.KeepaliveInterval), nodeID: opts.NodeID, nodeName: opts.NodeName}
-	if n.nodeID == "" {
-		n.nodeID = "chat_proxy"
+	nodeID, nodeName := opts.NodeID, opts.NodeName
+	if nodeID == "" {
+		nodeID = "chat_proxy"
 	}
-	if n.nodeName == "" {
-		n.nodeName = "Chat Proxy"
+	if nodeName == "" {
+		nodeName = "Chat Proxy"
 	}
-	return n
+	meta := append([]byte(nil), `,"metadata":{"nodeId":`...)
+	meta = appendJSONString(meta, nodeID)
+	meta = append(meta, `,"nodeName":`...)
+	meta = appendJSONString(meta, nodeName)
+	meta = append(meta, `,"itemIndex":0,"runIndex":0,"timestamp":`...)
+	return &NDJSONWriter{stream: newStream(w, opts, ndjsonKeepalive), meta: meta}
 }
 
 func setNDJSONHeaders(h http.Header) {
@@ -58,35 +64,19 @@ func setNDJSONHeaders(h http.Header) {
 	h.Set("Incremental", "?1")
 }
 
-type ndjsonMeta struct {
-	NodeID    string `json:"nodeId"`
-	NodeName  string `json:"nodeName"`
-	ItemIndex int    `json:"itemIndex"`
-	RunIndex  int    `json:"runIndex"`
-	Timestamp int64  `json:"timestamp"`
-}
-
-type ndjsonChunk struct {
-	Type     Kind       `json:"type"`
-	Content  *string    `json:"content,omitempty"`
-	Metadata ndjsonMeta `json:"metadata"`
-}
-
-// line encodes one chunk line, "\n"-terminated.
-func (n *NDJSONWriter) line(kind Kind, content *string) ([]byte, error) {
-	b, err := json.Marshal(ndjsonChunk{
-		Type:    kind,
-		Content: content,
-		Metadata: ndjsonMeta{
-			NodeID:    n.nodeID,
-			NodeName:  n.nodeName,
-			Timestamp: time.Now().UnixMilli(),
-		},
-	})
-	if err != nil {
-		return nil, err
+// appendLine appends one "\n"-terminated chunk line, byte for byte what
+// json.Marshal made of n8n's chunk struct (type, content only when
+// hasContent, metadata), with the timestamp in milliseconds.
+func (n *NDJSONWriter) appendLine(b []byte, kind Kind, content string, hasContent bool) []byte {
+	b = append(b, `{"type":`...)
+	b = appendJSONString(b, string(kind))
+	if hasContent {
+		b = append(b, `,"content":`...)
+		b = appendJSONString(b, content)
 	}
-	return append(b, '\n'), nil
+	b = append(b, n.meta...)
+	b = strconv.AppendInt(b, time.Now().UnixMilli(), 10)
+	return append(b, "}}\n"...)
 }
 
 // Start writes the status 200 and the headers (see NewNDJSONWriter;
@@ -105,14 +95,13 @@ func (n *NDJSONWriter) ensureStartedLocked() error {
 	if n.started {
 		return n.err
 	}
-	begin, err := n.line(KindBegin, nil)
-	if err != nil {
-		return err
-	}
-	return n.startLocked(setNDJSONHeaders, begin, ndjsonKeepalive)
+	n.buf = n.appendLine(n.buf[:0], KindBegin, "", false)
+	err := n.startLocked(setNDJSONHeaders, n.buf)
+	n.recycleBufLocked()
+	return err
 }
 
-func (n *NDJSONWriter) writeLine(kind Kind, content *string) error {
+func (n *NDJSONWriter) writeLine(kind Kind, content string) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.done {
@@ -121,21 +110,21 @@ func (n *NDJSONWriter) writeLine(kind Kind, content *string) error {
 	if err := n.ensureStartedLocked(); err != nil {
 		return err
 	}
-	l, err := n.line(kind, content)
-	if err != nil {
-		return err
+	n.buf = n.appendLine(n.buf[:0], kind, content, true)
+	if kind == KindItem {
+		return n.emitBufLocked()
 	}
-	return n.writeLocked(l)
+	return n.writeBufLocked()
 }
 
 // Item writes {"type":"item","content":content,"metadata":{…}}.
-func (n *NDJSONWriter) Item(content string) error { return n.writeLine(KindItem, &content) }
+func (n *NDJSONWriter) Item(content string) error { return n.writeLine(KindItem, content) }
 
 // Error writes {"type":"error","content":message,"metadata":{…}}; the widget
 // shows it as "Error: <message>". The code is not part of n8n's chunk shape
 // and is not written.
 func (n *NDJSONWriter) Error(_, message string) error {
-	return n.writeLine(KindError, &message)
+	return n.writeLine(KindError, message)
 }
 
 // Keepalive writes {"type":"keepalive"}.
@@ -161,14 +150,14 @@ func (n *NDJSONWriter) Done() error {
 	}
 	err := n.ensureStartedLocked()
 	if err == nil {
-		var end []byte
-		if end, err = n.line(KindEnd, nil); err == nil {
-			err = n.writeLocked(end)
-		}
+		n.buf = n.appendLine(n.buf[:0], KindEnd, "", false)
+		err = n.writeBufLocked()
 	}
-	wait := n.finishLocked()
+	stopped := n.finishLocked()
 	n.mu.Unlock()
-	wait()
+	if stopped != nil {
+		<-stopped
+	}
 	return err
 }
 

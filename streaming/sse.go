@@ -1,7 +1,6 @@
 package streaming
 
 import (
-	"encoding/json"
 	"net/http"
 	"strconv"
 )
@@ -34,7 +33,7 @@ var (
 // NewSSEWriter returns a writer for w. Nothing is written before Start (or
 // the first event), so the caller may still set headers such as X-Message-ID.
 func NewSSEWriter(w http.ResponseWriter, opts Options) *SSEWriter {
-	return &SSEWriter{stream: newStream(w, opts.KeepaliveInterval)}
+	return &SSEWriter{stream: newStream(w, opts, sseKeepalive)}
 }
 
 func setSSEHeaders(h http.Header) {
@@ -53,47 +52,38 @@ func (s *SSEWriter) Start() error {
 	if s.done {
 		return ErrDone
 	}
-	return s.startLocked(setSSEHeaders, nil, sseKeepalive)
-}
-
-type sseItem struct {
-	Type    string `json:"type"`
-	Content string `json:"content"`
-}
-
-type sseError struct {
-	Type    string `json:"type"`
-	Error   string `json:"error"`
-	Message string `json:"message"`
+	return s.startLocked(setSSEHeaders, nil)
 }
 
 // Item writes "id: N" and data {"type":"item","content":content}.
 func (s *SSEWriter) Item(content string) error {
-	data, err := json.Marshal(sseItem{Type: "item", Content: content})
-	if err != nil {
-		return err
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.beginLocked(); err != nil {
 		return err
 	}
 	s.lastID++
-	return s.writeLocked(appendSSEEvent(nil, s.lastID, data))
+	b := appendSSEDataStart(s.buf[:0], s.lastID)
+	b = append(b, `{"type":"item","content":`...)
+	b = appendJSONString(b, content)
+	s.buf = appendSSEDataEnd(b)
+	return s.emitBufLocked()
 }
 
 // Error writes data {"type":"error","error":code,"message":message}.
 func (s *SSEWriter) Error(code, message string) error {
-	data, err := json.Marshal(sseError{Type: "error", Error: code, Message: message})
-	if err != nil {
-		return err
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.beginLocked(); err != nil {
 		return err
 	}
-	return s.writeLocked(appendSSEEvent(nil, 0, data))
+	b := appendSSEDataStart(s.buf[:0], 0)
+	b = append(b, `{"type":"error","error":`...)
+	b = appendJSONString(b, code)
+	b = append(b, `,"message":`...)
+	b = appendJSONString(b, message)
+	s.buf = appendSSEDataEnd(b)
+	return s.writeBufLocked()
 }
 
 // Keepalive writes the comment ": keepalive".
@@ -114,13 +104,15 @@ func (s *SSEWriter) Done() error {
 		s.mu.Unlock()
 		return nil
 	}
-	err := s.startLocked(setSSEHeaders, nil, sseKeepalive)
+	err := s.startLocked(setSSEHeaders, nil)
 	if err == nil {
 		err = s.writeLocked(sseDone)
 	}
-	wait := s.finishLocked()
+	stopped := s.finishLocked()
 	s.mu.Unlock()
-	wait()
+	if stopped != nil {
+		<-stopped
+	}
 	return err
 }
 
@@ -139,22 +131,23 @@ func (s *SSEWriter) beginLocked() error {
 	if s.done {
 		return ErrDone
 	}
-	return s.startLocked(setSSEHeaders, nil, sseKeepalive)
+	return s.startLocked(setSSEHeaders, nil)
 }
 
-// appendSSEEvent appends one event: an "id:" line when id > 0, then one
-// "data:" line. data must not contain '\n' or '\r' (JSON from encoding/json
-// never does: it escapes all control characters).
-func appendSSEEvent(b []byte, id uint64, data []byte) []byte {
+// appendSSEDataStart appends an "id:" line when id > 0, then "data: ".
+// The data that follows must not contain '\n' or '\r' (appendJSONString
+// escapes all control characters), so every event has one data line.
+func appendSSEDataStart(b []byte, id uint64) []byte {
 	if id > 0 {
 		b = append(b, "id: "...)
 		b = strconv.AppendUint(b, id, 10)
 		b = append(b, '\n')
 	}
-	b = append(b, "data: "...)
-	b = append(b, data...)
-	return append(b, '\n', '\n')
+	return append(b, "data: "...)
 }
+
+// appendSSEDataEnd closes the JSON object, the data line and the event.
+func appendSSEDataEnd(b []byte) []byte { return append(b, "}\n\n"...) }
 
 func writeChunk(w Writer, c Chunk) error {
 	switch c.Kind {
