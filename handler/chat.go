@@ -140,7 +140,7 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, asJSON bool, rout
 	if asJSON {
 		return h.relayJSON(w, r, ex, reply)
 	}
-	sw := streaming.NewSSEWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval})
+	sw := streaming.NewSSEWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval, Batch: true})
 	return h.streamReply(sw, r, ex, reply)
 }
 
@@ -370,6 +370,11 @@ func (h *Handler) relayStream(sw streaming.Writer, r *http.Request, ex *exchange
 	// is stored before the drain stops counting this stream.
 	shutdown, stopWatch := h.cfg.Drain.watch(reply)
 	defer stopWatch()
+	defer func() { _ = sw.Done() }() // stops the keepalive timer even on a panic
+	// The writer holds items (Options.Batch) until the reply is about to
+	// wait for n8n: chunks that arrived together leave in one write, and
+	// none is held while n8n is silent.
+	reply.OnWait(func() { _ = sw.Flush() })
 	var text strings.Builder
 	status := sessions.StatusComplete
 	clientGone := sw.Start() != nil

@@ -172,7 +172,7 @@ func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id st
 	if !widgetStreaming(r.Header.Get("Accept")) {
 		return h.relayWidgetJSON(w, r, ex, reply)
 	}
-	nw := streaming.NewNDJSONWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval})
+	nw := streaming.NewNDJSONWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval, Batch: true})
 	return h.streamReply(nw, r, ex, reply)
 }
 

@@ -38,6 +38,7 @@ type Reply struct {
 
 	pending string // the first text, read by Send
 	term    error  // io.EOF or the *Error that ended the reply
+	onWait  func() // see OnWait
 
 	finishOnce sync.Once
 }
@@ -48,6 +49,14 @@ func (r *Reply) Format() Format { return r.format }
 // StatusCode returns the HTTP status n8n answered with (a 2xx, since Send
 // returns a Reply only for those), for logs.
 func (r *Reply) StatusCode() int { return r.status }
+
+// OnWait sets a function that Next calls each time it is about to read
+// more of the body from n8n, that is when every byte received so far has
+// been handed out or is part of a chunk still incomplete. A relay flushes
+// its output there: chunks that arrived together leave in one write, and
+// none waits in a buffer while n8n is silent. It must be set before the
+// first Next and runs on Next's goroutine.
+func (r *Reply) OnWait(f func()) { r.onWait = f }
 
 // Next returns the next piece of reply text (never empty). It returns
 // io.EOF at the clean end of the reply, or an *Error with MidStream set
@@ -233,6 +242,9 @@ type activityReader struct {
 }
 
 func (a *activityReader) Read(p []byte) (int, error) {
+	if a.reply.onWait != nil {
+		a.reply.onWait()
+	}
 	n, err := a.r.Read(p)
 	if n > 0 {
 		a.reply.touch()

@@ -547,3 +547,87 @@ func TestFinishModeKeepsReading(t *testing.T) {
 		t.Fatalf("got %q", got)
 	}
 }
+
+// TestOnWaitBeforeEveryRead: the wait hook runs before each read from
+// n8n and never between chunks that arrived together, in every format and
+// encoding. A relay that flushes there sends a burst in one write and
+// never holds a chunk while n8n is silent.
+func TestOnWaitBeforeEveryRead(t *testing.T) {
+	formats := []struct {
+		name, contentType string
+		frame             func(text string) string
+	}{
+		{"ndjson", "application/json; charset=utf-8", func(s string) string { return chunkLine("item", s) }},
+		{"sse", "text/event-stream", func(s string) string { return "data: " + s + "\n\n" }},
+	}
+	for _, ft := range formats {
+		for _, enc := range []string{"", "gzip", "br"} {
+			t.Run(ft.name+"/"+enc, func(t *testing.T) {
+				proceed := make(chan struct{})
+				f := newFake(t, func(w http.ResponseWriter, r *http.Request) {
+					w.Header().Set("Content-Type", ft.contentType)
+					var out io.Writer = w
+					var cw flushWriteCloser
+					if enc != "" {
+						w.Header().Set("Content-Encoding", enc)
+						cw = newCompressor(enc, w)
+						out = cw
+					}
+					w.WriteHeader(200)
+					send := func(parts ...string) {
+						for _, p := range parts {
+							_, _ = io.WriteString(out, ft.frame(p))
+						}
+						if cw != nil {
+							_ = cw.Flush()
+						}
+						flush(w)
+					}
+					send("a", "b", "c") // one burst
+					select {
+					case <-proceed:
+					case <-r.Context().Done():
+						return
+					}
+					send("d", "e")
+					if cw != nil {
+						_ = cw.Close()
+					}
+				})
+				c := newClient(t, testConfig(f))
+				r, err := c.Send(t.Context(), testRequest())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer r.Close()
+				var events []string
+				released := false
+				r.OnWait(func() {
+					events = append(events, "wait")
+					// n8n goes on once the reader waits after the burst.
+					if !released && len(events) > 1 && events[len(events)-2] == "c" {
+						released = true
+						close(proceed)
+					}
+				})
+				for {
+					text, err := r.Next()
+					if err == io.EOF {
+						break
+					}
+					if err != nil {
+						t.Fatal(err)
+					}
+					events = append(events, text)
+				}
+				got := strings.Join(events, " ")
+				// After the burst the reader waits at least once before d;
+				// within a burst (a b c, d e) it never waits.
+				if !strings.HasPrefix(got, "a b c wait") || !strings.Contains(got, "wait d e") ||
+					strings.Contains(got, "a wait") || strings.Contains(got, "b wait") || strings.Contains(got, "d wait e") {
+					t.Fatalf("events %q", got)
+				}
+			})
+		}
+	}
+}
