@@ -131,7 +131,7 @@ type stream struct {
 	mu      sync.Mutex
 	started bool
 	done    bool
-	held    bool // written but not flushed yet (batch)
+	held    bool      // written but not flushed yet (batch)
 	err     error     // first write or flush error; every later write returns it
 	last    time.Time // time of the last successful write
 	buf     []byte    // frame being encoded; reused so that events do not allocate
