@@ -761,18 +761,18 @@ func drillDisconnects(t *testing.T, kind string, streams int) {
 
 	const margin, oursMargin = 50, 10
 	var after drillFigures
-	var dump string
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		after = e.drillFigures(false)
 		settled := after.inflight == 0 && after.upActive == 0 && after.upConns <= before.upConns &&
 			after.acquired <= 0 && after.goroutines <= before.goroutines+margin
 		if settled {
-			after.goroutines, after.ours, dump = drillGoroutines()
+			after.goroutines, after.ours, _ = drillGoroutines()
 			if after.goroutines <= before.goroutines+margin && after.ours <= before.ours+oursMargin {
 				break
 			}
 		}
 		if time.Now().After(deadline) {
+			var dump string
 			after.goroutines, after.ours, dump = drillGoroutines()
 			t.Logf("goroutines left:\n%.20000s", dump)
 			t.Fatalf("20 s after %d clients left: %v; before: %v", streams, after, before)
