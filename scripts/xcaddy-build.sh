@@ -5,8 +5,11 @@
 # The module path github.com/chatproxy/caddy-chatproxy is not published, so
 # the Go module proxy cannot serve it and xcaddy must run with GOPROXY=off.
 # This script first fills the module cache (through the proxy) with
-# everything xcaddy's generated build module needs: this checkout's
-# dependencies, and Caddy's and caddy-ratelimit's own pinned versions.
+# everything xcaddy's generated build module needs, by resolving the same
+# build with the proxy on: Caddy, caddy-ratelimit and this checkout
+# together. That also verifies (and caches) the checksums of the versions
+# this checkout raises Caddy's dependencies to, which the offline build
+# cannot look up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 output=${1:-./caddy}
@@ -16,6 +19,8 @@ ratelimit=github.com/mholt/caddy-ratelimit@v0.1.0
 go mod download
 warm=$(mktemp -d)
 trap 'rm -rf "$warm"' EXIT
+# Two passes, as xcaddy does: Caddy and caddy-ratelimit alone, then with
+# this checkout, whose requirements raise some of their dependencies.
 cat > "$warm/main.go" <<'GO'
 package main
 
@@ -28,9 +33,22 @@ import (
 
 func main() { caddycmd.Main() }
 GO
+cat > "$warm/chatproxy.go.txt" <<'GO'
+package main
+
+import _ "github.com/chatproxy/caddy-chatproxy"
+GO
+repo=$(pwd)
 (cd "$warm" && go mod init caddy >/dev/null 2>&1 &&
 	go get "github.com/caddyserver/caddy/v2@$caddy_version" "$ratelimit" >/dev/null 2>&1 &&
-	go mod tidy >/dev/null 2>&1)
+	go mod tidy >/dev/null 2>&1 &&
+	mv chatproxy.go.txt chatproxy.go &&
+	go mod edit -require=github.com/chatproxy/caddy-chatproxy@v0.0.0 \
+		-replace=github.com/chatproxy/caddy-chatproxy="$repo" &&
+	go mod tidy >/dev/null 2>&1) || {
+	echo "xcaddy-build: filling the module cache failed (is the Go module proxy reachable?)" >&2
+	exit 1
+}
 
 GOPROXY=off xcaddy build "$caddy_version" \
 	--output "$output" \
