@@ -174,6 +174,34 @@ func streamHeaders(w http.ResponseWriter) {
 
 func flush(w http.ResponseWriter) { _ = http.NewResponseController(w).Flush() }
 
+// startStream answers 200 with contentType, compressed with enc ("" for
+// none). send writes s and flushes it through the compressor and the
+// connection; end finishes the compressed stream.
+func startStream(w http.ResponseWriter, contentType, enc string) (send func(s string), end func()) {
+	w.Header().Set("Content-Type", contentType)
+	var out io.Writer = w
+	var cw flushWriteCloser
+	if enc != "" {
+		w.Header().Set("Content-Encoding", enc)
+		cw = newCompressor(enc, w)
+		out = cw
+	}
+	w.WriteHeader(200)
+	send = func(s string) {
+		_, _ = io.WriteString(out, s)
+		if cw != nil {
+			_ = cw.Flush()
+		}
+		flush(w)
+	}
+	end = func() {
+		if cw != nil {
+			_ = cw.Close()
+		}
+	}
+	return send, end
+}
+
 // reply answers with a fixed body.
 func reply(status int, contentType, body string) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {

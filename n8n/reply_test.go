@@ -381,22 +381,7 @@ func TestChunksReachCallerBeforeNextIsWritten(t *testing.T) {
 				proceed := make(chan struct{})
 				written := make(chan int, n)
 				f := newFake(t, func(w http.ResponseWriter, r *http.Request) {
-					w.Header().Set("Content-Type", ft.contentType)
-					var out io.Writer = w
-					var cw flushWriteCloser
-					if enc != "" {
-						w.Header().Set("Content-Encoding", enc)
-						cw = newCompressor(enc, w)
-						out = cw
-					}
-					w.WriteHeader(200)
-					send := func(s string) {
-						_, _ = io.WriteString(out, s)
-						if cw != nil {
-							_ = cw.Flush()
-						}
-						flush(w)
-					}
+					send, end := startStream(w, ft.contentType, enc)
 					if ft.head != "" {
 						send(ft.head)
 					}
@@ -411,9 +396,7 @@ func TestChunksReachCallerBeforeNextIsWritten(t *testing.T) {
 						written <- i
 						send(ft.frame(i, "chunk é"+string(rune('0'+i))+" "))
 					}
-					if cw != nil {
-						_ = cw.Close()
-					}
+					end()
 				})
 				c := newClient(t, testConfig(f))
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -565,34 +548,15 @@ func TestOnWaitBeforeEveryRead(t *testing.T) {
 			t.Run(ft.name+"/"+enc, func(t *testing.T) {
 				proceed := make(chan struct{})
 				f := newFake(t, func(w http.ResponseWriter, r *http.Request) {
-					w.Header().Set("Content-Type", ft.contentType)
-					var out io.Writer = w
-					var cw flushWriteCloser
-					if enc != "" {
-						w.Header().Set("Content-Encoding", enc)
-						cw = newCompressor(enc, w)
-						out = cw
-					}
-					w.WriteHeader(200)
-					send := func(parts ...string) {
-						for _, p := range parts {
-							_, _ = io.WriteString(out, ft.frame(p))
-						}
-						if cw != nil {
-							_ = cw.Flush()
-						}
-						flush(w)
-					}
-					send("a", "b", "c") // one burst
+					send, end := startStream(w, ft.contentType, enc)
+					send(ft.frame("a") + ft.frame("b") + ft.frame("c")) // one burst
 					select {
 					case <-proceed:
 					case <-r.Context().Done():
 						return
 					}
-					send("d", "e")
-					if cw != nil {
-						_ = cw.Close()
-					}
+					send(ft.frame("d") + ft.frame("e"))
+					end()
 				})
 				c := newClient(t, testConfig(f))
 				r, err := c.Send(t.Context(), testRequest())

@@ -281,22 +281,28 @@ func (s *SQLiteStore) AppendMessage(ctx context.Context, m *Message) error {
 		res, err := tx.ExecContext(ctx,
 			`UPDATE chatproxy_sessions SET message_count = message_count + 1 WHERE id = ?1 AND revoked_at IS NULL`,
 			m.SessionID)
-		if err != nil {
-			return err
-		}
-		if err := mustAffect(res, ErrNotFound); err != nil {
-			return err
-		}
-		_, err = tx.ExecContext(ctx, `
-INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
-			m.ID, m.SessionID, m.Role, m.Content, m.Status, liteJSON(m.Metadata), m.CreatedAt.UnixMicro())
-		if liteUniqueViolation(err) {
-			return ErrExists
-		}
-		return err
+		return liteInsertCounted(ctx, tx, res, err, m)
 	})
 	return opErr(op, err)
+}
+
+// liteInsertCounted inserts m after the UPDATE that counted it (res, err),
+// or returns ErrNotFound if that UPDATE found no session to count it in.
+func liteInsertCounted(ctx context.Context, tx *sql.Tx, res sql.Result, err error, m *Message) error {
+	if err != nil {
+		return err
+	}
+	if err := mustAffect(res, ErrNotFound); err != nil {
+		return err
+	}
+	_, err = tx.ExecContext(ctx, `
+INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
+		m.ID, m.SessionID, m.Role, m.Content, m.Status, liteJSON(m.Metadata), m.CreatedAt.UnixMicro())
+	if liteUniqueViolation(err) {
+		return ErrExists
+	}
+	return err
 }
 
 // AppendUserMessage implements Store.
@@ -311,20 +317,7 @@ func (s *SQLiteStore) AppendUserMessage(ctx context.Context, m *Message, kind st
 UPDATE chatproxy_sessions SET message_count = message_count + 1
 WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
 			m.SessionID, m.CreatedAt.UnixMicro(), kind)
-		if err != nil {
-			return err
-		}
-		if err := mustAffect(res, ErrNotFound); err != nil {
-			return err
-		}
-		_, err = tx.ExecContext(ctx, `
-INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
-			m.ID, m.SessionID, m.Role, m.Content, m.Status, liteJSON(m.Metadata), m.CreatedAt.UnixMicro())
-		if liteUniqueViolation(err) {
-			return ErrExists
-		}
-		if err != nil {
+		if err := liteInsertCounted(ctx, tx, res, err, m); err != nil {
 			return err
 		}
 		sess, err = liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))

@@ -213,12 +213,8 @@ func (s *stream) startLocked(setHeaders func(http.Header), first []byte) error {
 // writeLocked writes p with one Write and flushes. The first error is kept
 // and returned by every later call.
 func (s *stream) writeLocked(p []byte) error {
-	if s.err != nil {
-		return s.err
-	}
-	if _, err := s.w.Write(p); err != nil {
-		s.err = errors.Join(errWrite, err)
-		return s.err
+	if err := s.holdLocked(p); err != nil {
+		return err
 	}
 	return s.flushLocked()
 }
