@@ -22,13 +22,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
-	caddygzip "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/gzip"
-	caddyzstd "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/zstd"
 	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -75,7 +73,7 @@ func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
 	e.store = e.cp.handlerStore()
 	var enc *encode.Encode
 	if o.encode {
-		enc = newEncodeHandler(t)
+		enc = testkit.NewEncode(t)
 	}
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
 		w.WriteHeader(passedOn)
@@ -108,27 +106,6 @@ func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
 	t.Cleanup(e.client.CloseIdleConnections)
 	t.Cleanup(e.fake.release) // runs first: no handler waits on the fake
 	return e
-}
-
-// newEncodeHandler provisions Caddy's real encode handler as
-// `encode gzip zstd` configures it.
-func newEncodeHandler(t *testing.T) *encode.Encode {
-	t.Helper()
-	enc := &encode.Encode{
-		EncodingsRaw: caddy.ModuleMap{
-			"gzip": caddyconfig.JSON(caddygzip.Gzip{}, nil),
-			"zstd": caddyconfig.JSON(caddyzstd.Zstd{}, nil),
-		},
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := enc.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := enc.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	return enc
 }
 
 // serve sends a request through the module with a recorder (see serve);
@@ -249,12 +226,7 @@ func wantExchange(t *testing.T, h historyBody, user, reply, status string) {
 }
 
 // sseEvent is one event as a browser's EventSource would see it.
-type sseEvent struct {
-	id       string
-	hasID    bool
-	data     []string
-	comments []string
-}
+type sseEvent = testkit.SSEEvent
 
 // nextSSE reads the next event from a live stream. Comment-only blocks
 // (keepalives) are skipped. Lines must end with "\n" and hold no "\r".
@@ -272,67 +244,20 @@ func nextSSE(t *testing.T, br *bufio.Reader) sseEvent {
 		}
 		switch {
 		case line == "":
-			if ev.hasID || len(ev.data) > 0 {
+			if ev.HasID || len(ev.Data) > 0 {
 				return ev
 			}
 			ev = sseEvent{} // a keepalive block
 		case strings.HasPrefix(line, ":"):
-			ev.comments = append(ev.comments, line)
+			ev.Comments = append(ev.Comments, line[1:])
 		case strings.HasPrefix(line, "id: "):
-			ev.id, ev.hasID = strings.TrimPrefix(line, "id: "), true
+			ev.ID, ev.HasID = strings.TrimPrefix(line, "id: "), true
 		case strings.HasPrefix(line, "data: "):
-			ev.data = append(ev.data, strings.TrimPrefix(line, "data: "))
+			ev.Data = append(ev.Data, strings.TrimPrefix(line, "data: "))
 		default:
 			t.Fatalf("unexpected stream line %q", line)
 		}
 	}
-}
-
-// parseSSE parses a whole stream as the WHATWG EventSource algorithm does:
-// "\r\n", "\n" and a lone "\r" end lines; a blank line dispatches.
-func parseSSE(s string) []sseEvent {
-	var events []sseEvent
-	var cur sseEvent
-	seen := false
-	for len(s) > 0 {
-		i := strings.IndexAny(s, "\r\n")
-		var line string
-		if i < 0 {
-			line, s = s, ""
-		} else {
-			line = s[:i]
-			if s[i] == '\r' && i+1 < len(s) && s[i+1] == '\n' {
-				s = s[i+2:]
-			} else {
-				s = s[i+1:]
-			}
-		}
-		switch {
-		case line == "":
-			if seen {
-				events = append(events, cur)
-			}
-			cur, seen = sseEvent{}, false
-		case line[0] == ':':
-			cur.comments = append(cur.comments, line)
-		default:
-			field, value, _ := strings.Cut(line, ":")
-			value = strings.TrimPrefix(value, " ")
-			seen = true
-			switch field {
-			case "data":
-				cur.data = append(cur.data, value)
-			case "id":
-				cur.id, cur.hasID = value, true
-			default:
-				cur.data = append(cur.data, "UNEXPECTED FIELD "+field)
-			}
-		}
-	}
-	if seen {
-		events = append(events, cur)
-	}
-	return events
 }
 
 // sseJSON is the JSON of an item or error event.
@@ -346,14 +271,14 @@ type sseJSON struct {
 // eventJSON decodes an event's single data line.
 func eventJSON(t *testing.T, ev sseEvent) sseJSON {
 	t.Helper()
-	if len(ev.data) != 1 {
-		t.Fatalf("event has %d data lines: %+v", len(ev.data), ev)
+	if len(ev.Data) != 1 {
+		t.Fatalf("event has %d data lines: %+v", len(ev.Data), ev)
 	}
 	var v sseJSON
-	dec := json.NewDecoder(strings.NewReader(ev.data[0]))
+	dec := json.NewDecoder(strings.NewReader(ev.Data[0]))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&v); err != nil {
-		t.Fatalf("event data %q: %v", ev.data[0], err)
+		t.Fatalf("event data %q: %v", ev.Data[0], err)
 	}
 	return v
 }
@@ -362,7 +287,7 @@ func eventJSON(t *testing.T, ev sseEvent) sseJSON {
 func itemOf(t *testing.T, ev sseEvent) string {
 	t.Helper()
 	v := eventJSON(t, ev)
-	if v.Type != "item" || !ev.hasID {
+	if v.Type != "item" || !ev.HasID {
 		t.Fatalf("want an item event with an id, got %+v (%+v)", v, ev)
 	}
 	return v.Content
@@ -370,7 +295,7 @@ func itemOf(t *testing.T, ev sseEvent) string {
 
 func wantDone(t *testing.T, ev sseEvent) {
 	t.Helper()
-	if len(ev.data) != 1 || ev.data[0] != "[DONE]" || ev.hasID {
+	if len(ev.Data) != 1 || ev.Data[0] != "[DONE]" || ev.HasID {
 		t.Fatalf("want data: [DONE], got %+v", ev)
 	}
 }
@@ -501,8 +426,8 @@ func TestChatLiveStreaming(t *testing.T) {
 						} else {
 							ev := nextSSE(t, br)
 							got = itemOf(t, ev)
-							if ev.id != strconv.Itoa(i+1) {
-								t.Fatalf("event %d has id %q", i+1, ev.id)
+							if ev.ID != strconv.Itoa(i+1) {
+								t.Fatalf("event %d has id %q", i+1, ev.ID)
 							}
 						}
 						if got != want {
@@ -585,14 +510,14 @@ func TestChatSSEFraming(t *testing.T) {
 			}
 
 			body := string(raw)
-			events := parseSSE(body)
+			events := testkit.ParseSSE(body)
 			if len(events) != len(contents)+1 {
 				t.Fatalf("%d events, want %d items and [DONE]:\n%s", len(events), len(contents), body)
 			}
 			for i, want := range contents {
 				ev := events[i]
-				if ev.id != strconv.Itoa(i+1) {
-					t.Errorf("event %d: id %q (hasID %v)", i+1, ev.id, ev.hasID)
+				if ev.ID != strconv.Itoa(i+1) {
+					t.Errorf("event %d: id %q (hasID %v)", i+1, ev.ID, ev.HasID)
 				}
 				if got := itemOf(t, ev); got != want {
 					t.Errorf("event %d content = %q, want %q", i+1, got, want)
@@ -730,7 +655,7 @@ func TestChatReplyKinds(t *testing.T) {
 			}
 			rec = e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"kind %d again"}`, i), authz(s.Token))
 			var text strings.Builder
-			events := parseSSE(rec.Body.String())
+			events := testkit.ParseSSE(rec.Body.String())
 			for _, ev := range events[:len(events)-1] {
 				text.WriteString(itemOf(t, ev))
 			}
@@ -898,7 +823,7 @@ func TestChatFailuresAfterFirstByte(t *testing.T) {
 				close(gate) // the client has the first part: now n8n fails
 				ev := nextSSE(t, br)
 				v := eventJSON(t, ev)
-				if v.Type != "error" || v.Error != tt.code || v.Message == "" || ev.hasID {
+				if v.Type != "error" || v.Error != tt.code || v.Message == "" || ev.HasID {
 					t.Fatalf("want an error event %s, got %+v", tt.code, ev)
 				}
 				if strings.Contains(v.Message, "secret") || strings.Contains(v.Message, "password") {
@@ -1487,7 +1412,7 @@ func TestChatStreamGET(t *testing.T) {
 			if resp.Header.Get("Content-Type") != "text/event-stream" {
 				t.Fatalf("Content-Type %q", resp.Header.Get("Content-Type"))
 			}
-			events := parseSSE(string(raw))
+			events := testkit.ParseSSE(string(raw))
 			if len(events) != 3 || itemOf(t, events[0])+itemOf(t, events[1]) != "EventSource" {
 				t.Fatalf("stream %q", raw)
 			}
@@ -1611,7 +1536,7 @@ func TestChatHoneypot(t *testing.T) {
 	body := `{"message":"Cheap pills here","website":"http://spam.example"}`
 
 	rec := e.serve(t, "POST", "/api/v1/chat/message", body, authz(s.Token))
-	events := parseSSE(rec.Body.String())
+	events := testkit.ParseSSE(rec.Body.String())
 	if rec.Code != 200 || rec.Header().Get("Content-Type") != "text/event-stream" || rec.Header().Get("X-Message-ID") == "" || len(events) != 2 {
 		t.Fatalf("SSE: %d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
@@ -1905,8 +1830,8 @@ func TestChatLargeReplies(t *testing.T) {
 	for i := range n {
 		ev := nextSSE(t, br)
 		got := itemOf(t, ev)
-		if got != fmt.Sprintf("%04d", i)+chunk || ev.id != strconv.Itoa(i+1) {
-			t.Fatalf("event %d (id %s) is %.20q…", i+1, ev.id, got)
+		if got != fmt.Sprintf("%04d", i)+chunk || ev.ID != strconv.Itoa(i+1) {
+			t.Fatalf("event %d (id %s) is %.20q…", i+1, ev.ID, got)
 		}
 		total += len(got)
 	}
@@ -1927,7 +1852,7 @@ func TestChatLargeReplies(t *testing.T) {
 	})
 	s2 := e.newSession(t)
 	resp = e.do(t, "POST", "/api/v1/chat/message", `{"message":"One long line please"}`, authz(s2.Token))
-	events := parseSSE(readAll(t, resp.Body))
+	events := testkit.ParseSSE(readAll(t, resp.Body))
 	if len(events) != 3 || itemOf(t, events[0]) != "before the flood " {
 		t.Fatalf("%d events", len(events))
 	}

@@ -42,6 +42,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -220,7 +221,7 @@ func wantStored(t *testing.T, st map[string]*drillSession, id string, want ...dr
 // with [DONE] and hold no error event.
 func sseReply(t *testing.T, body string) string {
 	t.Helper()
-	events := parseSSE(body)
+	events := testkit.ParseSSE(body)
 	if len(events) == 0 {
 		t.Fatalf("empty stream %q", body)
 	}

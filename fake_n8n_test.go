@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/golang-jwt/jwt/v5"
 )
 
@@ -299,22 +300,8 @@ func fakeWrite(w http.ResponseWriter, status int, contentType, body string) {
 
 func fakeFlush(w http.ResponseWriter) { _ = http.NewResponseController(w).Flush() }
 
-// n8nLine is one line of n8n's streaming reply, as n8n writes it
-// (research §4): begin and end carry no content key.
-func n8nLine(typ, content string) string {
-	m := map[string]any{
-		"type": typ,
-		"metadata": map[string]any{
-			"nodeId": "3f2a-agent", "nodeName": "AI Agent", "itemIndex": 0, "runIndex": 0,
-			"timestamp": time.Now().UnixMilli(),
-		},
-	}
-	if typ == "item" || typ == "error" {
-		m["content"] = content
-	}
-	b, _ := json.Marshal(m)
-	return string(b) + "\n"
-}
+// n8nLine is one line of n8n's streaming reply (research §4).
+func n8nLine(typ, content string) string { return testkit.N8nLine(typ, content) }
 
 // n8nKeepalive is n8n's heartbeat line.
 const n8nKeepalive = `{"type":"keepalive"}` + "\n"

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/andybalholm/brotli"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 )
 
 // The webhook path is a secret: tests check it never shows in errors.
@@ -138,20 +139,7 @@ func testRequest() *Request {
 }
 
 // chunkLine is one n8n streaming line, as n8n writes it.
-func chunkLine(typ, content string) string {
-	m := map[string]any{
-		"type": typ,
-		"metadata": map[string]any{
-			"nodeId": "node-1", "nodeName": "AI Agent", "itemIndex": 0, "runIndex": 0,
-			"timestamp": time.Now().UnixMilli(),
-		},
-	}
-	if typ == "item" || typ == "error" {
-		m["content"] = content
-	}
-	b, _ := json.Marshal(m)
-	return string(b) + "\n"
-}
+func chunkLine(typ, content string) string { return testkit.N8nLine(typ, content) }
 
 // ndjson is a whole n8n stream: begin, the items, end.
 func ndjson(items ...string) string {

@@ -11,34 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
-	caddygzip "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/gzip"
-	caddyzstd "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/zstd"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 )
-
-// newEncode provisions Caddy's real encode handler as `encode gzip zstd`
-// configures it (zstd preferred, default minimum_length and matcher).
-func newEncode(t *testing.T) *encode.Encode {
-	t.Helper()
-	enc := &encode.Encode{
-		EncodingsRaw: caddy.ModuleMap{
-			"gzip": caddyconfig.JSON(caddygzip.Gzip{}, nil),
-			"zstd": caddyconfig.JSON(caddyzstd.Zstd{}, nil),
-		},
-	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
-	t.Cleanup(cancel)
-	if err := enc.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := enc.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	return enc
-}
 
 // TestStreamsChunkByChunkThroughEncode serves each writer behind Caddy's
 // encode handler over real HTTP and checks that the client reads event N
@@ -105,7 +80,7 @@ func TestStreamsChunkByChunkThroughEncode(t *testing.T) {
 	for _, kind := range kinds {
 		for _, acceptEncoding := range []string{"gzip, zstd", "zstd", "gzip", ""} {
 			t.Run(kind.name+"/"+acceptEncoding, func(t *testing.T) {
-				enc := newEncode(t)
+				enc := testkit.NewEncode(t)
 				proceed := make(chan struct{})
 				var written atomic.Int32
 				produced := make(chan error, 1)

@@ -26,7 +26,7 @@ func FuzzSSEFraming(f *testing.F) {
 			t.Fatalf("%d events in %q", len(events), rec.Body.String())
 		}
 		for i, ev := range events {
-			if len(ev.data) != 1 || len(ev.comments) != 0 {
+			if len(ev.Data) != 1 || len(ev.Comments) != 0 {
 				t.Fatalf("event %d: %+v", i, ev)
 			}
 		}
@@ -34,23 +34,23 @@ func FuzzSSEFraming(f *testing.F) {
 			var item struct {
 				Type, Content string
 			}
-			if err := json.Unmarshal([]byte(events[i].data[0]), &item); err != nil {
+			if err := json.Unmarshal([]byte(events[i].Data[0]), &item); err != nil {
 				t.Fatal(err)
 			}
-			if item.Type != "item" || item.Content != validUTF8(want) || events[i].id != string(rune('1'+i)) {
-				t.Fatalf("item %d: %+v id %q", i, item, events[i].id)
+			if item.Type != "item" || item.Content != validUTF8(want) || events[i].ID != string(rune('1'+i)) {
+				t.Fatalf("item %d: %+v id %q", i, item, events[i].ID)
 			}
 		}
 		var e struct {
 			Type, Error, Message string
 		}
-		if err := json.Unmarshal([]byte(events[2].data[0]), &e); err != nil {
+		if err := json.Unmarshal([]byte(events[2].Data[0]), &e); err != nil {
 			t.Fatal(err)
 		}
 		if e.Type != "error" || e.Error != validUTF8(code) || e.Message != validUTF8(message) {
 			t.Fatalf("error event %+v", e)
 		}
-		if events[3].data[0] != "[DONE]" || !strings.HasSuffix(rec.Body.String(), "\n\ndata: [DONE]\n\n") {
+		if events[3].Data[0] != "[DONE]" || !strings.HasSuffix(rec.Body.String(), "\n\ndata: [DONE]\n\n") {
 			t.Fatalf("does not end with [DONE]: %q", rec.Body.String())
 		}
 	})

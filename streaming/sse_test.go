@@ -70,31 +70,31 @@ func checkSSEStream(t *testing.T, body string, items []string, errMsg string) {
 		t.Fatalf("got %d events, want %d; body %q", len(events), len(items)+2, body)
 	}
 	for i, ev := range events {
-		if len(ev.data) != 1 {
-			t.Fatalf("event %d has %d data lines: %q", i, len(ev.data), ev.data)
+		if len(ev.Data) != 1 {
+			t.Fatalf("event %d has %d data lines: %q", i, len(ev.Data), ev.Data)
 		}
-		if len(ev.comments) != 0 {
-			t.Fatalf("event %d preceded by comments %q", i, ev.comments)
+		if len(ev.Comments) != 0 {
+			t.Fatalf("event %d preceded by comments %q", i, ev.Comments)
 		}
 	}
 	for i, want := range items {
 		ev := events[i]
-		if !ev.hasID || ev.id != strconv.Itoa(i+1) {
-			t.Errorf("item %d id = %q (has %v), want %d", i, ev.id, ev.hasID, i+1)
+		if !ev.HasID || ev.ID != strconv.Itoa(i+1) {
+			t.Errorf("item %d id = %q (has %v), want %d", i, ev.ID, ev.HasID, i+1)
 		}
 		var got struct {
 			Type    string `json:"type"`
 			Content string `json:"content"`
 		}
-		if err := json.Unmarshal([]byte(ev.data[0]), &got); err != nil {
-			t.Fatalf("item %d: %v in %q", i, err, ev.data[0])
+		if err := json.Unmarshal([]byte(ev.Data[0]), &got); err != nil {
+			t.Fatalf("item %d: %v in %q", i, err, ev.Data[0])
 		}
 		if got.Type != "item" || got.Content != validUTF8(want) {
 			t.Errorf("item %d = %+v, want content %q", i, got, want)
 		}
 	}
 	errEv := events[len(items)]
-	if errEv.hasID {
+	if errEv.HasID {
 		t.Errorf("error event has an id")
 	}
 	var e struct {
@@ -102,13 +102,13 @@ func checkSSEStream(t *testing.T, body string, items []string, errMsg string) {
 		Error   string `json:"error"`
 		Message string `json:"message"`
 	}
-	if err := json.Unmarshal([]byte(errEv.data[0]), &e); err != nil {
-		t.Fatalf("error event: %v in %q", err, errEv.data[0])
+	if err := json.Unmarshal([]byte(errEv.Data[0]), &e); err != nil {
+		t.Fatalf("error event: %v in %q", err, errEv.Data[0])
 	}
 	if e.Type != "error" || e.Error != "upstream_error" || e.Message != validUTF8(errMsg) {
 		t.Errorf("error event = %+v", e)
 	}
-	if last := events[len(events)-1]; last.data[0] != "[DONE]" || last.hasID {
+	if last := events[len(events)-1]; last.Data[0] != "[DONE]" || last.HasID {
 		t.Errorf("last event = %+v, want data: [DONE]", last)
 	}
 	if !strings.HasSuffix(body, "data: [DONE]\n\n") {
@@ -325,11 +325,11 @@ func TestSSEConcurrentWriters(t *testing.T) {
 	}
 	ids := map[string]bool{}
 	for i, ev := range events[:4*n] {
-		if len(ev.data) != 1 || !ev.hasID || ids[ev.id] {
+		if len(ev.Data) != 1 || !ev.HasID || ids[ev.ID] {
 			t.Fatalf("event %d malformed or duplicate id: %+v", i, ev)
 		}
-		ids[ev.id] = true
-		for _, c := range ev.comments {
+		ids[ev.ID] = true
+		for _, c := range ev.Comments {
 			if c != " keepalive" {
 				t.Fatalf("comment %q", c)
 			}
