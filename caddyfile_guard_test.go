@@ -257,16 +257,7 @@ func TestUnmarshalCaddyfileGuardErrors(t *testing.T) {
 		{"duplicate timeout", "chat_proxy {\n\tupstream_timeout 1m\n\tupstream_timeout 2m\n}",
 			"chat_proxy: duplicate option 'upstream_timeout', at Testfile:3"},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var cp ChatProxy
-			err := cp.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error, want %q; got config %s", tc.want, cfDump(t, &cp))
-			}
-			if err.Error() != tc.want {
-				t.Fatalf("error\n got  %q\n want %q", err, tc.want)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { wantCaddyfileError(t, tc.input, tc.want) })
 	}
 }
 

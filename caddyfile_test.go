@@ -360,15 +360,20 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			want:  "chat_proxy: unrecognized option 'bogus', at Testfile:5",
 		},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var cp ChatProxy
-			err := cp.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error, want %q; got config %s", tc.want, cfDump(t, &cp))
-			}
-			if err.Error() != tc.want {
-				t.Errorf("error\n got  %q\n want %q", err, tc.want)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { wantCaddyfileError(t, tc.input, tc.want) })
+	}
+}
+
+// wantCaddyfileError checks that the Caddyfile input is refused with
+// exactly the error want.
+func wantCaddyfileError(t *testing.T, input, want string) {
+	t.Helper()
+	var cp ChatProxy
+	err := cp.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input))
+	if err == nil {
+		t.Fatalf("no error, want %q; got config %s", want, cfDump(t, &cp))
+	}
+	if err.Error() != want {
+		t.Fatalf("error\n got  %q\n want %q", err, want)
 	}
 }

@@ -566,16 +566,7 @@ func TestUnmarshalCaddyfileMetricsErrors(t *testing.T) {
 		{"duplicate log_content", "chat_proxy {\n\tlog_content on\n\n\tlog_content off\n}",
 			"chat_proxy: duplicate option 'log_content', at Testfile:4"},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var cp ChatProxy
-			err := cp.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-			if err == nil {
-				t.Fatalf("no error, want %q; got config %s", tc.want, cfDump(t, &cp))
-			}
-			if err.Error() != tc.want {
-				t.Fatalf("error\n got  %q\n want %q", err, tc.want)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { wantCaddyfileError(t, tc.input, tc.want) })
 	}
 }
 
