@@ -14,7 +14,7 @@ func TestString(t *testing.T) {
 		{"\x00\x00", ""},
 		{"a\xffb", "a\uFFFDb"},
 		{"a\xff\xfeb", "a\uFFFDb"}, // one replacement per run
-		{"\xc3", "\uFFFD"},          // a sequence cut short
+		{"\xc3", "\uFFFD"},         // a sequence cut short
 		{"a\x00\xffb", "a\uFFFDb"},
 		{"line\r\nnext\t", "line\r\nnext\t"},
 	} {
