@@ -214,18 +214,6 @@ func requestID(r *http.Request) (string, bool) {
 	return id, ok && id != ""
 }
 
-// streamReply relays a reply on a stream, counting what reaches the
-// client and the streams running.
-func (h *Handler) streamReply(sw streaming.Writer, r *http.Request, ex *exchange, reply *n8n.Reply) error {
-	h.cfg.Metrics.StreamStarted()
-	defer h.cfg.Metrics.StreamEnded()
-	if ex.xl == nil {
-		return h.relayStream(sw, r, ex, reply)
-	}
-	ex.xl.streamed = true
-	return h.relayStream(countingWriter{Writer: sw, x: ex.xl, m: h.cfg.Metrics}, r, ex, reply)
-}
-
 // countingWriter counts the chunks and bytes a stream hands the client,
 // and notices when the client is gone.
 type countingWriter struct {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -208,7 +209,9 @@ func ipKey(r *http.Request) guard.Key {
 
 // rateLimit counts the request against keys and answers 429 when a tier
 // refuses. It reports whether the request may go on; when not, the
-// response has been written (or the client is gone).
+// response has been written (or the client is gone). A request counted
+// twice (a new widget conversation: its create tier once the store said
+// so) shows the window with the least room left.
 func (h *Handler) rateLimit(w http.ResponseWriter, r *http.Request, keys ...guard.Key) bool {
 	d, err := h.cfg.Limiter.Allow(r.Context(), keys...)
 	if err != nil {
@@ -219,7 +222,9 @@ func (h *Handler) rateLimit(w http.ResponseWriter, r *http.Request, keys ...guar
 		_ = h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the request could not be checked; try again")
 		return false
 	}
-	d.SetHeaders(w.Header())
+	if prev, err := strconv.Atoi(w.Header().Get("RateLimit-Remaining")); err != nil || !d.Allowed || d.Remaining < prev {
+		d.SetHeaders(w.Header())
+	}
 	if !d.Allowed {
 		h.cfg.Metrics.RateLimited(string(d.Tier))
 		_ = writeJSON(w, http.StatusTooManyRequests, d.Body())

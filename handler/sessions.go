@@ -108,22 +108,6 @@ func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*session
 	return h.authenticateWith(w, r, h.cfg.Sessions.Authenticate)
 }
 
-// authenticateMessage is authenticate for the chat routes, whose user
-// message insert confirms the session is active: a session the token
-// describes fully is not read first (see Manager.AuthenticateMessage).
-// Sessions younger than the bot filter's first-message delay are read, as
-// the filter needs their message count; a second more covers the token's
-// whole-second iat.
-func (h *Handler) authenticateMessage(w http.ResponseWriter, r *http.Request) (*sessions.Session, *sessions.Claims, bool) {
-	var minAge time.Duration
-	if h.cfg.Bots != nil {
-		minAge = h.cfg.Bots.MinFirstMessageDelay() + time.Second
-	}
-	return h.authenticateWith(w, r, func(ctx context.Context, token string) (*sessions.Session, *sessions.Claims, error) {
-		return h.cfg.Sessions.AuthenticateMessage(ctx, token, minAge)
-	})
-}
-
 func (h *Handler) authenticateWith(w http.ResponseWriter, r *http.Request,
 	auth func(context.Context, string) (*sessions.Session, *sessions.Claims, error)) (*sessions.Session, *sessions.Claims, bool) {
 	token, fromCookie, present := h.sessionToken(r)
@@ -137,18 +121,23 @@ func (h *Handler) authenticateWith(w http.ResponseWriter, r *http.Request,
 		return nil, nil, false
 	}
 	s, claims, err := auth(r.Context(), token)
-	switch {
-	case errors.Is(err, sessions.ErrInvalidToken):
-		_ = h.writeError(w, r, http.StatusUnauthorized, "invalid_token", "the session token is invalid or expired")
-		return nil, nil, false
-	case errors.Is(err, sessions.ErrSessionGone):
-		_ = h.sessionGone(w, r)
-		return nil, nil, false
-	case err != nil:
-		_ = h.storeError(w, r, "authenticate", err)
+	if err != nil {
+		_ = h.refuseSession(w, r, err)
 		return nil, nil, false
 	}
 	return s, claims, true
+}
+
+// refuseSession answers a failed authentication: a bad token, a session
+// that ended, or the store's failure.
+func (h *Handler) refuseSession(w http.ResponseWriter, r *http.Request, err error) error {
+	switch {
+	case errors.Is(err, sessions.ErrInvalidToken):
+		return h.writeError(w, r, http.StatusUnauthorized, "invalid_token", "the session token is invalid or expired")
+	case errors.Is(err, sessions.ErrSessionGone):
+		return h.sessionGone(w, r)
+	}
+	return h.storeError(w, r, "authenticate", err)
 }
 
 func (h *Handler) sessionGone(w http.ResponseWriter, r *http.Request) error {

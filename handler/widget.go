@@ -12,7 +12,6 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
-	"github.com/chatproxy/caddy-chatproxy/streaming"
 )
 
 // widgetHistoryLimit is how much of a conversation loadPreviousSession
@@ -64,7 +63,7 @@ func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) e
 	if req.ChatInput == nil {
 		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "chatInput is required")
 	}
-	return h.widgetSend(w, r, site, id, req)
+	return h.runExchange(w, r, &widgetExchange{h: h, site: site, id: id, req: req})
 }
 
 // widgetSessionID names a widget conversation: the same sessionId from two
@@ -122,58 +121,58 @@ func (h *Handler) widgetHistory(w http.ResponseWriter, r *http.Request, id strin
 	return writeJSON(w, http.StatusOK, map[string]any{"data": data})
 }
 
-func (h *Handler) widgetSend(w http.ResponseWriter, r *http.Request, site, id string, req widgetRequest) error {
-	xl, w := h.beginExchange(w, metrics.RouteWidget, id, site)
-	defer h.endExchange(r, xl)
-	s, err := h.cfg.Store.GetSession(r.Context(), id)
+// widgetExchange is the @n8n/chat route's side of runExchange: the
+// widget's sessionId (already checked) names the conversation, the message
+// is its chatInput with metadata, and the reply goes back as NDJSON
+// (streaming mode) or as {"output": …}.
+type widgetExchange struct {
+	h        *Handler
+	site, id string
+	req      widgetRequest
+}
+
+func (wx *widgetExchange) name() string { return metrics.RouteWidget }
+
+func (wx *widgetExchange) identify(http.ResponseWriter, *http.Request) (identity, bool) {
+	return identity{sessionID: wx.id, site: wx.site}, true
+}
+
+func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messageInput, *errBadBody) {
+	return messageInput{
+		message: *wx.req.ChatInput, messageField: "chatInput",
+		extra: wx.req.Metadata, extraField: "metadata",
+	}, nil
+}
+
+// loadSession reads the conversation, creating it on first use. A new
+// conversation costs what creating a session costs: the create tier is
+// charged before the insert, the read having come after the ip, session
+// and domain tiers, so a flood of new sessionIds is refused before any
+// database work.
+func (wx *widgetExchange) loadSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool) {
+	h := wx.h
+	s, err := h.cfg.Store.GetSession(r.Context(), wx.id)
 	isNew := errors.Is(err, sessions.ErrNotFound)
 	if err != nil && !isNew {
-		return h.storeError(w, r, "load widget session", err)
+		_ = h.storeError(w, r, "load widget session", err)
+		return nil, false
 	}
-	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: id}, {Tier: guard.TierDomain, ID: site}}
-	if isNew {
-		// A new conversation costs what creating a session costs.
-		keys = append(keys, guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))})
+	if isNew && !h.rateLimit(w, r, guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))}) {
+		return nil, false
 	}
-	// Refuse bad input before a conversation is created for it.
-	ex, bad := h.checkChatInput(*req.ChatInput, req.Metadata, "", "chatInput", "metadata")
-	if bad != nil {
-		return h.writeBadBody(w, r, bad)
+	if s, err = h.ensureWidgetSession(r, s, wx.site, wx.id); err != nil {
+		_ = h.storeError(w, r, "create widget session", err)
+		return nil, false
 	}
-	if !h.rateLimit(w, r, keys...) {
-		return nil
+	ex.newConversation = isNew
+	return s, true
+}
+
+func (wx *widgetExchange) replyFormat(r *http.Request) replyFormat {
+	if widgetStreaming(r.Header.Get("Accept")) {
+		return wx.h.relayNDJSON()
 	}
-	if s, err = h.ensureWidgetSession(r, s, site, id); err != nil {
-		return h.storeError(w, r, "create widget session", err)
-	}
-	ex.attach(s)
-	h.track(ex, xl)
-	signals := guard.BotSignals{
-		UserAgent:    r.Header.Get("User-Agent"),
-		Message:      ex.message,
-		SessionID:    id,
-		FirstMessage: s.MessageCount == 0,
-	}
-	if !isNew {
-		signals.SessionCreated = s.CreatedAt
-	}
-	verdict := h.scoreBot(r, xl, signals)
-	if verdict.Action == guard.ActionReject {
-		return h.writeError(w, r, http.StatusForbidden, "rejected", "the message was refused by the spam and bot filter")
-	}
-	if !h.storeUserMessage(w, r, ex) {
-		return nil
-	}
-	reply, err := h.send(r, ex, id)
-	if err != nil {
-		return h.upstreamFailed(w, r, ex, err)
-	}
-	defer reply.Close()
-	if !widgetStreaming(r.Header.Get("Accept")) {
-		return h.relayWidgetJSON(w, r, ex, reply)
-	}
-	nw := streaming.NewNDJSONWriter(w, streaming.Options{KeepaliveInterval: h.cfg.KeepaliveInterval, Batch: true})
-	return h.streamReply(nw, r, ex, reply)
+	return wx.h.relayOutputJSON()
 }
 
 // widgetStreaming reports whether the widget runs in streaming mode, where
@@ -223,16 +222,4 @@ func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site
 		h.cfg.Metrics.SessionCreated(metrics.KindWidget, site)
 	}
 	return created, err
-}
-
-// relayWidgetJSON answers the widget's non-streaming mode: {"output": …}.
-func (h *Handler) relayWidgetJSON(w http.ResponseWriter, r *http.Request, ex *exchange, reply interface {
-	ReadAll() (string, error)
-}) error {
-	text, err := reply.ReadAll()
-	if err != nil {
-		return h.relayJSONFailed(w, r, ex, text, err)
-	}
-	h.storeReply(r, ex, text, sessions.StatusComplete)
-	return writeJSON(w, http.StatusOK, map[string]string{"output": text})
 }

@@ -123,10 +123,22 @@ func (m *Manager) AuthenticateMessage(ctx context.Context, token string, minAge 
 	if err != nil {
 		return nil, nil, err
 	}
+	s, err := m.MessageSession(ctx, claims, minAge)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, claims, nil
+}
+
+// MessageSession is AuthenticateMessage for claims the caller verified
+// itself (Tokens.Verify), so that it can rate-limit the request by the
+// claims before any store access.
+func (m *Manager) MessageSession(ctx context.Context, claims *Claims, minAge time.Duration) (*Session, error) {
 	now := m.now()
 	created := claims.IssuedAt.Time
 	if claims.Site == "" || now.Sub(created) < minAge || !now.Before(claims.ExpiresAt.Time) {
-		return m.load(ctx, claims)
+		s, _, err := m.load(ctx, claims)
+		return s, err
 	}
 	return &Session{
 		ID:           claims.Subject,
@@ -135,7 +147,7 @@ func (m *Manager) AuthenticateMessage(ctx context.Context, token string, minAge 
 		CreatedAt:    created.UTC(),
 		ExpiresAt:    claims.ExpiresAt.UTC(),
 		MessageCount: -1,
-	}, claims, nil
+	}, nil
 }
 
 // Revoke ends the session and erases its messages.

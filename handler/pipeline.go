@@ -1,0 +1,389 @@
+package handler
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// DefaultReplyStoreTimeout bounds the attempts to store a reply; they run
+// detached from the request so a visitor leaving cannot lose it.
+const DefaultReplyStoreTimeout = 10 * time.Second
+
+// Backoff between attempts to store a reply.
+const (
+	replyStoreFirstRetry = 50 * time.Millisecond
+	replyStoreMaxRetry   = time.Second
+)
+
+// botRefusal is the message of the 403 a message refused by the spam and
+// bot filter gets.
+const botRefusal = "the message was refused by the spam and bot filter"
+
+// chatRoute is what differs between the chat routes (the chat API and the
+// @n8n/chat widget's route): how a request names its session and carries
+// its message, and how the reply goes back. The stages themselves, and
+// their order, are runExchange's.
+type chatRoute interface {
+	// name is the route's metrics label (metrics.RouteMessage, …).
+	name() string
+	// identify names the session the message is for without reading the
+	// store, so that the rate limit comes before any database work. On
+	// failure it has answered.
+	identify(w http.ResponseWriter, r *http.Request) (identity, bool)
+	// readMessage reads the message and what came with it.
+	readMessage(w http.ResponseWriter, r *http.Request) (messageInput, *errBadBody)
+	// loadSession returns the session the message is stored in: read,
+	// taken from the token, or created. It runs after the rate limit and
+	// may set the exchange's bot-filter facts (tokenFingerprint,
+	// newConversation). On failure it has answered.
+	loadSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool)
+	// replyFormat chooses how n8n's reply is relayed to the client.
+	replyFormat(r *http.Request) replyFormat
+}
+
+// identity is the session a message is for, as far as it is known before
+// the store is read: what the rate limit and the exchange's log need.
+type identity struct {
+	sessionID string
+	site      string
+}
+
+// messageInput is what a chat request carries besides its session, as the
+// route read it; checkMessage validates it.
+type messageInput struct {
+	message      string
+	messageField string // the field named in an error: message or chatInput
+	extra        json.RawMessage
+	extraField   string // context or metadata
+	pageURL      string
+	honeypot     string // the API's hidden website field
+}
+
+// exchange is one message of a visitor and n8n's reply to it, as it goes
+// through runExchange.
+type exchange struct {
+	session     *sessions.Session
+	message     string
+	metadata    json.RawMessage // forwarded to n8n as metadata
+	stored      json.RawMessage // stored with the user message
+	pageURL     string
+	ownPageURL  bool // pageURL came with the message, not from the session
+	assistantID string
+	honeypot    string
+
+	// For the bot filter, set by the route's loadSession.
+	tokenFingerprint string // the visitor token's fingerprint claim
+	newConversation  bool   // the session was created for this message
+
+	xl *exchangeLog // its metrics and log line
+}
+
+// runExchange carries one visitor message to n8n and n8n's reply back. The
+// chat API (chat.go) and the @n8n/chat route (widget.go) both run it; rt
+// supplies what differs (see chatRoute), the relay formats are in
+// relay.go. The stages, in order:
+//
+//  1. identify (rt): the session the message is for, from the visitor
+//     token or the widget's sessionId, without the store.
+//  2. readMessage (rt), then checkMessage: the message and its extras,
+//     refused with 400 when invalid.
+//  3. rateLimit: the ip, session and domain tiers, before any store
+//     access, so a flood costs no database work.
+//  4. loadSession (rt): the session row (a new widget conversation is
+//     created here, charging the create tier first).
+//  5. screenBot: the spam and bot filter (403, or the honeypot's answer).
+//  6. storeUserMessage: the message is stored before n8n is called, so
+//     nothing accepted is lost (503 when the store is down).
+//  7. send: to n8n; upstreamFailed answers a failure before any text.
+//  8. relay: the reply in the route's format (relaySSE, relayNDJSON,
+//     relayResponseJSON, relayOutputJSON).
+//  9. storeReply: what arrived, with its status; then the answer is
+//     finished (a JSON body is written only after the reply is stored).
+func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRoute) error {
+	id, ok := rt.identify(w, r)
+	if !ok {
+		return nil
+	}
+	xl, w := h.beginExchange(w, rt.name(), id.sessionID, id.site)
+	defer h.endExchange(r, xl)
+	in, bad := rt.readMessage(w, r)
+	if bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	ex, bad := h.checkMessage(in)
+	if bad != nil {
+		return h.writeBadBody(w, r, bad)
+	}
+	h.track(ex, xl)
+	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierSession, ID: id.sessionID}, guard.Key{Tier: guard.TierDomain, ID: id.site}) {
+		return nil
+	}
+	s, ok := rt.loadSession(w, r, ex)
+	if !ok {
+		return nil
+	}
+	ex.attach(s)
+	format := rt.replyFormat(r)
+	switch h.screenBot(r, ex).Action {
+	case guard.ActionReject:
+		return h.writeError(w, r, http.StatusForbidden, "rejected", botRefusal)
+	case guard.ActionHoneypot:
+		return format.honeypot(w, ex)
+	}
+	if !h.storeUserMessage(w, r, ex) {
+		return nil
+	}
+	reply, err := h.send(r, ex)
+	if err != nil {
+		return h.upstreamFailed(w, r, ex, err)
+	}
+	defer reply.Close()
+	res := format.relay(w, r, ex, reply)
+	h.storeReply(r, ex, res.text, res.status)
+	return res.finish()
+}
+
+// checkMessage validates a message and its extras and prepares the
+// exchange. Text is kept verbatim apart from newline normalisation.
+func (h *Handler) checkMessage(in messageInput) (*exchange, *errBadBody) {
+	text, err := guard.NormalizeMessage(in.message, h.cfg.MaxMessageLength)
+	if err != nil {
+		return nil, inputError(guard.WithField(err, in.messageField))
+	}
+	extra := in.extra
+	if err := guard.CheckObject(extra, guard.ObjectLimits{}); err != nil {
+		return nil, inputError(guard.WithField(err, in.extraField))
+	}
+	if in.pageURL != "" {
+		if err := guard.CheckPageURL(in.pageURL); err != nil {
+			return nil, inputError(guard.WithField(err, "page_url"))
+		}
+	}
+	if string(extra) == "null" {
+		extra = nil
+	}
+	ex := &exchange{message: text, metadata: extra, pageURL: in.pageURL, ownPageURL: in.pageURL != "", honeypot: in.honeypot}
+	// The user message keeps what came with it, for the operator's record.
+	stored := map[string]json.RawMessage{}
+	if len(extra) > 0 {
+		stored[in.extraField] = extra
+	}
+	if in.pageURL != "" {
+		b, _ := json.Marshal(in.pageURL)
+		stored["page_url"] = b
+	}
+	if len(stored) > 0 {
+		ex.stored, _ = json.Marshal(stored)
+	}
+	id, err := uuid.NewV7()
+	if err != nil {
+		return nil, &errBadBody{http.StatusInternalServerError, "internal_error", "could not allocate a message id"}
+	}
+	ex.assistantID = id.String()
+	return ex, nil
+}
+
+// attach binds the exchange to its session; without a page_url of its own
+// the message is taken to come from the session's page. It is called again
+// with the stored session once the user message is in.
+func (ex *exchange) attach(s *sessions.Session) {
+	ex.session = s
+	if !ex.ownPageURL {
+		ex.pageURL = s.PageURL
+	}
+}
+
+func inputError(err error) *errBadBody {
+	return &errBadBody{http.StatusBadRequest, "invalid_request", err.Error()}
+}
+
+// screenBot asks the bot filter about the exchange's message.
+func (h *Handler) screenBot(r *http.Request, ex *exchange) guard.Verdict {
+	s := ex.session
+	signals := guard.BotSignals{
+		Honeypot:           ex.honeypot,
+		UserAgent:          r.Header.Get("User-Agent"),
+		Message:            ex.message,
+		SessionID:          s.ID,
+		FirstMessage:       s.MessageCount == 0,
+		TokenFingerprint:   ex.tokenFingerprint,
+		RequestFingerprint: guard.Fingerprint(r),
+	}
+	if !ex.newConversation {
+		// A session this request created is as young as can be: the
+		// fast-first-message signal would always fire.
+		signals.SessionCreated = s.CreatedAt
+	}
+	return h.scoreBot(r, ex.xl, signals)
+}
+
+// scoreBot asks the bot filter about a message. A refusal or a honeypot
+// catch is counted per signal and settles the exchange's outcome; its log
+// line then carries the score and signals.
+func (h *Handler) scoreBot(r *http.Request, xl *exchangeLog, signals guard.BotSignals) guard.Verdict {
+	if h.cfg.Bots == nil {
+		return guard.Verdict{Action: guard.ActionAllow}
+	}
+	v := h.cfg.Bots.Score(r.Context(), signals)
+	if v.Action == guard.ActionAllow {
+		return v
+	}
+	for _, reason := range v.Reasons {
+		h.cfg.Metrics.GuardRefused(string(reason))
+	}
+	xl.bot = &v
+	xl.outcome = metrics.OutcomeRejected
+	if v.Action == guard.ActionHoneypot {
+		xl.outcome = metrics.OutcomeHoneypot
+	}
+	return v
+}
+
+// storeUserMessage records the visitor's message before n8n is called: a
+// message that cannot be stored is refused (503), so nothing is accepted
+// that is then lost. The same statement confirms the session is active and
+// returns it as stored, which the exchange then uses.
+func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *exchange) bool {
+	s, err := h.cfg.Store.AppendUserMessage(r.Context(), &sessions.Message{
+		SessionID: ex.session.ID,
+		Content:   ex.message,
+		Status:    sessions.StatusComplete,
+		Metadata:  ex.stored,
+	}, ex.session.Kind)
+	switch {
+	case err == nil:
+		ex.attach(s)
+		return true
+	case errors.Is(err, sessions.ErrNotFound):
+		// Revoked, expired or deleted, found by the insert or while this
+		// request was under way.
+		_ = h.sessionGone(w, r)
+	case r.Context().Err() != nil:
+		// The client left before the message was stored.
+	default:
+		_ = h.storeError(w, r, "store user message", err)
+	}
+	return false
+}
+
+// send forwards the message to n8n under the session's id. With
+// on_client_disconnect finish the upstream request outlives the client's;
+// it is still bounded by the client's own timeouts (max_stream_duration).
+func (h *Handler) send(r *http.Request, ex *exchange) (*n8n.Reply, error) {
+	ctx := r.Context()
+	if h.cfg.FinishOnDisconnect {
+		ctx = context.WithoutCancel(ctx)
+	}
+	start := time.Now()
+	reply, err := h.cfg.Upstream.Send(ctx, &n8n.Request{
+		SessionID:    ex.session.ID,
+		Message:      ex.message,
+		Metadata:     ex.metadata,
+		OriginDomain: ex.session.Site,
+		PageURL:      ex.pageURL,
+		ClientIP:     clientIP(r),
+		UserAgent:    r.Header.Get("User-Agent"),
+		MessageCount: ex.session.MessageCount, // counts the message just stored
+	})
+	h.noteSent(ex, start, reply, err)
+	return reply, err
+}
+
+// upstreamFailed answers a failure before any reply text: a plain JSON
+// error with n8n's mapped status, and an assistant message with status
+// error so the history shows the message went unanswered.
+func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, ex *exchange, err error) error {
+	var ue *n8n.Error
+	if !errors.As(err, &ue) {
+		h.cfg.Logger.Error("sending to n8n", zap.Error(err))
+		if ex.xl != nil {
+			ex.xl.outcome = metrics.OutcomeError
+		}
+		h.storeReply(r, ex, "", sessions.StatusError)
+		return h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the message could not be forwarded")
+	}
+	h.logUpstreamError(ex, ue)
+	h.storeReply(r, ex, "", sessions.StatusError)
+	if ue.Code == n8n.CodeCanceled {
+		return nil // the client is gone
+	}
+	if s := ue.RetryAfterSeconds(); s > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(s))
+	}
+	return h.writeError(w, r, ue.Status, ue.Code, ue.Message)
+}
+
+// logUpstreamError adds n8n's failure to the exchange: its log line then
+// carries the code, reason, n8n's status and detail, and the failure is
+// counted (see endExchange).
+func (h *Handler) logUpstreamError(ex *exchange, ue *n8n.Error) {
+	x := ex.xl
+	if x == nil {
+		return
+	}
+	x.upstreamErr = ue
+	if ue.UpstreamStatus != 0 {
+		x.upstreamStatus = ue.UpstreamStatus
+	}
+}
+
+// storeReply records n8n's reply. It runs detached from the request's
+// cancellation: a visitor who left still finds the reply (or what arrived
+// of it) in the history. A failed write (the database restarting, a
+// connection cut) is tried again until ReplyStoreTimeout, so a short
+// outage loses no reply; the reply keeps its id, so an attempt whose
+// commit went through unacknowledged makes the next one find it stored.
+func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string) {
+	h.noteReplyEnded(ex, text, status)
+	timeout := h.cfg.ReplyStoreTimeout
+	if timeout <= 0 {
+		timeout = DefaultReplyStoreTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	defer cancel()
+	wait := replyStoreFirstRetry
+	for attempt := 1; ; attempt++ {
+		err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{
+			ID:        ex.assistantID,
+			SessionID: ex.session.ID,
+			Role:      sessions.RoleAssistant,
+			Content:   text,
+			Status:    status,
+		})
+		switch {
+		case err == nil, errors.Is(err, sessions.ErrNotFound):
+			return // stored, or the visitor deleted the session meanwhile
+		case errors.Is(err, sessions.ErrExists) && attempt > 1:
+			return // an earlier attempt was committed
+		}
+		giveUp := errors.Is(err, sessions.ErrExists) // a fresh id taken: not a passing fault
+		t := time.NewTimer(wait)
+		if !giveUp {
+			select {
+			case <-ctx.Done():
+				giveUp = true
+			case <-t.C:
+			}
+		}
+		if giveUp {
+			t.Stop()
+			h.cfg.Logger.Error("storing assistant reply", zap.String("session_id", ex.session.ID),
+				zap.String("message_id", ex.assistantID), zap.String("status", status),
+				zap.Int("attempts", attempt), zap.Error(err))
+			return
+		}
+		wait = min(2*wait, replyStoreMaxRetry)
+	}
+}
