@@ -295,7 +295,6 @@ func TestParseMemoryBounded(t *testing.T) {
 		chunk := sized(pdfHead, 64<<10, 'x')
 		for written := 0; written < size; written += len(chunk) {
 			_, _ = w.Write(chunk)
-			chunk = bytes.Repeat([]byte("y"), 64<<10)
 		}
 		_ = mw.Close()
 		_ = pw.Close()
