@@ -203,6 +203,12 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 	if err != nil {
 		return nil, err
 	}
+	var form *multipartBody // nil: the JSON body
+	if len(req.Files) > 0 {
+		if form, err = newMultipartBody(body, req.Files); err != nil {
+			return nil, err
+		}
+	}
 	done, err := c.breaker.Allow()
 	if err != nil {
 		e := newError(ReasonCircuitOpen, err)
@@ -228,7 +234,7 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 		return nil, e
 	}
 
-	resp, err := c.roundTrip(sctx, body, token)
+	resp, err := c.roundTrip(sctx, body, form, token)
 	if err != nil {
 		return fail(err)
 	}
@@ -262,13 +268,16 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 
 // roundTrip sends the request, retrying connection errors and 502/503/504
 // (never once a response body has been handed on).
-func (c *Client) roundTrip(ctx context.Context, body []byte, token string) (*http.Response, error) {
+func (c *Client) roundTrip(ctx context.Context, body []byte, form *multipartBody, token string) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(body))
 		if err != nil {
 			return nil, errors.New("building request failed") // the URL was checked in New
 		}
 		c.setHeaders(hreq.Header, token)
+		if form != nil {
+			form.attach(hreq)
+		}
 		resp, err := c.http.Do(hreq)
 		if err != nil {
 			err = stripURL(err)

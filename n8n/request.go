@@ -36,6 +36,9 @@ type Request struct {
 	UserAgent string
 	// MessageCount is the session's message count.
 	MessageCount int
+	// Files are sent with the message; with any, the request is
+	// multipart/form-data (see Attachment) instead of JSON.
+	Files []Attachment
 }
 
 // sessionInfo is the body's "session" object.
