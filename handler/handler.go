@@ -75,8 +75,9 @@ type Cookie struct {
 
 // Handler serves the module's routes and passes other requests on.
 type Handler struct {
-	cfg    Config
-	routes []route
+	cfg         Config
+	routes      []route
+	healthState healthState
 }
 
 // route is one API path and what each allowed method does there.

@@ -45,6 +45,7 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, status int,
 // can be retried, and nothing it asked for was half done.
 func (h *Handler) storeError(w http.ResponseWriter, r *http.Request, what string, err error) error {
 	h.cfg.Logger.Error("store unavailable", zap.String("operation", what), zap.Error(err))
+	h.healthState.invalidate() // /health checks again rather than answer a cached "ok"
 	w.Header().Set("Retry-After", "5")
 	return h.writeError(w, r, http.StatusServiceUnavailable, "store_unavailable", "the session store is unavailable; try again shortly")
 }

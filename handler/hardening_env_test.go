@@ -1,0 +1,133 @@
+package handler
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/go-redis/redis_rate/v10"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// The hd* helpers build a Handler directly from a Config, as the module
+// does, over a real store and an in-process limiter, in front of an n8n
+// stand-in that answers every message with hdReply.
+
+const (
+	hdOrigin      = "https://shop.example.com"
+	hdOtherOrigin = "https://blog.example.com"
+	hdJWTSecret   = "hardening-test-jwt-secret-0123456789abcdef"
+	hdN8nSecret   = "hardening-test-n8n-secret-0123456789abcdef"
+	hdReply       = "Hello from the workflow."
+	hdBrowserUA   = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+)
+
+type hdEnv struct {
+	h     *Handler
+	store sessions.Store
+	logs  *observer.ObservedLogs
+}
+
+// hdPostgres opens a store in a fresh PostgreSQL schema of its own.
+func hdPostgres(t *testing.T) sessions.Store {
+	t.Helper()
+	store, err := sessions.OpenPostgres(testenv.PostgresURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close() })
+	return store
+}
+
+// newHDEnv builds a handler over store; mutate adjusts its Config.
+func newHDEnv(t *testing.T, store sessions.Store, mutate func(*Config)) *hdEnv {
+	t.Helper()
+	upstreamSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		b, _ := json.Marshal(map[string]string{"output": hdReply})
+		_, _ = w.Write(b)
+	}))
+	t.Cleanup(upstreamSrv.Close)
+	upstream, err := n8n.New(n8n.Config{
+		WebhookURL:    upstreamSrv.URL + "/webhook/hardening/chat",
+		SessionSecret: hdN8nSecret,
+		Breaker:       n8n.BreakerConfig{FailureThreshold: 100},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = upstream.Close() })
+	origins, err := guard.ParseOrigins([]string{hdOrigin, hdOtherOrigin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	limiter, err := guard.NewLimiter(guard.LimiterConfig{Limits: map[guard.Tier][]redis_rate.Limit{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	cfg := Config{
+		Prefix:  "/api/v1",
+		Origins: origins,
+		Sessions: &sessions.Manager{
+			Store:  store,
+			Tokens: sessions.NewTokens([]byte(hdJWTSecret), nil),
+			TTL:    time.Hour,
+		},
+		Store:            store,
+		Cookie:           Cookie{Name: "chat_session", SameSite: http.SameSiteLaxMode},
+		MaxBodySize:      64 << 10,
+		Logger:           zap.New(core),
+		Limiter:          limiter,
+		Upstream:         upstream,
+		MaxMessageLength: 4000,
+		Metrics:          metrics.NewRecorder("n8n-hardening", []string{hdOrigin, hdOtherOrigin}),
+	}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	return &hdEnv{h: New(cfg), store: store, logs: logs}
+}
+
+// do sends a request through the handler as Caddy's server would.
+func (e *hdEnv) do(t *testing.T, method, path, body string, headers map[string]string) *httptest.ResponseRecorder {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	r := httptest.NewRequest(method, "http://api.example.net"+path, rd)
+	r.Header.Set("User-Agent", hdBrowserUA)
+	if body != "" {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range headers {
+		r.Header.Set(k, v)
+	}
+	rec := httptest.NewRecorder()
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
+	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.21")
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(299)
+		return nil
+	})
+	if err := e.h.ServeHTTP(rec, r, next); err != nil {
+		t.Fatalf("ServeHTTP: %v", err)
+	}
+	return rec
+}
