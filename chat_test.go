@@ -1015,7 +1015,7 @@ func TestChatStoreUnavailable(t *testing.T) {
 			cp.Database = "postgres://chat:secret@" + closedPort(t) + "/chat?sslmode=disable&connect_timeout=1"
 		}})
 		e.fake.setScript(fakeOutput("never"))
-		token, err := sessions.NewTokens([]byte(testJWTSecret), nil).Issue(&sessions.Session{ID: "SOMESESSIONID", ExpiresAt: time.Now().Add(time.Hour)})
+		token, err := sessions.NewTokensFor([]byte(testJWTSecret), e.cp.tokenAudience(), nil).Issue(&sessions.Session{ID: "SOMESESSIONID", ExpiresAt: time.Now().Add(time.Hour)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1889,7 +1889,7 @@ func TestChatWithoutSessionRead(t *testing.T) {
 			ctx := context.Background()
 			now := time.Now().UTC()
 			// Issued an hour ago: older than any first-message window.
-			hourAgo := sessions.NewTokens([]byte(testJWTSecret), func() time.Time { return now.Add(-time.Hour) })
+			hourAgo := sessions.NewTokensFor([]byte(testJWTSecret), e.cp.tokenAudience(), func() time.Time { return now.Add(-time.Hour) })
 			store := func(id string, mutate func(*sessions.Session)) string {
 				s := &sessions.Session{ID: id, Site: "shop.example.com", PageURL: "https://shop.example.com/start",
 					CreatedAt: now.Add(-time.Hour), ExpiresAt: now.Add(time.Hour).Truncate(time.Second)}

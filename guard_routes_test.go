@@ -864,8 +864,9 @@ func TestGuardRedisOutageFallsBackAndRecovers(t *testing.T) {
 
 // The CSRF rule at the chat route, every cell of origin (allowed, denied,
 // absent) × auth (cookie, bearer) × Sec-Fetch-Site (same-origin, same-site,
-// cross-site, none, absent): a denied Origin is 403 whatever the auth; an
-// allowed Origin passes; without an Origin a bearer token passes and a
+// cross-site, none, absent): a denied Origin is 403 whatever the auth; the
+// allowed Origin the session was created from passes, another allowed one
+// is 403; without an Origin a bearer token passes and a
 // cookie needs Sec-Fetch-Site: same-origin. n8n is called exactly for the
 // cells answered 200.
 func TestGuardCSRFMatrixAtChatRoute(t *testing.T) {
@@ -884,8 +885,11 @@ func TestGuardCSRFMatrixAtChatRoute(t *testing.T) {
 				var wantCode int
 				var wantErr string
 				switch {
-				case o.name == "allowed" || o.name == "allowed wildcard":
+				case o.name == "allowed":
 					wantCode = 200
+				case o.name == "allowed wildcard":
+					// Allowed, but not the origin the session was created from.
+					wantCode, wantErr = 403, "origin_mismatch"
 				case o.value != "":
 					wantCode, wantErr = 403, "origin_not_allowed"
 				case auth == "bearer" || sfs == "same-origin":

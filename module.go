@@ -326,7 +326,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		Origins: origins,
 		Sessions: &sessions.Manager{
 			Store:  store,
-			Tokens: sessions.NewTokens(cp.jwtSecret, nil),
+			Tokens: sessions.NewTokensFor(cp.jwtSecret, cp.tokenAudience(), nil),
 			TTL:    time.Duration(cp.SessionTTL),
 		},
 		Store:              store,
@@ -349,6 +349,13 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 	}
 	cp.handler = handler.New(hc)
 	return nil
+}
+
+// tokenAudience is the audience of this block's visitor tokens: a block
+// for another n8n workflow refuses them, even with the same jwt_secret
+// (see sessions.BlockAudience).
+func (cp *ChatProxy) tokenAudience() string {
+	return sessions.BlockAudience(cp.webhook.String())
 }
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.

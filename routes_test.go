@@ -296,7 +296,7 @@ func TestCookieAuthAndCSRF(t *testing.T) {
 		code    string
 	}{
 		{"allowed origin", map[string]string{"Cookie": cookie, "Origin": allowedOrigin}, 200, ""},
-		{"wildcard origin", map[string]string{"Cookie": cookie, "Origin": "https://a.example.org"}, 200, ""},
+		{"another allowed origin than the session's", map[string]string{"Cookie": cookie, "Origin": "https://a.example.org"}, 403, "origin_mismatch"},
 		{"same-origin fetch without Origin", map[string]string{"Cookie": cookie, "Sec-Fetch-Site": "same-origin"}, 200, ""},
 		{"no evidence at all", map[string]string{"Cookie": cookie}, 403, "csrf_refused"},
 		{"cross-site fetch", map[string]string{"Cookie": cookie, "Sec-Fetch-Site": "cross-site"}, 403, "csrf_refused"},
@@ -542,7 +542,7 @@ func TestTokensRefusedForSessionState(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			cp := newTestProxy(t, kind, nil)
 			store := cp.handlerStore()
-			tokens := sessions.NewTokens([]byte(testJWTSecret), nil)
+			tokens := sessions.NewTokensFor([]byte(testJWTSecret), cp.tokenAudience(), nil)
 			ctx := context.Background()
 			now := time.Now().UTC()
 

@@ -49,6 +49,7 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 		ClientIP:    clientIP(r),
 		Fingerprint: guard.Fingerprint(r),
 		Metadata:    metadata,
+		Origin:      r.Header.Get("Origin"), // checked against allowed_origins
 	})
 	if err != nil {
 		return h.storeError(w, r, "create session", err)
@@ -105,9 +106,29 @@ func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ strin
 // that, the session cookie. Cookie-authenticated requests must also pass
 // the CSRF rule. On failure it has written the response.
 func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*sessions.Session, *sessions.Claims, bool) {
-	return h.authenticateWith(w, r, h.cfg.Sessions.Authenticate)
+	_, claims, ok := h.authenticateWith(w, r, h.verifyToken)
+	if !ok {
+		return nil, nil, false
+	}
+	s, err := h.cfg.Sessions.Load(r.Context(), claims)
+	if err != nil {
+		_ = h.refuseSession(w, r, err)
+		return nil, nil, false
+	}
+	return s, claims, true
 }
 
+// verifyToken is an auth for authenticateWith that only checks the token,
+// without the store: its session is nil.
+func (h *Handler) verifyToken(_ context.Context, token string) (*sessions.Session, *sessions.Claims, error) {
+	c, err := h.cfg.Sessions.Tokens.Verify(token)
+	return nil, c, err
+}
+
+// authenticateWith finds the token, applies the CSRF rule to a cookie,
+// runs auth (which verifies the token's signature, times and this block's
+// audience, and may load its session), and refuses a token whose session
+// was created from another Origin than the request's.
 func (h *Handler) authenticateWith(w http.ResponseWriter, r *http.Request,
 	auth func(context.Context, string) (*sessions.Session, *sessions.Claims, error)) (*sessions.Session, *sessions.Claims, bool) {
 	token, fromCookie, present := h.sessionToken(r)
@@ -123,6 +144,11 @@ func (h *Handler) authenticateWith(w http.ResponseWriter, r *http.Request,
 	s, claims, err := auth(r.Context(), token)
 	if err != nil {
 		_ = h.refuseSession(w, r, err)
+		return nil, nil, false
+	}
+	if !claims.OriginAllowed(r.Header.Get("Origin")) {
+		h.cfg.Metrics.GuardRefused(metrics.RefusalOrigin)
+		_ = h.writeError(w, r, http.StatusForbidden, "origin_mismatch", "this session was created from another origin; create a session from this page")
 		return nil, nil, false
 	}
 	return s, claims, true

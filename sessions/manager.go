@@ -32,6 +32,10 @@ type NewSession struct {
 	ClientIP    string
 	Fingerprint string
 	Metadata    json.RawMessage
+	// Origin is the exact Origin header of the request that creates the
+	// session; its token is then good only with that Origin (or none).
+	// Empty: the token is not bound to an origin.
+	Origin string
 }
 
 func (m *Manager) now() time.Time {
@@ -66,7 +70,7 @@ func (m *Manager) Create(ctx context.Context, n NewSession) (*Session, string, e
 		// 128 random bits; URL- and path-safe.
 		s.ID = rand.Text()
 	}
-	token, err := m.Tokens.Issue(s)
+	token, err := m.Tokens.IssueFor(s, n.Origin)
 	if err != nil {
 		return nil, "", err
 	}
@@ -85,6 +89,14 @@ func (m *Manager) Authenticate(ctx context.Context, token string) (*Session, *Cl
 		return nil, nil, err
 	}
 	return m.load(ctx, claims)
+}
+
+// Load is Authenticate for claims the caller verified itself
+// (Tokens.Verify), so that it can refuse the token for its claims before
+// any store access.
+func (m *Manager) Load(ctx context.Context, claims *Claims) (*Session, error) {
+	s, _, err := m.load(ctx, claims)
+	return s, err
 }
 
 // load reads the session a verified token names and checks it is active.

@@ -2,6 +2,8 @@ package sessions
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -9,13 +11,28 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 )
 
-// Fixed token identity. The audience keeps a visitor token from being
-// accepted anywhere a token signed with the same key means something else
-// (the n8n tokens use another key and audience).
+// Token identity. The audience keeps a visitor token from being accepted
+// anywhere a token signed with the same key means something else (the n8n
+// tokens use another key and audience). TokenAudience is the audience of
+// tokens from NewTokens; a chat_proxy block issues and accepts only its
+// own BlockAudience.
 const (
 	TokenIssuer   = "caddy-chatproxy"
 	TokenAudience = "chatproxy-visitor"
 )
+
+// BlockAudience is the audience of the visitor tokens of the chat_proxy
+// blocks that drive one n8n workflow: a token is accepted only where it
+// drives the workflow it was issued for, even where blocks share
+// jwt_secret. It is derived from the block's n8n webhook alone, so every
+// instance of a site behind a load balancer, configured alike, accepts the
+// others' tokens, and a reload that moves the API to another path_prefix
+// keeps its visitors' sessions. The webhook is hashed: it often holds a
+// secret id, and a token is readable by its holder.
+func BlockAudience(webhook string) string {
+	sum := sha256.Sum256([]byte("chatproxy visitor token audience\x00" + webhook))
+	return TokenAudience + ":" + hex.EncodeToString(sum[:12])
+}
 
 // clockSkew tolerates small clock differences between Caddy instances that
 // share one database.
@@ -34,28 +51,49 @@ type Claims struct {
 	// site before the session row is read. Tokens issued before this
 	// claim existed lack it.
 	Site string `json:"site,omitempty"`
+	// Origin is the exact Origin the session was created from: requests
+	// that carry another Origin are refused. Empty for sessions created
+	// without one (server-side API clients), which are not bound.
+	Origin string `json:"origin,omitempty"`
+}
+
+// OriginAllowed reports whether a request with the given Origin header
+// may use the token: an unbound token, or a request without an Origin
+// (not a browser's cross-origin request), or the very origin it was
+// created from.
+func (c *Claims) OriginAllowed(origin string) bool {
+	return c.Origin == "" || origin == "" || origin == c.Origin
 }
 
 // Tokens issues and verifies visitor session tokens (HS256 only).
 type Tokens struct {
-	key    []byte
-	parser *jwt.Parser
-	now    func() time.Time
+	key      []byte
+	audience string
+	parser   *jwt.Parser
+	now      func() time.Time
 }
 
-// NewTokens returns a token issuer/verifier for the given HMAC key.
+// NewTokens returns a token issuer/verifier for the given HMAC key and the
+// generic TokenAudience.
 func NewTokens(key []byte, now func() time.Time) *Tokens {
+	return NewTokensFor(key, TokenAudience, now)
+}
+
+// NewTokensFor returns a token issuer/verifier for the given HMAC key that
+// issues tokens for audience and accepts no others (see BlockAudience).
+func NewTokensFor(key []byte, audience string, now func() time.Time) *Tokens {
 	if now == nil {
 		now = time.Now
 	}
 	return &Tokens{
-		key: key,
-		now: now,
+		key:      key,
+		audience: audience,
+		now:      now,
 		parser: jwt.NewParser(
 			// Pinning the method refuses "none" and RS/HS confusion outright.
 			jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
 			jwt.WithIssuer(TokenIssuer),
-			jwt.WithAudience(TokenAudience),
+			jwt.WithAudience(audience),
 			jwt.WithExpirationRequired(),
 			jwt.WithIssuedAt(),
 			jwt.WithLeeway(clockSkew),
@@ -64,19 +102,26 @@ func NewTokens(key []byte, now func() time.Time) *Tokens {
 	}
 }
 
-// Issue signs a token for the session.
+// Issue signs a token for the session, not bound to an origin.
 func (t *Tokens) Issue(s *Session) (string, error) {
+	return t.IssueFor(s, "")
+}
+
+// IssueFor signs a token for the session bound to origin, the exact Origin
+// header it was created with; empty leaves it unbound.
+func (t *Tokens) IssueFor(s *Session, origin string) (string, error) {
 	claims := Claims{
 		RegisteredClaims: jwt.RegisteredClaims{
 			Issuer:    TokenIssuer,
 			Subject:   s.ID,
-			Audience:  jwt.ClaimStrings{TokenAudience},
+			Audience:  jwt.ClaimStrings{t.audience},
 			IssuedAt:  jwt.NewNumericDate(t.now()),
 			ExpiresAt: jwt.NewNumericDate(s.ExpiresAt),
 			ID:        rand.Text(),
 		},
 		Fingerprint: s.Fingerprint,
 		Site:        s.Site,
+		Origin:      origin,
 	}
 	signed, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString(t.key)
 	if err != nil {

@@ -156,3 +156,70 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+// A block's tokens carry its own audience: a block for another workflow
+// sharing the key refuses them, as does one using the generic audience,
+// while another instance of the same block (same webhook) accepts them.
+func TestBlockAudience(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	audA := BlockAudience("https://n8n.example.com/webhook/a/chat")
+	if again := BlockAudience("https://n8n.example.com/webhook/a/chat"); again != audA {
+		t.Fatalf("audience not deterministic: %q, %q", audA, again)
+	}
+	if strings.Contains(audA, "webhook") {
+		t.Fatalf("audience %q shows the webhook", audA)
+	}
+	for _, other := range []string{
+		BlockAudience("https://n8n.example.com/webhook/b/chat"),
+		BlockAudience("https://n8n.example.com/webhook/a/chat2"),
+		BlockAudience("https://n8n-2.example.com/webhook/a/chat"),
+		TokenAudience,
+	} {
+		if other == audA {
+			t.Fatalf("audience %q shared by different blocks", other)
+		}
+		s := &Session{ID: "SESSIONA", ExpiresAt: now.Add(time.Hour)}
+		raw, err := NewTokensFor(testKey, audA, fixedClock(now)).Issue(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := NewTokensFor(testKey, audA, fixedClock(now)).Verify(raw); err != nil {
+			t.Fatalf("same block refused its token: %v", err)
+		}
+		if _, err := NewTokensFor(testKey, other, fixedClock(now)).Verify(raw); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("audience %q accepted a token of %q: %v", other, audA, err)
+		}
+		back, _ := NewTokensFor(testKey, other, fixedClock(now)).Issue(s)
+		if _, err := NewTokensFor(testKey, audA, fixedClock(now)).Verify(back); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("audience %q accepted a token of %q: %v", audA, other, err)
+		}
+	}
+}
+
+func TestTokenOriginBinding(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	tok := NewTokens(testKey, fixedClock(now))
+	s := &Session{ID: "SESSIONA", ExpiresAt: now.Add(time.Hour)}
+	bound, _ := tok.IssueFor(s, "https://shop.example.com")
+	unbound, _ := tok.Issue(s)
+	for _, tc := range []struct {
+		token, origin string
+		want          bool
+	}{
+		{bound, "https://shop.example.com", true},
+		{bound, "", true},
+		{bound, "https://blog.example.com", false},
+		{bound, "https://shop.example.com:8443", false},
+		{bound, "http://shop.example.com", false},
+		{unbound, "https://blog.example.com", true},
+		{unbound, "", true},
+	} {
+		c, err := tok.Verify(tc.token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := c.OriginAllowed(tc.origin); got != tc.want {
+			t.Errorf("token bound to %q, request from %q: allowed %v, want %v", c.Origin, tc.origin, got, tc.want)
+		}
+	}
+}
