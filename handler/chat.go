@@ -10,6 +10,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 type chatRequest struct {
@@ -95,6 +96,22 @@ func (a *apiChat) identify(w http.ResponseWriter, r *http.Request) (identity, bo
 }
 
 func (a *apiChat) readMessage(w http.ResponseWriter, r *http.Request) (messageInput, *errBadBody) {
+	if r.Method == http.MethodPost && upload.IsMultipart(r.Header.Get("Content-Type")) {
+		// A message with files: the fields of the JSON body as form
+		// fields (context as JSON text) and one "files" part per file.
+		form, bad := a.h.readForm(w, r)
+		if bad != nil {
+			return messageInput{}, bad
+		}
+		message, _ := form.Value("message")
+		pageURL, _ := form.Value("page_url")
+		website, _ := form.Value("website")
+		return messageInput{
+			message: message, messageField: "message",
+			extra: formJSON(form, "context"), extraField: "context",
+			pageURL: pageURL, honeypot: website, form: form,
+		}, nil
+	}
 	var req chatRequest
 	if r.Method == http.MethodGet {
 		q := r.URL.Query()

@@ -19,6 +19,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 // Config is what the module hands the routes once provisioned.
@@ -42,6 +43,10 @@ type Config struct {
 	Upstream *n8n.Client
 	// MaxMessageLength is the longest message in runes.
 	MaxMessageLength int
+	// Uploads checks and spools the files of multipart chat messages;
+	// nil when the uploads block is absent: multipart bodies are then
+	// refused with 415.
+	Uploads *upload.Parser
 	// FinishOnDisconnect keeps reading n8n's reply to its end (and stores
 	// it whole) when the visitor leaves; otherwise the upstream request is
 	// cancelled at once.

@@ -21,6 +21,9 @@ type historyMessage struct {
 	Content   string `json:"content"`
 	CreatedAt string `json:"created_at"`
 	Status    string `json:"status"`
+	// Attachments are the files a user message carried (name, type,
+	// size, sha256); the bytes went to n8n and are not kept.
+	Attachments []attachment `json:"attachments,omitempty"`
 }
 
 type historyResponse struct {
@@ -68,11 +71,12 @@ func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID stri
 	}
 	for i, m := range page.Messages {
 		resp.Messages[i] = historyMessage{
-			ID:        m.ID,
-			Role:      m.Role,
-			Content:   m.Content,
-			CreatedAt: m.CreatedAt.UTC().Format(time.RFC3339Nano),
-			Status:    m.Status,
+			ID:          m.ID,
+			Role:        m.Role,
+			Content:     m.Content,
+			CreatedAt:   m.CreatedAt.UTC().Format(time.RFC3339Nano),
+			Status:      m.Status,
+			Attachments: storedAttachments(m.Metadata),
 		}
 	}
 	return writeJSON(w, http.StatusOK, resp)

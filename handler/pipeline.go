@@ -15,6 +15,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 // DefaultReplyStoreTimeout bounds the attempts to store a reply; they run
@@ -69,6 +70,9 @@ type messageInput struct {
 	extraField   string // context or metadata
 	pageURL      string
 	honeypot     string // the API's hidden website field
+	// form holds the files of a multipart message (nil for JSON); its
+	// spool is removed when the exchange ends.
+	form *upload.Form
 }
 
 // exchange is one message of a visitor and n8n's reply to it, as it goes
@@ -82,6 +86,7 @@ type exchange struct {
 	ownPageURL  bool // pageURL came with the message, not from the session
 	assistantID string
 	honeypot    string
+	files       []*upload.File // sent to n8n with the message
 
 	// For the bot filter, set by the route's loadSession.
 	tokenFingerprint string // the visitor token's fingerprint claim
@@ -98,7 +103,10 @@ type exchange struct {
 //  1. identify (rt): the session the message is for, from the visitor
 //     token or the widget's sessionId, without the store.
 //  2. readMessage (rt), then checkMessage: the message and its extras,
-//     refused with 400 when invalid.
+//     refused with 400 when invalid; a multipart message's files are
+//     checked and spooled here (readForm), so a refused upload reaches
+//     neither the store nor n8n, and an accepted one counts against the
+//     rate limit like any message.
 //  3. rateLimit: the ip, session and domain tiers, before any store
 //     access, so a flood costs no database work.
 //  4. loadSession (rt): the session row (a new widget conversation is
@@ -122,6 +130,7 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 	if bad != nil {
 		return h.writeBadBody(w, r, bad)
 	}
+	defer func() { _ = in.form.RemoveAll() }()
 	ex, bad := h.checkMessage(in)
 	if bad != nil {
 		return h.writeBadBody(w, r, bad)
@@ -175,8 +184,13 @@ func (h *Handler) checkMessage(in messageInput) (*exchange, *errBadBody) {
 		extra = nil
 	}
 	ex := &exchange{message: text, metadata: extra, pageURL: in.pageURL, ownPageURL: in.pageURL != "", honeypot: in.honeypot}
-	// The user message keeps what came with it, for the operator's record.
+	// The user message keeps what came with it, for the operator's record:
+	// of files, their names, types, sizes and hashes, never their bytes.
 	stored := map[string]json.RawMessage{}
+	if in.form != nil && len(in.form.Files) > 0 {
+		ex.files = in.form.Files
+		stored["attachments"], _ = json.Marshal(attachments(ex.files))
+	}
 	if len(extra) > 0 {
 		stored[in.extraField] = extra
 	}
@@ -296,6 +310,7 @@ func (h *Handler) send(r *http.Request, ex *exchange) (*n8n.Reply, error) {
 		ClientIP:     clientIP(r),
 		UserAgent:    r.Header.Get("User-Agent"),
 		MessageCount: ex.session.MessageCount, // counts the message just stored
+		Files:        upstreamFiles(ex.files),
 	})
 	h.noteSent(ex, start, reply, err)
 	return reply, err

@@ -12,6 +12,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 // widgetHistoryLimit is how much of a conversation loadPreviousSession
@@ -35,11 +36,19 @@ type widgetRequest struct {
 // look like one, and it names a conversation only within the request's
 // site, in a namespace apart from visitor sessions.
 func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) error {
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "multipart/form-data" {
-		return h.refuseInput(w, r, http.StatusUnsupportedMediaType, "unsupported_media_type", "file uploads are not supported; send the message as JSON")
-	}
 	var req widgetRequest
-	if bad := h.readJSON(w, r, &req, false); bad != nil {
+	var form *upload.Form
+	if upload.IsMultipart(r.Header.Get("Content-Type")) {
+		// allowFileUploads: the same fields as form fields (metadata as
+		// JSON text) and one "files" part per file; refused with 415
+		// when the uploads block is absent.
+		var bad *errBadBody
+		if form, bad = h.readForm(w, r); bad != nil {
+			return h.writeBadBody(w, r, bad)
+		}
+		defer func() { _ = form.RemoveAll() }()
+		req = widgetFormRequest(form)
+	} else if bad := h.readJSON(w, r, &req, false); bad != nil {
 		return h.writeBadBody(w, r, bad)
 	}
 	switch req.Action {
@@ -63,7 +72,20 @@ func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) e
 	if req.ChatInput == nil {
 		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "chatInput is required")
 	}
-	return h.runExchange(w, r, &widgetExchange{h: h, site: site, id: id, req: req})
+	return h.runExchange(w, r, &widgetExchange{h: h, site: site, id: id, req: req, form: form})
+}
+
+// widgetFormRequest reads the widget's multipart fields: action, sessionId,
+// chatInput and metadata (JSON text, as the widget sends it).
+func widgetFormRequest(form *upload.Form) widgetRequest {
+	var req widgetRequest
+	req.Action, _ = form.Value("action")
+	req.SessionID, _ = form.Value("sessionId")
+	if v, ok := form.Value("chatInput"); ok {
+		req.ChatInput = &v
+	}
+	req.Metadata = formJSON(form, "metadata")
+	return req
 }
 
 // widgetSessionID names a widget conversation: the same sessionId from two
@@ -84,7 +106,13 @@ type langchainMessage struct {
 }
 
 func toLangchain(m sessions.Message) langchainMessage {
-	kwargs := map[string]any{"content": m.Content, "additional_kwargs": map[string]any{}, "response_metadata": map[string]any{}}
+	extra := map[string]any{}
+	if files := storedAttachments(m.Metadata); len(files) > 0 {
+		// The widget shows only content; the files (never their bytes)
+		// are here for widgets and tools that look.
+		extra["attachments"] = files
+	}
+	kwargs := map[string]any{"content": m.Content, "additional_kwargs": extra, "response_metadata": map[string]any{}}
 	kind := "HumanMessage"
 	if m.Role == sessions.RoleAssistant {
 		kind = "AIMessage"
@@ -129,6 +157,7 @@ type widgetExchange struct {
 	h        *Handler
 	site, id string
 	req      widgetRequest
+	form     *upload.Form // the files of a multipart message, or nil
 }
 
 func (wx *widgetExchange) name() string { return metrics.RouteWidget }
@@ -141,6 +170,7 @@ func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messa
 	return messageInput{
 		message: *wx.req.ChatInput, messageField: "chatInput",
 		extra: wx.req.Metadata, extraField: "metadata",
+		form: wx.form,
 	}, nil
 }
 

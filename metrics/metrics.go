@@ -58,6 +58,10 @@ const (
 	RefusalInput  = "input"  // an invalid body or input (400, 413, 415)
 )
 
+// UploadAccepted is the result label of upload_files_total for files that
+// passed the uploads checks; refusals are labelled with their reason.
+const UploadAccepted = "accepted"
+
 // OtherSite is the site label of a site that allowed_origins does not name.
 const OtherSite = "other"
 
@@ -127,6 +131,12 @@ var (
 		Help: "Requests refused (or, for honeypot, quietly answered) by the guard, by reason: origin, csrf, input, or a bot signal; a bot refusal counts once per signal.",
 	}, []string{"reason"})
 
+	uploadFiles = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "upload_files_total",
+		Help: "Files sent with chat messages, by result: accepted, or the reason the upload was refused (too_many_files, file_too_large, upload_too_large, fields_too_large, type_not_allowed, type_mismatch, type_forbidden, empty_file, invalid_multipart), counted once per refused upload.",
+	}, []string{"result"})
+
 	circuitState = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: namespace, Subsystem: subsystem,
 		Name: "circuit_state",
@@ -139,7 +149,7 @@ var (
 	collectors = []prometheus.Collector{
 		sessionsCreated, messages, upstreamTTFB, upstreamDuration, upstreamErrors,
 		chunksRelayed, bytesRelayed, activeStreams, rateLimited, guardRefusals,
-		circuitState, pools,
+		uploadFiles, circuitState, pools,
 	}
 
 	// own is the registry the module's /metrics route serves, and handler
@@ -166,6 +176,7 @@ func init() {
 	for _, reason := range []string{RefusalOrigin, RefusalCSRF, RefusalInput} {
 		guardRefusals.WithLabelValues(reason)
 	}
+	uploadFiles.WithLabelValues(UploadAccepted)
 }
 
 // Register adds the module's collectors to reg, typically the config's

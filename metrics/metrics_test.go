@@ -71,6 +71,8 @@ func TestMetricsLint(t *testing.T) {
 	rec.UpstreamDuration(time.Millisecond)
 	rec.UpstreamError("connect")
 	rec.GuardRefused("honeypot")
+	rec.UploadsAccepted(1)
+	rec.UploadRefused("type_mismatch")
 	reg := prometheus.NewPedanticRegistry()
 	if err := Register(reg); err != nil {
 		t.Fatal(err)
@@ -138,6 +140,32 @@ func TestSiteLabels(t *testing.T) {
 	nilRec.StreamStarted()
 	nilRec.StreamEnded()
 	nilRec.SetCircuitState("open")
+}
+
+// Files are counted as accepted, and refused uploads by their reason.
+func TestUploadFiles(t *testing.T) {
+	rec := NewRecorder("n8n-up", nil)
+	count := func(result string) float64 {
+		v, err := gatherValue(Gatherer(), "caddy_chatproxy_upload_files_total", map[string]string{"result": result})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	accepted, tooLarge := count(UploadAccepted), 0.0
+	if v, err := gatherValue(Gatherer(), "caddy_chatproxy_upload_files_total", map[string]string{"result": "file_too_large"}); err == nil {
+		tooLarge = v
+	}
+	rec.UploadsAccepted(2)
+	rec.UploadRefused("file_too_large")
+	var nilRec *Recorder
+	nilRec.UploadsAccepted(5)
+	if got := count(UploadAccepted) - accepted; got != 2 {
+		t.Errorf("accepted +%v, want +2", got)
+	}
+	if got := count("file_too_large") - tooLarge; got != 1 {
+		t.Errorf("file_too_large +%v, want +1", got)
+	}
 }
 
 func TestCircuitState(t *testing.T) {

@@ -152,6 +152,22 @@ func (r *Recorder) GuardRefused(reason string) {
 	guardRefusals.WithLabelValues(reason).Inc()
 }
 
+// UploadsAccepted counts n files that passed the uploads checks.
+func (r *Recorder) UploadsAccepted(n int) {
+	if r == nil || n == 0 {
+		return
+	}
+	uploadFiles.WithLabelValues(UploadAccepted).Add(float64(n))
+}
+
+// UploadRefused counts a refused upload by its reason (upload.Reason).
+func (r *Recorder) UploadRefused(reason string) {
+	if r == nil {
+		return
+	}
+	uploadFiles.WithLabelValues(reason).Inc()
+}
+
 // SetCircuitState records the circuit breaker's state (closed, half-open,
 // open) for the recorder's upstream.
 func (r *Recorder) SetCircuitState(state string) {
