@@ -291,8 +291,10 @@ var uploadRoutes = []uploadRoute{
 	},
 	{
 		name: "chat/stream", path: "/api/v1/chat/stream",
-		fields:  func(text string) []formPart { return []formPart{fieldPart("message", text)} },
-		headers: func(e *uploadEnv, t *testing.T) map[string]string { return map[string]string{"Authorization": "Bearer " + e.token(t)} },
+		fields: func(text string) []formPart { return []formPart{fieldPart("message", text)} },
+		headers: func(e *uploadEnv, t *testing.T) map[string]string {
+			return map[string]string{"Authorization": "Bearer " + e.token(t)}
+		},
 	},
 }
 
