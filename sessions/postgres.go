@@ -100,7 +100,19 @@ func (s *PostgresStore) fail(op string, err error) error {
 	if err == nil {
 		return nil
 	}
+	if pgDataException(err) {
+		err = fmt.Errorf("%w: %w", ErrInvalidData, err)
+	}
 	return redact(fmt.Errorf("%s: %w", op, err), s.secrets)
+}
+
+// pgDataException reports a data exception (SQLSTATE class 22: invalid
+// text, a number out of range, an untranslatable character, ...): the
+// statement failed because of the values it was given, so running it again
+// fails again.
+func pgDataException(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && strings.HasPrefix(pe.Code, "22")
 }
 
 const pgInsertSession = `
@@ -140,6 +152,9 @@ const pgGetSession = `SELECT ` + pgSessionColumns + ` FROM chatproxy_sessions WH
 // GetSession implements Store.
 func (s *PostgresStore) GetSession(ctx context.Context, id string) (*Session, error) {
 	const op = "getting session"
+	if !storable(id) {
+		return nil, s.fail(op, ErrNotFound)
+	}
 	if err := s.ready(ctx); err != nil {
 		return nil, s.fail(op, err)
 	}
@@ -182,6 +197,9 @@ func pgScanSession(row pgx.Row) (*Session, error) {
 // TouchSession implements Store.
 func (s *PostgresStore) TouchSession(ctx context.Context, id string, at, expiresAt time.Time) error {
 	const op = "touching session"
+	if !storable(id) {
+		return s.fail(op, ErrNotFound)
+	}
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
@@ -208,6 +226,9 @@ WHERE id = $1`,
 // DeleteSession implements Store; messages go by the foreign key's cascade.
 func (s *PostgresStore) DeleteSession(ctx context.Context, id string) error {
 	const op = "deleting session"
+	if !storable(id) {
+		return s.fail(op, ErrNotFound)
+	}
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
@@ -227,6 +248,9 @@ func (s *PostgresStore) DeleteSession(ctx context.Context, id string) error {
 // transaction the UPDATE had to wait for.
 func (s *PostgresStore) RevokeSession(ctx context.Context, id string, at time.Time) error {
 	const op = "revoking session"
+	if !storable(id) {
+		return s.fail(op, ErrNotFound)
+	}
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
@@ -344,6 +368,10 @@ func (s *PostgresStore) ListMessages(ctx context.Context, sessionID, before stri
 	const op = "listing messages"
 	if limit < 0 {
 		return nil, s.fail(op, fmt.Errorf("negative limit %d", limit))
+	}
+	if !storable(sessionID) || !storable(before) {
+		p, err := unstorablePage(before)
+		return p, s.fail(op, err)
 	}
 	if err := s.ready(ctx); err != nil {
 		return nil, s.fail(op, err)

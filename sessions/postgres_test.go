@@ -2,6 +2,7 @@ package sessions_test
 
 import (
 	"context"
+	"errors"
 	"net/url"
 	"strings"
 	"sync"
@@ -162,5 +163,21 @@ func TestPostgresPoolSize(t *testing.T) {
 			t.Errorf("OpenPostgres(%q): pool size %d, want %d", tc.conn, got, tc.want)
 		}
 		_ = st.Close()
+	}
+}
+
+// Whatever data exception PostgreSQL still raises (SQLSTATE class 22) is
+// ErrInvalidData, not a fault worth retrying: here a session kind with a
+// NUL, which no cleaning covers since the kind is the caller's own.
+func TestPostgresDataExceptionIsInvalidData(t *testing.T) {
+	st := openPostgres(t, testenv.PostgresURL(t))
+	ctx := t.Context()
+	s := &sessions.Session{ID: "s", Site: "example.com", ExpiresAt: time.Now().Add(time.Hour)}
+	if err := st.CreateSession(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	_, err := st.AppendUserMessage(ctx, &sessions.Message{SessionID: "s", Content: "x"}, "visitor\x00")
+	if !errors.Is(err, sessions.ErrInvalidData) || !strings.Contains(err.Error(), "SQLSTATE 22021") {
+		t.Fatalf("err = %v, want ErrInvalidData wrapping SQLSTATE 22021", err)
 	}
 }

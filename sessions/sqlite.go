@@ -123,7 +123,26 @@ func opErr(op string, err error) error {
 	if err == nil {
 		return nil
 	}
+	if liteDataError(err) {
+		err = fmt.Errorf("%w: %w", ErrInvalidData, err)
+	}
 	return fmt.Errorf("%s: %w", op, err)
+}
+
+// liteDataError reports SQLite's counterparts of PostgreSQL's data
+// exceptions: a CHECK the row fails (metadata that is not JSON), a value of
+// the wrong type for a STRICT column, or one too big to store. Running the
+// statement again fails again.
+func liteDataError(err error) bool {
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return false
+	}
+	switch se.Code() {
+	case sqlite3.SQLITE_CONSTRAINT_CHECK, sqlite3.SQLITE_CONSTRAINT_DATATYPE, sqlite3.SQLITE_MISMATCH, sqlite3.SQLITE_TOOBIG:
+		return true
+	}
+	return false
 }
 
 // write runs fn in a write transaction (BEGIN IMMEDIATE, so it holds the
@@ -181,6 +200,9 @@ FROM chatproxy_sessions WHERE id = ?1`
 // GetSession implements Store.
 func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, error) {
 	const op = "getting session"
+	if !storable(id) {
+		return nil, opErr(op, ErrNotFound)
+	}
 	if err := s.ready(ctx); err != nil {
 		return nil, opErr(op, err)
 	}
@@ -223,6 +245,9 @@ func liteScanSession(row *sql.Row) (*Session, error) {
 
 // TouchSession implements Store.
 func (s *SQLiteStore) TouchSession(ctx context.Context, id string, at, expiresAt time.Time) error {
+	if !storable(id) {
+		return opErr("touching session", ErrNotFound)
+	}
 	var extend any
 	if !expiresAt.IsZero() {
 		extend = normTime(expiresAt).UnixMicro()
@@ -243,6 +268,9 @@ WHERE id = ?1`,
 
 // DeleteSession implements Store; messages go by the foreign key's cascade.
 func (s *SQLiteStore) DeleteSession(ctx context.Context, id string) error {
+	if !storable(id) {
+		return opErr("deleting session", ErrNotFound)
+	}
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE id = ?1`, id)
 		if err != nil {
@@ -255,6 +283,9 @@ func (s *SQLiteStore) DeleteSession(ctx context.Context, id string) error {
 
 // RevokeSession implements Store.
 func (s *SQLiteStore) RevokeSession(ctx context.Context, id string, at time.Time) error {
+	if !storable(id) {
+		return opErr("revoking session", ErrNotFound)
+	}
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx,
 			`UPDATE chatproxy_sessions SET revoked_at = coalesce(revoked_at, ?2), message_count = 0 WHERE id = ?1`,
@@ -351,6 +382,10 @@ func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string
 	const op = "listing messages"
 	if limit < 0 {
 		return nil, opErr(op, fmt.Errorf("negative limit %d", limit))
+	}
+	if !storable(sessionID) || !storable(before) {
+		p, err := unstorablePage(before)
+		return p, opErr(op, err)
 	}
 	if err := s.ready(ctx); err != nil {
 		return nil, opErr(op, err)

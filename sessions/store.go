@@ -8,10 +8,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
+
+	"github.com/chatproxy/caddy-chatproxy/internal/cleantext"
 )
 
 // Errors a Store returns. Callers compare with errors.Is.
@@ -23,6 +29,12 @@ var (
 	// ErrBusy means another instance holds the purge lock: Purge skipped
 	// its work rather than wait, since that instance is doing it.
 	ErrBusy = errors.New("another instance is purging")
+	// ErrInvalidData means the store cannot hold the data as given: a
+	// metadata document that is not JSON or has a number beyond what both
+	// stores keep, an id that is not valid text, or what PostgreSQL reports
+	// as a data exception (SQLSTATE class 22). The same call fails the same
+	// way every time, so it is never a store outage.
+	ErrInvalidData = errors.New("invalid data")
 )
 
 // PurgeBatch is how many rows one purge transaction deletes at most (old
@@ -105,6 +117,17 @@ type Stats struct {
 
 // Store keeps sessions and messages. Every method takes the request's
 // context; implementations are safe for concurrent use.
+//
+// Text from outside (message content, user agent, page URL, site,
+// fingerprint, client IP, and the strings of metadata) is stored cleaned
+// with cleantext.String: invalid UTF-8 becomes U+FFFD and NUL is removed,
+// the same on every store, so a reply PostgreSQL could not hold as sent is
+// stored rather than refused. The caller's struct is updated to what was
+// stored.
+//
+// An error that wraps ErrInvalidData is permanent: callers must not retry
+// it (nor count it as the store being down) and should answer 400, since
+// the request's data is what the store refused.
 type Store interface {
 	// CreateSession stores a new session. It returns ErrExists if the id is
 	// taken. ID and ExpiresAt are required; an empty Kind becomes
@@ -190,9 +213,139 @@ func compactJSON(raw json.RawMessage) (json.RawMessage, error) {
 	}
 	var b bytes.Buffer
 	if err := json.Compact(&b, raw); err != nil {
-		return nil, fmt.Errorf("metadata is not valid JSON: %w", err)
+		return nil, fmt.Errorf("%w: metadata is not valid JSON: %w", ErrInvalidData, err)
 	}
 	return b.Bytes(), nil
+}
+
+// maxNumberLen bounds a metadata number's text. Every float64 can be
+// written in fewer characters; PostgreSQL refuses numbers with more than
+// 16383 digits after the point, which a longer text could have.
+const maxNumberLen = 400
+
+// cleanJSON is compactJSON that also makes the document one both stores
+// hold alike. Strings (keys too) are cleaned like other text: NUL (raw or
+// \u0000, which jsonb refuses) is removed and invalid UTF-8 or an unpaired
+// surrogate escape becomes U+FFFD. Numbers must be finite float64s,
+// what a JavaScript widget or n8n can read: PostgreSQL refuses ones beyond
+// its numeric range (1e999999, 1e-999999) while SQLite keeps their text,
+// so they are refused on both, with ErrInvalidData.
+func cleanJSON(raw json.RawMessage) (json.RawMessage, error) {
+	c, err := compactJSON(raw)
+	if err != nil || c == nil {
+		return c, err
+	}
+	var out []byte // nil until a string needs rewriting
+	last := 0      // c[last:] is not yet copied to out
+	for i := 0; i < len(c); {
+		switch ch := c[i]; {
+		case ch == '"':
+			end, dirty := scanJSONString(c, i)
+			if dirty {
+				var s string
+				if err := json.Unmarshal(c[i:end], &s); err != nil {
+					return nil, fmt.Errorf("%w: metadata: %w", ErrInvalidData, err)
+				}
+				enc, err := encodeJSONString(cleantext.String(s))
+				if err != nil {
+					return nil, fmt.Errorf("%w: metadata: %w", ErrInvalidData, err)
+				}
+				out = append(append(out, c[last:i]...), enc...)
+				last = end
+			}
+			i = end
+		case ch == '-' || ch >= '0' && ch <= '9':
+			end := i + 1
+			for end < len(c) && strings.IndexByte("0123456789+-.eE", c[end]) >= 0 {
+				end++
+			}
+			if err := checkJSONNumber(string(c[i:end])); err != nil {
+				return nil, err
+			}
+			i = end
+		default:
+			i++
+		}
+	}
+	if out == nil {
+		return c, nil
+	}
+	return append(out, c[last:]...), nil
+}
+
+// scanJSONString returns the end of the (valid, compact) JSON string that
+// starts at c[i], and whether cleaning would change it: it has invalid
+// UTF-8, a \u0000 escape, or a surrogate escape (rewritten as the
+// character it pairs to, or U+FFFD when unpaired).
+func scanJSONString(c []byte, i int) (end int, dirty bool) {
+	start := i
+	for i++; i < len(c); {
+		switch c[i] {
+		case '"':
+			end = i + 1
+			return end, dirty || !utf8.Valid(c[start:end])
+		case '\\':
+			if c[i+1] == 'u' && i+6 <= len(c) {
+				v, err := strconv.ParseUint(string(c[i+2:i+6]), 16, 16)
+				if err == nil && (v == 0 || v >= 0xD800 && v <= 0xDFFF) {
+					dirty = true
+				}
+				i += 6
+			} else {
+				i += 2
+			}
+		default:
+			i++
+		}
+	}
+	return len(c), true // not reached for valid JSON
+}
+
+// encodeJSONString writes s as a JSON string without escaping HTML
+// characters, which would change text that needs no cleaning.
+func encodeJSONString(s string) ([]byte, error) {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(s); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(b.Bytes(), []byte("\n")), nil
+}
+
+// checkJSONNumber refuses a metadata number no float64 holds: infinite
+// when parsed, or zero although it has a non-zero digit.
+func checkJSONNumber(num string) error {
+	bad := len(num) > maxNumberLen
+	if !bad {
+		f, err := strconv.ParseFloat(num, 64)
+		mant, _, _ := strings.Cut(strings.ToLower(num), "e")
+		bad = err != nil || math.IsInf(f, 0) || f == 0 && strings.Trim(mant, "-+0.") != ""
+	}
+	if bad {
+		if len(num) > 40 {
+			num = num[:40] + "..."
+		}
+		return fmt.Errorf("%w: metadata: number %s is out of range", ErrInvalidData, num)
+	}
+	return nil
+}
+
+// unstorablePage answers ListMessages for a session or cursor id that
+// cannot be stored: the session has no messages, and the cursor is not
+// one of them.
+func unstorablePage(before string) (*Page, error) {
+	if before != "" {
+		return nil, ErrNotFound
+	}
+	return &Page{}, nil
+}
+
+// storable reports whether an id can be stored at all. An id that cannot
+// names nothing stored: lookups answer ErrNotFound, creations
+// ErrInvalidData, instead of PostgreSQL's data error.
+func storable(id string) bool {
+	return cleantext.Valid(id)
 }
 
 // prepareSession checks s and fills the defaults CreateSession documents,
@@ -200,6 +353,9 @@ func compactJSON(raw json.RawMessage) (json.RawMessage, error) {
 func prepareSession(s *Session, now time.Time) error {
 	if s.ID == "" {
 		return errors.New("session id is empty")
+	}
+	if !storable(s.ID) {
+		return fmt.Errorf("%w: session id %q is not valid text", ErrInvalidData, s.ID)
 	}
 	if s.Kind == "" {
 		s.Kind = KindVisitor
@@ -210,11 +366,16 @@ func prepareSession(s *Session, now time.Time) error {
 	if s.ExpiresAt.IsZero() {
 		return errors.New("session expiry is not set")
 	}
-	md, err := compactJSON(s.Metadata)
+	md, err := cleanJSON(s.Metadata)
 	if err != nil {
 		return err
 	}
 	s.Metadata = md
+	s.Site = cleantext.String(s.Site)
+	s.PageURL = cleantext.String(s.PageURL)
+	s.UserAgent = cleantext.String(s.UserAgent)
+	s.ClientIP = cleantext.String(s.ClientIP)
+	s.Fingerprint = cleantext.String(s.Fingerprint)
 	if s.CreatedAt.IsZero() {
 		s.CreatedAt = now
 	}
@@ -238,6 +399,9 @@ func prepareMessage(m *Message, now time.Time) error {
 	if m.SessionID == "" {
 		return errors.New("message has no session id")
 	}
+	if !storable(m.SessionID) {
+		return ErrNotFound // no session can have that id
+	}
 	if m.Role != RoleUser && m.Role != RoleAssistant {
 		return fmt.Errorf("invalid message role %q", m.Role)
 	}
@@ -247,11 +411,15 @@ func prepareMessage(m *Message, now time.Time) error {
 	if m.Status != StatusComplete && m.Status != StatusPartial && m.Status != StatusError {
 		return fmt.Errorf("invalid message status %q", m.Status)
 	}
-	md, err := compactJSON(m.Metadata)
+	if m.ID != "" && !storable(m.ID) {
+		return fmt.Errorf("%w: message id %q is not valid text", ErrInvalidData, m.ID)
+	}
+	md, err := cleanJSON(m.Metadata)
 	if err != nil {
 		return err
 	}
 	m.Metadata = md
+	m.Content = cleantext.String(m.Content)
 	if m.ID == "" {
 		id, err := uuid.NewV7()
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -49,6 +50,10 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"ConcurrentCreate", testConcurrentCreate},
 		{"ConcurrentAppend", testConcurrentAppend},
 		{"RevokeDuringAppends", testRevokeDuringAppends},
+		{"CleansText", testCleansText},
+		{"UnstorableIDs", testUnstorableIDs},
+		{"InvalidMetadata", testInvalidMetadata},
+		{"MetadataNumbersKept", testMetadataNumbersKept},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -967,5 +972,136 @@ func testRevokeDuringAppends(t *testing.T, st sessions.Store) {
 	s := mustGet(t, st, "race")
 	if p.TotalCount != 0 || s.MessageCount != 0 {
 		t.Errorf("after revocation: %d messages stored, message_count %d; want 0, 0", p.TotalCount, s.MessageCount)
+	}
+}
+
+// Text from outside with NUL or invalid UTF-8 (an n8n reply, a User-Agent,
+// metadata strings, \u0000 escapes jsonb refuses) is stored cleaned, the
+// same on every store, instead of failing the write.
+func testCleansText(t *testing.T, st sessions.Store) {
+	sess := newSession("dirty")
+	sess.Site = "exa\x00mple.com"
+	sess.PageURL = "https://example.com/\x00p\xfe"
+	sess.UserAgent = "Mozilla/5.0\x00 (X11) \xff\xfe"
+	sess.ClientIP = "192.0.2.1\x00"
+	sess.Fingerprint = "fp\xc3"
+	sess.Metadata = json.RawMessage(`{"k\u0000ey": "a\u0000b", "lone": "\ud800x", "pair": "\ud83d\ude00", "raw": "` + "\xff" + `", "n": [1, "\u0000"], "html": "<&>"}`)
+	if err := st.CreateSession(ctx(t), sess); err != nil {
+		t.Fatalf("CreateSession with dirty text: %v", err)
+	}
+	want := &sessions.Session{
+		Site: "example.com", PageURL: "https://example.com/p\uFFFD", UserAgent: "Mozilla/5.0 (X11) \uFFFD",
+		ClientIP: "192.0.2.1", Fingerprint: "fp\uFFFD",
+		Metadata: json.RawMessage(`{"key":"ab","lone":"\uFFFDx","pair":"😀","raw":"\uFFFD","n":[1,""],"html":"<&>"}`),
+	}
+	for what, got := range map[string]*sessions.Session{"caller's copy": sess, "stored": mustGet(t, st, "dirty")} {
+		if got.Site != want.Site || got.PageURL != want.PageURL || got.UserAgent != want.UserAgent ||
+			got.ClientIP != want.ClientIP || got.Fingerprint != want.Fingerprint {
+			t.Errorf("%s: site %q, page %q, agent %q, ip %q, fingerprint %q; want %q, %q, %q, %q, %q", what,
+				got.Site, got.PageURL, got.UserAgent, got.ClientIP, got.Fingerprint,
+				want.Site, want.PageURL, want.UserAgent, want.ClientIP, want.Fingerprint)
+		}
+		if !jsonEqual(t, got.Metadata, want.Metadata) {
+			t.Errorf("%s: metadata %s, want %s", what, got.Metadata, want.Metadata)
+		}
+	}
+
+	reply := sessions.Message{
+		SessionID: "dirty", Role: sessions.RoleAssistant, Content: "Hello\x00 w\xffrld \xe2\x82!",
+		Metadata: json.RawMessage(`{"note":"\u0000"}`), CreatedAt: t0,
+	}
+	if err := st.AppendMessage(ctx(t), &reply); err != nil {
+		t.Fatalf("AppendMessage with NUL and invalid UTF-8: %v", err)
+	}
+	user := sessions.Message{SessionID: "dirty", Content: "q\x00\xc0?", CreatedAt: t0.Add(time.Second)}
+	if _, err := st.AppendUserMessage(ctx(t), &user, sessions.KindVisitor); err != nil {
+		t.Fatalf("AppendUserMessage with NUL and invalid UTF-8: %v", err)
+	}
+	const wantReply, wantUser = "Hello w\uFFFDrld \uFFFD!", "q\uFFFD?"
+	if reply.Content != wantReply || user.Content != wantUser {
+		t.Errorf("caller's copies hold %q, %q; want %q, %q", reply.Content, user.Content, wantReply, wantUser)
+	}
+	p := mustList(t, st, "dirty", "", 10)
+	if len(p.Messages) != 2 || p.Messages[0].Content != wantReply || p.Messages[1].Content != wantUser {
+		t.Fatalf("history = %+v, want the contents %q, %q", p.Messages, wantReply, wantUser)
+	}
+	if !jsonEqual(t, p.Messages[0].Metadata, json.RawMessage(`{"note":""}`)) {
+		t.Errorf("reply metadata = %s, want {\"note\":\"\"}", p.Messages[0].Metadata)
+	}
+}
+
+// An id no store can hold (NUL, invalid UTF-8) is refused when creating
+// and names nothing when looking up: never a database error.
+func testUnstorableIDs(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("ok"))
+	for _, id := range []string{"a\x00b", "a\xffb"} {
+		wantErr(t, "CreateSession", st.CreateSession(ctx(t), newSession(id)), sessions.ErrInvalidData)
+		_, err := st.GetSession(ctx(t), id)
+		wantErr(t, "GetSession", err, sessions.ErrNotFound)
+		wantErr(t, "TouchSession", st.TouchSession(ctx(t), id, t0, time.Time{}), sessions.ErrNotFound)
+		wantErr(t, "RevokeSession", st.RevokeSession(ctx(t), id, t0), sessions.ErrNotFound)
+		wantErr(t, "DeleteSession", st.DeleteSession(ctx(t), id), sessions.ErrNotFound)
+		wantErr(t, "AppendMessage", st.AppendMessage(ctx(t), &sessions.Message{SessionID: id, Role: sessions.RoleUser, Content: "x"}), sessions.ErrNotFound)
+		_, err = st.AppendUserMessage(ctx(t), &sessions.Message{SessionID: id, Content: "x", CreatedAt: t0}, sessions.KindVisitor)
+		wantErr(t, "AppendUserMessage", err, sessions.ErrNotFound)
+		wantErr(t, "AppendMessage with that message id",
+			st.AppendMessage(ctx(t), &sessions.Message{ID: id, SessionID: "ok", Role: sessions.RoleUser, Content: "x"}), sessions.ErrInvalidData)
+		if p, err := st.ListMessages(ctx(t), id, "", 10); err != nil || len(p.Messages) != 0 || p.TotalCount != 0 {
+			t.Errorf("ListMessages(%q) = %+v, %v; want an empty page", id, p, err)
+		}
+		_, err = st.ListMessages(ctx(t), "ok", id, 10)
+		wantErr(t, "ListMessages before", err, sessions.ErrNotFound)
+	}
+	if got := mustGet(t, st, "ok").MessageCount; got != 0 {
+		t.Errorf("MessageCount = %d after refused appends, want 0", got)
+	}
+}
+
+// Metadata a store cannot hold as given is ErrInvalidData on every store
+// and every write: not JSON, or a number beyond float64 (PostgreSQL's
+// jsonb refuses 1e999999 and 1e-999999 while SQLite would keep their text).
+func testInvalidMetadata(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("meta"))
+	for _, md := range []string{
+		`{"a":1e999999}`,
+		`{"a":-1e999999}`,
+		`{"a":1e-999999}`,
+		`{"a":[1,{"b":1e400}]}`,
+		`{"a":0.` + strings.Repeat("1", 17000) + `}`,
+		`{"a":1` + strings.Repeat("0", 400) + `}`,
+		`{"a":`,
+		`"not an object"x`,
+	} {
+		short := md
+		if len(short) > 30 {
+			short = short[:30] + "..."
+		}
+		t.Run(short, func(t *testing.T) {
+			s := newSession("meta-new")
+			s.Metadata = json.RawMessage(md)
+			wantErr(t, "CreateSession", st.CreateSession(ctx(t), s), sessions.ErrInvalidData)
+			m := sessions.Message{SessionID: "meta", Role: sessions.RoleAssistant, Content: "x", Metadata: json.RawMessage(md)}
+			wantErr(t, "AppendMessage", st.AppendMessage(ctx(t), &m), sessions.ErrInvalidData)
+			m = sessions.Message{SessionID: "meta", Content: "x", Metadata: json.RawMessage(md), CreatedAt: t0}
+			_, err := st.AppendUserMessage(ctx(t), &m, sessions.KindVisitor)
+			wantErr(t, "AppendUserMessage", err, sessions.ErrInvalidData)
+		})
+	}
+	if _, err := st.GetSession(ctx(t), "meta-new"); !errors.Is(err, sessions.ErrNotFound) {
+		t.Errorf("a session with invalid metadata was stored: %v", err)
+	}
+	if got := mustGet(t, st, "meta").MessageCount; got != 0 {
+		t.Errorf("MessageCount = %d after refused appends, want 0", got)
+	}
+}
+
+// Numbers within float64's range stay accepted, at its edges too.
+func testMetadataNumbersKept(t *testing.T, st sessions.Store) {
+	md := json.RawMessage(`{"max":1.7976931348623157e308,"min":-1.7976931348623157e308,"tiny":5e-324,"zero":0e999999,"negzero":-0.0,"int":9007199254740993,"frac":0.000001}`)
+	s := newSession("numbers")
+	s.Metadata = md
+	mustCreate(t, st, s)
+	if got := mustGet(t, st, "numbers").Metadata; !jsonEqual(t, got, md) {
+		t.Errorf("metadata = %s, want %s", got, md)
 	}
 }
