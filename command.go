@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -23,19 +25,31 @@ func init() {
 Manages the store that chat_proxy keeps sessions and messages in.
 
   migrate  applies pending schema migrations (Caddy also does this on first use)
-  status   prints the schema version and how many sessions and messages are stored
+  status   prints the schema version, any pending migrations and how many
+           sessions and messages are stored; it only reads, so it is safe to
+           run with a new binary before taking a backup and migrating
 
 The store is chosen, in this order, by --database (a postgres:// URL or
 sqlite:<path>), by the chat_proxy handlers in --config (each distinct
 database once), or else the embedded store in Caddy's data directory.
 Placeholders such as {env.DATABASE_URL} are resolved.`,
 		CobraFunc: func(cmd *cobra.Command) {
+			// Without a Run, cobra answers an unknown subcommand with the
+			// help and exit status 0, so a typo in a script looks like success.
+			cmd.Args = cobra.ArbitraryArgs
+			cmd.RunE = func(c *cobra.Command, args []string) error {
+				if len(args) == 0 {
+					return c.Help()
+				}
+				c.PrintErr(c.UsageString())
+				return fmt.Errorf("unknown subcommand %q for %q", args[0], c.CommandPath())
+			}
 			for _, sub := range []struct {
 				name, short string
 				run         func(context.Context, sessionsStoreCommand) error
 			}{
 				{"migrate", "Applies pending schema migrations", runMigrate},
-				{"status", "Prints schema version, session and message counts", runStatus},
+				{"status", "Prints schema version, pending migrations and counts; changes nothing", runStatus},
 			} {
 				c := &cobra.Command{Use: sub.name, Short: sub.short, Args: cobra.NoArgs}
 				c.Flags().StringP("config", "c", "", "Caddy configuration whose chat_proxy handlers name the stores")
@@ -75,6 +89,7 @@ type sessionsStoreCommand struct {
 type migrator interface {
 	sessions.Store
 	Migrate(ctx context.Context) error
+	Status(ctx context.Context) (*sessions.Status, error)
 }
 
 func openForCommand(database string) (migrator, error) {
@@ -105,18 +120,41 @@ func runMigrate(ctx context.Context, t sessionsStoreCommand) error {
 	return nil
 }
 
+// runStatus reports a store without changing it: no migration, no table,
+// and for the embedded store no file is created. `migrate` is the only
+// subcommand that writes.
 func runStatus(ctx context.Context, t sessionsStoreCommand) error {
 	s, err := openForCommand(t.database)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	st, err := s.Stats(ctx)
+	st, err := s.Status(ctx)
 	if err != nil {
 		return fmt.Errorf("reading %s: %w", t.label, err)
 	}
-	fmt.Printf("%s: schema version %d, %d sessions, %d messages\n", t.label, st.SchemaVersion, st.Sessions, st.Messages)
+	fmt.Println(t.label + ": " + statusLine(st))
 	return nil
+}
+
+// statusLine describes a store's status in one line.
+func statusLine(st *sessions.Status) string {
+	if st.SchemaVersion == 0 {
+		return fmt.Sprintf("not migrated (pending migrations: %s; run `caddy chatproxy migrate`)", versionList(st.Pending))
+	}
+	line := fmt.Sprintf("schema version %d, %d sessions, %d messages", st.SchemaVersion, st.Sessions, st.Messages)
+	if len(st.Pending) > 0 {
+		line += fmt.Sprintf("; pending migrations: %s (run `caddy chatproxy migrate`)", versionList(st.Pending))
+	}
+	return line
+}
+
+func versionList(vs []int64) string {
+	parts := make([]string, len(vs))
+	for i, v := range vs {
+		parts[i] = strconv.FormatInt(v, 10)
+	}
+	return strings.Join(parts, ", ")
 }
 
 // commandTargets decides which stores a subcommand works on.

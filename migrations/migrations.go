@@ -15,6 +15,7 @@ import (
 	"hash/fnv"
 	"io/fs"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -147,23 +148,53 @@ func Version(ctx context.Context, db *sql.DB, d Dialect) (int64, error) {
 // Latest is the newest version embedded for dialect d, the version Up
 // brings a database to (0 for an unknown dialect).
 func Latest(d Dialect) int64 {
-	entries, err := fs.ReadDir(files, string(d))
-	if err != nil {
+	vs := Versions(d)
+	if len(vs) == 0 {
 		return 0
 	}
-	var latest int64
+	return vs[len(vs)-1]
+}
+
+// Versions lists the versions embedded for dialect d, oldest first.
+func Versions(d Dialect) []int64 {
+	entries, err := fs.ReadDir(files, string(d))
+	if err != nil {
+		return nil
+	}
+	var out []int64
 	for _, e := range entries {
 		name := path.Base(e.Name())
 		num, _, ok := strings.Cut(name, "_")
 		if !ok || !strings.HasSuffix(name, ".sql") {
 			continue
 		}
-		v, err := strconv.ParseInt(num, 10, 64)
-		if err == nil && v > latest {
-			latest = v
+		if v, err := strconv.ParseInt(num, 10, 64); err == nil {
+			out = append(out, v)
 		}
 	}
-	return latest
+	slices.Sort(out)
+	return out
+}
+
+// Pending reports the schema version applied to db and the embedded
+// versions Up would apply, oldest first. Like Version it only reads.
+func Pending(ctx context.Context, db *sql.DB, d Dialect) (current int64, pending []int64, err error) {
+	current, err = Version(ctx, db, d)
+	if err != nil {
+		return 0, nil, err
+	}
+	return current, PendingAfter(d, current), nil
+}
+
+// PendingAfter lists the embedded versions of d newer than current.
+func PendingAfter(d Dialect, current int64) []int64 {
+	var pending []int64
+	for _, v := range Versions(d) {
+		if v > current {
+			pending = append(pending, v)
+		}
+	}
+	return pending
 }
 
 func gooseDialect(d Dialect) (goose.Dialect, error) {

@@ -577,6 +577,27 @@ func (s *PostgresStore) Stats(ctx context.Context) (*Stats, error) {
 	return &st, nil
 }
 
+// Status reports the schema version, the pending migrations and the row
+// counts. Unlike every other method it never migrates: it only reads.
+func (s *PostgresStore) Status(ctx context.Context) (*Status, error) {
+	const op = "reading status"
+	var st Status
+	var err error
+	st.SchemaVersion, st.Pending, err = migrations.Pending(ctx, s.db, migrations.Postgres)
+	if err != nil {
+		return nil, s.fail(op, err)
+	}
+	if st.SchemaVersion == 0 {
+		return &st, nil // no tables to count
+	}
+	err = s.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM chatproxy_sessions), (SELECT count(*) FROM chatproxy_messages)`).
+		Scan(&st.Sessions, &st.Messages)
+	if err != nil {
+		return nil, s.fail(op, err)
+	}
+	return &st, nil
+}
+
 // Ping implements Store.
 func (s *PostgresStore) Ping(ctx context.Context) error {
 	const op = "pinging database"

@@ -528,6 +528,33 @@ func (s *SQLiteStore) Stats(ctx context.Context) (*Stats, error) {
 	return &st, nil
 }
 
+// Status reports the schema version, the pending migrations and the row
+// counts. Unlike every other method it never migrates, and it does not
+// create a missing file: it reads through the query-only connections.
+func (s *SQLiteStore) Status(ctx context.Context) (*Status, error) {
+	const op = "reading status"
+	if _, err := os.Stat(s.path); errors.Is(err, os.ErrNotExist) {
+		return &Status{Pending: migrations.PendingAfter(migrations.SQLite, 0)}, nil
+	} else if err != nil {
+		return nil, opErr(op, err)
+	}
+	var st Status
+	var err error
+	st.SchemaVersion, st.Pending, err = migrations.Pending(ctx, s.r, migrations.SQLite)
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	if st.SchemaVersion == 0 {
+		return &st, nil // no tables to count
+	}
+	err = s.r.QueryRowContext(ctx, `SELECT (SELECT count(*) FROM chatproxy_sessions), (SELECT count(*) FROM chatproxy_messages)`).
+		Scan(&st.Sessions, &st.Messages)
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	return &st, nil
+}
+
 // Ping implements Store.
 func (s *SQLiteStore) Ping(ctx context.Context) error {
 	const op = "pinging database"

@@ -108,11 +108,26 @@ type Page struct {
 	HasMore    bool // older messages exist before the first one returned
 }
 
-// Stats summarises a store for operators (`caddy chatproxy status`).
+// Stats summarises a store: schema version and row counts. Like every
+// Store method, reading it migrates a database first; the stores' Status
+// method is the read-only report for `caddy chatproxy status`.
 type Stats struct {
 	SchemaVersion int64
 	Sessions      int64
 	Messages      int64
+}
+
+// Status is what `caddy chatproxy status` reports. It is read without
+// migrating or creating anything, so it can be taken before a backup.
+type Status struct {
+	// SchemaVersion is the applied schema version: 0 when the database was
+	// never migrated (or, for the embedded store, the file does not exist).
+	SchemaVersion int64
+	// Pending lists the versions `caddy chatproxy migrate` would apply,
+	// oldest first.
+	Pending []int64
+	// Sessions and Messages count the stored rows (0 when not migrated).
+	Sessions, Messages int64
 }
 
 // Store keeps sessions and messages. Every method takes the request's
