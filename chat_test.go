@@ -1837,10 +1837,16 @@ func TestChatLargeReplies(t *testing.T) {
 	}
 	wantDone(t, nextSSE(t, br))
 	e.waitIdle(t)
+	// The reply is more than a history page's 1 MiB: it comes alone, and
+	// the message before it on the next page.
 	rec := e.serve(t, "GET", "/api/v1/chat/history", "", authz(s.Token))
 	h := decode[historyBody](t, rec)
-	if len(h.Messages) != 2 || len(h.Messages[1].Content) != total || h.Messages[1].Status != "complete" {
-		t.Fatalf("stored reply: %d messages, %d bytes of %d", len(h.Messages), len(h.Messages[1].Content), total)
+	if len(h.Messages) != 1 || !h.HasMore || len(h.Messages[0].Content) != total || h.Messages[0].Status != "complete" {
+		t.Fatalf("stored reply: %d messages (has_more %v), want the %d-byte reply alone", len(h.Messages), h.HasMore, total)
+	}
+	rec = e.serve(t, "GET", "/api/v1/chat/history?before="+h.Messages[0].ID, "", authz(s.Token))
+	if h := decode[historyBody](t, rec); len(h.Messages) != 1 || h.HasMore || h.Messages[0].Content != "Send me a book" {
+		t.Fatalf("the page before the reply: %+v", h)
 	}
 
 	e.fake.setScript(func(w http.ResponseWriter, _ *http.Request, _ *n8nCall) {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -46,6 +47,17 @@ type hdEnv struct {
 func hdPostgres(t *testing.T) sessions.Store {
 	t.Helper()
 	store, err := sessions.OpenPostgres(testenv.PostgresURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close() })
+	return store
+}
+
+// hdSQLite opens a store in a fresh SQLite file.
+func hdSQLite(t *testing.T) sessions.Store {
+	t.Helper()
+	store, err := sessions.OpenSQLite(filepath.Join(t.TempDir(), "chat.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,6 +119,19 @@ func newHDEnv(t *testing.T, store sessions.Store, mutate func(*Config)) *hdEnv {
 // do sends a request through the handler as Caddy's server would.
 func (e *hdEnv) do(t *testing.T, method, path, body string, headers map[string]string) *httptest.ResponseRecorder {
 	t.Helper()
+	rec := httptest.NewRecorder()
+	e.serveBodyTo(t, rec, method, path, body, headers)
+	return rec
+}
+
+// serveTo is do for a request without a body, answered into w.
+func (e *hdEnv) serveTo(t *testing.T, w http.ResponseWriter, method, path string, headers map[string]string) {
+	t.Helper()
+	e.serveBodyTo(t, w, method, path, "", headers)
+}
+
+func (e *hdEnv) serveBodyTo(t *testing.T, w http.ResponseWriter, method, path, body string, headers map[string]string) {
+	t.Helper()
 	var rd io.Reader
 	if body != "" {
 		rd = strings.NewReader(body)
@@ -119,15 +144,59 @@ func (e *hdEnv) do(t *testing.T, method, path, body string, headers map[string]s
 	for k, v := range headers {
 		r.Header.Set(k, v)
 	}
-	rec := httptest.NewRecorder()
-	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, nil)
 	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.21")
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
 		w.WriteHeader(299)
 		return nil
 	})
-	if err := e.h.ServeHTTP(rec, r, next); err != nil {
+	if err := e.h.ServeHTTP(w, r, next); err != nil {
 		t.Fatalf("ServeHTTP: %v", err)
 	}
-	return rec
+}
+
+// session creates a visitor session with the given headers and returns
+// its token.
+func (e *hdEnv) session(t *testing.T, headers map[string]string) string {
+	t.Helper()
+	rec := e.do(t, "POST", "/api/v1/session/create", `{}`, headers)
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("create: %d %s", rec.Code, rec.Body)
+	}
+	var c struct {
+		Token string `json:"token"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &c); err != nil {
+		t.Fatal(err)
+	}
+	return c.Token
+}
+
+// hdHeaders merges header maps.
+func hdHeaders(kv ...string) map[string]string {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return m
+}
+
+// hdWantError checks a JSON error answer.
+func hdWantError(t *testing.T, rec *httptest.ResponseRecorder, status int, code string) {
+	t.Helper()
+	var body apiError
+	_ = json.Unmarshal(rec.Body.Bytes(), &body)
+	if rec.Code != status || body.Error != code {
+		t.Fatalf("got %d %s, want %d %q", rec.Code, rec.Body, status, code)
+	}
+}
+
+// hdNoErrorLogs checks nothing was logged at Error level.
+func (e *hdEnv) hdNoErrorLogs(t *testing.T) {
+	t.Helper()
+	for _, l := range e.logs.AllUntimed() {
+		if l.Level >= zapcore.ErrorLevel {
+			t.Errorf("logged at %s: %q %v", l.Level, l.Message, l.ContextMap())
+		}
+	}
 }

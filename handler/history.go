@@ -9,10 +9,14 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
-// History paging bounds (SPEC §4, §9.5).
+// History paging bounds (SPEC §4, §9.5). A page also stops at
+// historyPageBytes of message content (but holds at least one message):
+// 200 messages of up to 8 MiB would otherwise make one request hold
+// hundreds of MB. has_more and before reach what a page left out.
 const (
 	defaultHistoryLimit = 50
 	maxHistoryLimit     = 200
+	historyPageBytes    = 1 << 20
 )
 
 type historyMessage struct {
@@ -56,7 +60,7 @@ func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID stri
 		}
 		limit = min(n, maxHistoryLimit)
 	}
-	page, err := h.cfg.Store.ListMessages(r.Context(), s.ID, q.Get("before"), limit)
+	page, err := h.cfg.Store.ListMessagesWithin(r.Context(), s.ID, q.Get("before"), limit, historyPageBytes)
 	if errors.Is(err, sessions.ErrNotFound) {
 		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "before does not name a message of this session")
 	}

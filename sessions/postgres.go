@@ -346,25 +346,45 @@ func (s *PostgresStore) AppendUserMessage(ctx context.Context, m *Message, kind 
 // pgListMessages answers a page in one statement, so count, cursor check
 // and rows come from one snapshot. It always returns at least one row; the
 // message columns are NULL when the page is empty. $3 is limit+1: the
-// extra row only tells whether older messages exist.
+// extra row only tells whether older messages exist. $4 is the byte
+// budget (0: none): the page stops before the message whose content would
+// take it past the budget, keeping at least one message, and the third
+// column tells whether the budget left messages out. Sizes come from
+// octet_length, which reads a stored value's length without its content,
+// so what the budget leaves out is never read.
 const pgListMessages = `
 WITH b AS (
     SELECT seq FROM chatproxy_messages WHERE session_id = $1 AND id = $2::text
-), page AS (
-    SELECT seq, id, role, content, status, metadata, created_at
+), newest AS (
+    SELECT seq, octet_length(content) AS size
     FROM chatproxy_messages
     WHERE session_id = $1 AND ($2::text = '' OR seq < (SELECT seq FROM b))
     ORDER BY seq DESC
     LIMIT $3
+), sized AS (
+    SELECT seq, row_number() OVER w AS n, sum(size) OVER w AS upto
+    FROM newest
+    WINDOW w AS (ORDER BY seq DESC ROWS UNBOUNDED PRECEDING)
+), kept AS (
+    SELECT seq FROM sized WHERE n = 1 OR $4::bigint <= 0 OR upto <= $4::bigint
+), page AS (
+    SELECT m.seq, m.id, m.role, m.content, m.status, m.metadata, m.created_at
+    FROM kept JOIN chatproxy_messages m ON m.seq = kept.seq
 )
 SELECT (SELECT count(*) FROM chatproxy_messages WHERE session_id = $1),
        ($2::text = '' OR EXISTS (SELECT 1 FROM b)),
+       (SELECT count(*) FROM sized) > (SELECT count(*) FROM kept),
        page.id, page.role, page.content, page.status, page.metadata, page.created_at
 FROM (VALUES (1)) AS one (x) LEFT JOIN page ON true
 ORDER BY page.seq DESC`
 
 // ListMessages implements Store.
 func (s *PostgresStore) ListMessages(ctx context.Context, sessionID, before string, limit int) (*Page, error) {
+	return s.ListMessagesWithin(ctx, sessionID, before, limit, 0)
+}
+
+// ListMessagesWithin implements Store.
+func (s *PostgresStore) ListMessagesWithin(ctx context.Context, sessionID, before string, limit, maxBytes int) (*Page, error) {
 	const op = "listing messages"
 	if limit < 0 {
 		return nil, s.fail(op, fmt.Errorf("negative limit %d", limit))
@@ -376,7 +396,7 @@ func (s *PostgresStore) ListMessages(ctx context.Context, sessionID, before stri
 	if err := s.ready(ctx); err != nil {
 		return nil, s.fail(op, err)
 	}
-	rows, err := s.pool.Query(ctx, pgListMessages, sessionID, before, int64(limit)+1)
+	rows, err := s.pool.Query(ctx, pgListMessages, sessionID, before, int64(limit)+1, int64(maxBytes))
 	if err != nil {
 		return nil, s.fail(op, err)
 	}
@@ -385,6 +405,7 @@ func (s *PostgresStore) ListMessages(ctx context.Context, sessionID, before stri
 		page     Page
 		total    int64
 		beforeOK bool
+		cut      bool
 	)
 	for rows.Next() {
 		var (
@@ -392,7 +413,7 @@ func (s *PostgresStore) ListMessages(ctx context.Context, sessionID, before stri
 			md                        []byte
 			created                   *time.Time
 		)
-		if err := rows.Scan(&total, &beforeOK, &id, &role, &content, &status, &md, &created); err != nil {
+		if err := rows.Scan(&total, &beforeOK, &cut, &id, &role, &content, &status, &md, &created); err != nil {
 			return nil, s.fail(op, err)
 		}
 		if id == nil {
@@ -414,12 +435,14 @@ func (s *PostgresStore) ListMessages(ctx context.Context, sessionID, before stri
 		return nil, s.fail(op, ErrNotFound)
 	}
 	page.TotalCount = int(total)
-	finishPage(&page, limit)
+	finishPage(&page, limit, cut)
 	return &page, nil
 }
 
-// finishPage turns newest-first rows (up to limit+1) into the page.
-func finishPage(p *Page, limit int) {
+// finishPage turns newest-first rows (up to limit+1) into the page; cut
+// says the byte budget left older messages out.
+func finishPage(p *Page, limit int, cut bool) {
+	p.HasMore = cut
 	if len(p.Messages) > limit {
 		p.HasMore = true
 		p.Messages = p.Messages[:limit]

@@ -360,25 +360,41 @@ WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
 	return sess, nil
 }
 
-// liteListMessages is pgListMessages for SQLite; see there.
+// liteListMessages is pgListMessages for SQLite; see there. SQLite's
+// octet_length also reads a text's length from its record header only.
 const liteListMessages = `
 WITH b AS (
     SELECT seq FROM chatproxy_messages WHERE session_id = ?1 AND id = ?2
-), page AS (
-    SELECT seq, id, role, content, status, metadata, created_at
+), newest AS (
+    SELECT seq, octet_length(content) AS size
     FROM chatproxy_messages
     WHERE session_id = ?1 AND (?2 = '' OR seq < (SELECT seq FROM b))
     ORDER BY seq DESC
     LIMIT ?3
+), sized AS (
+    SELECT seq, row_number() OVER w AS n, sum(size) OVER w AS upto
+    FROM newest
+    WINDOW w AS (ORDER BY seq DESC ROWS UNBOUNDED PRECEDING)
+), kept AS (
+    SELECT seq FROM sized WHERE n = 1 OR ?4 <= 0 OR upto <= ?4
+), page AS (
+    SELECT m.seq, m.id, m.role, m.content, m.status, m.metadata, m.created_at
+    FROM kept JOIN chatproxy_messages m ON m.seq = kept.seq
 )
 SELECT (SELECT count(*) FROM chatproxy_messages WHERE session_id = ?1),
        (?2 = '' OR EXISTS (SELECT 1 FROM b)),
+       (SELECT count(*) FROM sized) > (SELECT count(*) FROM kept),
        page.id, page.role, page.content, page.status, page.metadata, page.created_at
 FROM (SELECT 1) AS one LEFT JOIN page ON 1
 ORDER BY page.seq DESC`
 
 // ListMessages implements Store.
 func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string, limit int) (*Page, error) {
+	return s.ListMessagesWithin(ctx, sessionID, before, limit, 0)
+}
+
+// ListMessagesWithin implements Store.
+func (s *SQLiteStore) ListMessagesWithin(ctx context.Context, sessionID, before string, limit, maxBytes int) (*Page, error) {
 	const op = "listing messages"
 	if limit < 0 {
 		return nil, opErr(op, fmt.Errorf("negative limit %d", limit))
@@ -390,7 +406,7 @@ func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string
 	if err := s.ready(ctx); err != nil {
 		return nil, opErr(op, err)
 	}
-	rows, err := s.r.QueryContext(ctx, liteListMessages, sessionID, before, int64(limit)+1)
+	rows, err := s.r.QueryContext(ctx, liteListMessages, sessionID, before, int64(limit)+1, int64(maxBytes))
 	if err != nil {
 		return nil, opErr(op, err)
 	}
@@ -399,13 +415,14 @@ func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string
 		page     Page
 		total    int64
 		beforeOK bool
+		cut      bool
 	)
 	for rows.Next() {
 		var (
 			id, role, content, status, md sql.NullString
 			created                       sql.NullInt64
 		)
-		if err := rows.Scan(&total, &beforeOK, &id, &role, &content, &status, &md, &created); err != nil {
+		if err := rows.Scan(&total, &beforeOK, &cut, &id, &role, &content, &status, &md, &created); err != nil {
 			return nil, opErr(op, err)
 		}
 		if !id.Valid {
@@ -427,7 +444,7 @@ func (s *SQLiteStore) ListMessages(ctx context.Context, sessionID, before string
 		return nil, opErr(op, ErrNotFound)
 	}
 	page.TotalCount = int(total)
-	finishPage(&page, limit)
+	finishPage(&page, limit, cut)
 	return &page, nil
 }
 

@@ -189,6 +189,13 @@ type Store interface {
 	// TotalCount counts all the session's messages. A session that does not
 	// exist has no messages: the caller is expected to have loaded it.
 	ListMessages(ctx context.Context, sessionID, before string, limit int) (*Page, error)
+	// ListMessagesWithin is ListMessages with a byte budget as well: the
+	// page holds the newest of those messages whose contents together fit
+	// in maxBytes, and always at least one (a message bigger than the
+	// budget comes alone); HasMore then reports the messages left out,
+	// which a request with before set to the page's first id reaches.
+	// Messages the budget leaves out are not read. maxBytes <= 0: no budget.
+	ListMessagesWithin(ctx context.Context, sessionID, before string, limit, maxBytes int) (*Page, error)
 	// Purge deletes sessions that expired before expiredBefore (with their
 	// messages) and messages created before messagesBefore. It reports how
 	// many of each it removed; the messages count includes those of the
