@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -27,6 +28,7 @@ var (
 	ErrTooLarge       = errors.New("too large")
 	ErrInvalidURL     = errors.New("invalid url")
 	ErrInvalidSession = errors.New("invalid session id")
+	ErrNumberRange    = errors.New("number out of range")
 )
 
 // InputError is a refused input: which field, why (one of the Err*
@@ -232,9 +234,33 @@ func CheckObject(raw json.RawMessage, limits ObjectLimits) error {
 			if n := utf8.RuneCountInString(v); n > lim.MaxStringLen {
 				return inputErr(ErrStringTooLong, "has a string longer than %d characters", lim.MaxStringLen)
 			}
+		case json.Number:
+			if err := checkNumber(v); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
+}
+
+// checkNumber refuses a JSON number outside the range of a 64-bit float:
+// PostgreSQL's jsonb refuses some of them (1e999999), and n8n, like any
+// JavaScript, reads numbers as 64-bit floats. A number that is not zero
+// but would read as zero (1e-400) is refused too.
+func checkNumber(n json.Number) error {
+	f, err := strconv.ParseFloat(string(n), 64)
+	if err != nil || f == 0 && strings.ContainsAny(mantissa(string(n)), "123456789") {
+		return inputErr(ErrNumberRange, "has a number outside the range of a 64-bit float (about 1e-308 to 1.8e308)")
+	}
+	return nil
+}
+
+// mantissa is a JSON number's digits before its exponent.
+func mantissa(n string) string {
+	if i := strings.IndexAny(n, "eE"); i >= 0 {
+		return n[:i]
+	}
+	return n
 }
 
 // jsonSyntaxDetail keeps a decoder error short and free of input echoes.

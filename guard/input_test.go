@@ -123,6 +123,7 @@ func TestCheckObject(t *testing.T) {
 		``, `null`, `{}`, ` {"a":1} `, `{"page":"x","n":1.5,"ok":true,"none":null}`,
 		`{"a":{"b":{"c":[1,2,"e"]}}}`, // depth 4
 		`{"s":"<script>\u00e9\ud83d\ude00"}`, `{"esc":"\\u0000 is text"}`, `{"a":[],"b":{}}`,
+		`{"big":1.7976931348623157e308,"small":5e-324,"neg":-1e300,"zero":0e-999999,"z":-0.0,"n":[0,1E2]}`,
 	}
 	for _, s := range good {
 		if err := CheckObject(json.RawMessage(s), lim); err != nil {
@@ -149,6 +150,11 @@ func TestCheckObject(t *testing.T) {
 		`{"a":"\ud800"}`:                            ErrInvalidUTF8,
 		`{"a":"\udc00\ud800"}`:                      ErrInvalidUTF8,
 		"{\"a\":\"\xff\"}":                          ErrInvalidUTF8,
+		`{"a":1e999999}`:                            ErrNumberRange,
+		`{"a":-1e309}`:                              ErrNumberRange,
+		`{"a":[1,{"b":1E400}]}`:                     ErrNumberRange,
+		`{"a":1e-999999}`:                           ErrNumberRange,
+		`{"a":0.1e-400}`:                            ErrNumberRange,
 	}
 	for s, want := range bad {
 		if err := CheckObject(json.RawMessage(s), lim); !errors.Is(err, want) {
@@ -166,7 +172,7 @@ func TestCheckObject(t *testing.T) {
 }
 
 func FuzzCheckObject(f *testing.F) {
-	for _, s := range []string{`{}`, `{"a":[1,{"b":"c"}]}`, `{"a":"\u0000"}`, `{"a":"\ud83d\ude00"}`, `[1]`, `{"a":1}{}`, `{"a":"\\\\u0000"}`, `null`} {
+	for _, s := range []string{`{}`, `{"a":[1,{"b":"c"}]}`, `{"a":"\u0000"}`, `{"a":"\ud83d\ude00"}`, `[1]`, `{"a":1}{}`, `{"a":"\\\\u0000"}`, `null`, `{"a":1e999}`, `{"a":-2e-400}`} {
 		f.Add([]byte(s))
 	}
 	lim := ObjectLimits{MaxBytes: 512, MaxDepth: 3, MaxKeys: 8, MaxKeyLen: 8, MaxStringLen: 16}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/internal/cleantext"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
@@ -254,7 +255,12 @@ func checkMetadata(raw json.RawMessage) (json.RawMessage, *errBadBody) {
 	return raw, nil
 }
 
+// truncate returns s as text both stores can hold (cleantext: invalid
+// UTF-8 becomes U+FFFD, NUL is dropped), cut to at most n bytes on a
+// character boundary. Headers that are stored (User-Agent) come from
+// anyone: they are cleaned, never a reason for a store error.
 func truncate(s string, n int) string {
+	s = cleantext.String(s)
 	if len(s) <= n {
 		return s
 	}
