@@ -642,7 +642,7 @@ func drillDisconnects(t *testing.T, kind string, streams int) {
 		fakeFlush(w)
 		select {
 		case <-r.Context().Done():
-		case <-e.fake.quit:
+		case <-e.fake.Quit():
 		case <-time.After(2 * time.Minute):
 		}
 	})

@@ -1,6 +1,7 @@
 // Package testkit holds test helpers shared by several packages' tests:
 // an EventSource-faithful SSE parser, Caddy's encode handler as a site
-// configures it, and n8n's streaming lines. Only tests import it.
+// configures it, n8n's streaming lines, and the one fake n8n (N8n, in
+// n8n.go) every package's tests use. Only tests import it.
 package testkit
 
 import (

@@ -1,4 +1,4 @@
-package chatproxy
+package handler_test
 
 import (
 	"bufio"
@@ -11,7 +11,6 @@ import (
 	"maps"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"reflect"
 	"slices"
@@ -21,330 +20,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
-
-// chatUA is a real browser's User-Agent: chat requests carry one, so the
-// bot filter has nothing to say about them.
-const chatUA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
-
-// chatClientIP is the client_ip the test servers set, as Caddy would.
-const chatClientIP = "203.0.113.7"
-
-// chatEnv is a provisioned chat_proxy in front of a fake n8n, reachable
-// both through serve (a recorder) and over real HTTP (srv), so streaming
-// tests can read the client side incrementally.
-type chatEnv struct {
-	fake   *n8nFake
-	cp     *ChatProxy
-	store  sessions.Store
-	srv    *httptest.Server
-	client *http.Client
-
-	inflight atomic.Int32         // requests the live server is handling
-	reqCtxs  chan context.Context // each live request's context, in arrival order
-}
-
-type chatEnvOpts struct {
-	kind   string // store kind; default sqlite
-	mutate func(*ChatProxy)
-	encode bool // wrap the module in Caddy's `encode gzip zstd`
-}
-
-func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
-	t.Helper()
-	if o.kind == "" {
-		o.kind = "sqlite"
-	}
-	e := &chatEnv{fake: newN8nFake(t, nil), reqCtxs: make(chan context.Context, 64)}
-	e.fake.requireJWT(testSessionSecret)
-	e.cp = newTestProxy(t, o.kind, func(cp *ChatProxy) {
-		cp.N8nWebhook = e.fake.URL()
-		if o.mutate != nil {
-			o.mutate(cp)
-		}
-	})
-	e.store = e.cp.handlerStore()
-	var enc *encode.Encode
-	if o.encode {
-		enc = testkit.NewEncode(t)
-	}
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
-		w.WriteHeader(passedOn)
-		return nil
-	})
-	e.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		e.inflight.Add(1)
-		defer e.inflight.Add(-1)
-		select {
-		case e.reqCtxs <- r.Context():
-		default:
-		}
-		r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, nil)
-		caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, chatClientIP)
-		var h caddyhttp.Handler = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-			return e.cp.ServeHTTP(w, r, next)
-		})
-		if enc != nil {
-			inner := h
-			h = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-				return enc.ServeHTTP(w, r, inner)
-			})
-		}
-		if err := h.ServeHTTP(w, r); err != nil {
-			t.Errorf("ServeHTTP %s %s returned %v", r.Method, r.URL.Path, err)
-		}
-	}))
-	e.client = &http.Client{Transport: &http.Transport{DisableCompression: true}}
-	t.Cleanup(e.srv.Close)
-	t.Cleanup(e.client.CloseIdleConnections)
-	t.Cleanup(e.fake.release) // runs first: no handler waits on the fake
-	return e
-}
-
-// serve sends a request through the module with a recorder (see serve);
-// a browser User-Agent is set unless headers say otherwise.
-func (e *chatEnv) serve(t *testing.T, method, path, body string, headers map[string]string) *httptest.ResponseRecorder {
-	t.Helper()
-	h := map[string]string{"User-Agent": chatUA}
-	maps.Copy(h, headers)
-	return serve(t, e.cp, req{method: method, path: path, body: body, headers: h})
-}
-
-// do sends a request to the live server; the response body is closed at
-// the end of the test.
-func (e *chatEnv) do(t *testing.T, method, path, body string, headers map[string]string) *http.Response {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	t.Cleanup(cancel)
-	return e.doCtx(t, ctx, method, path, body, headers)
-}
-
-func (e *chatEnv) doCtx(t *testing.T, ctx context.Context, method, path, body string, headers map[string]string) *http.Response {
-	t.Helper()
-	var rd io.Reader
-	if body != "" {
-		rd = strings.NewReader(body)
-	}
-	r, err := http.NewRequestWithContext(ctx, method, e.srv.URL+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != "" {
-		r.Header.Set("Content-Type", "application/json")
-	}
-	r.Header.Set("User-Agent", chatUA)
-	for k, v := range headers {
-		if v == "" {
-			r.Header.Del(k)
-		} else {
-			r.Header.Set(k, v)
-		}
-	}
-	resp, err := e.client.Do(r)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	t.Cleanup(func() { _ = resp.Body.Close() })
-	return resp
-}
-
-// waitIdle waits until the live server has finished every request, so
-// what a handler stores after the client saw the end is in the store.
-func (e *chatEnv) waitIdle(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for e.inflight.Load() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("timed out waiting for the proxy to finish its requests")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// newSession creates a visitor session from the allowed origin with the
-// browser User-Agent.
-func (e *chatEnv) newSession(t *testing.T) created {
-	t.Helper()
-	rec := e.serve(t, "POST", "/api/v1/session/create", `{"page_url":"https://shop.example.com/p/1"}`,
-		map[string]string{"Origin": allowedOrigin})
-	if rec.Code != http.StatusCreated {
-		t.Fatalf("create: %d %s", rec.Code, rec.Body)
-	}
-	return decode[created](t, rec)
-}
-
-// authz is the bearer header for token plus extra header pairs.
-func authz(token string, kv ...string) map[string]string {
-	h := map[string]string{"Authorization": "Bearer " + token}
-	for i := 0; i+1 < len(kv); i += 2 {
-		h[kv[i]] = kv[i+1]
-	}
-	return h
-}
-
-func (e *chatEnv) history(t *testing.T, token string) historyBody {
-	t.Helper()
-	rec := e.serve(t, "GET", "/api/v1/chat/history", "", authz(token))
-	if rec.Code != http.StatusOK {
-		t.Fatalf("history: %d %s", rec.Code, rec.Body)
-	}
-	return decode[historyBody](t, rec)
-}
-
-func (e *chatEnv) messageCount(t *testing.T, token string) int {
-	t.Helper()
-	rec := e.serve(t, "GET", "/api/v1/session/validate", "", authz(token))
-	if rec.Code != http.StatusOK {
-		t.Fatalf("validate: %d %s", rec.Code, rec.Body)
-	}
-	return decode[struct {
-		MessageCount int `json:"message_count"`
-	}](t, rec).MessageCount
-}
-
-// wantExchange checks that the history holds exactly the user's message
-// and an assistant reply with the given content and status.
-func wantExchange(t *testing.T, h historyBody, user, reply, status string) {
-	t.Helper()
-	if len(h.Messages) != 2 || h.TotalCount != 2 {
-		t.Fatalf("history has %d messages (total %d), want 2: %+v", len(h.Messages), h.TotalCount, h.Messages)
-	}
-	u, a := h.Messages[0], h.Messages[1]
-	if u.Role != "user" || u.Content != user || u.Status != "complete" {
-		t.Fatalf("user message = %+v, want %q complete", u, user)
-	}
-	if a.Role != "assistant" || a.Content != reply || a.Status != status {
-		t.Fatalf("assistant message = %+v, want %q with status %s", a, reply, status)
-	}
-}
-
-// sseEvent is one event as a browser's EventSource would see it.
-type sseEvent = testkit.SSEEvent
-
-// nextSSE reads the next event from a live stream. Comment-only blocks
-// (keepalives) are skipped. Lines must end with "\n" and hold no "\r".
-func nextSSE(t *testing.T, br *bufio.Reader) sseEvent {
-	t.Helper()
-	var ev sseEvent
-	for {
-		line, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatalf("reading the event stream: %v (read %q)", err, line)
-		}
-		line = strings.TrimSuffix(line, "\n")
-		if strings.ContainsRune(line, '\r') {
-			t.Fatalf("stream line holds a raw \\r: %q", line)
-		}
-		switch {
-		case line == "":
-			if ev.HasID || len(ev.Data) > 0 {
-				return ev
-			}
-			ev = sseEvent{} // a keepalive block
-		case strings.HasPrefix(line, ":"):
-			ev.Comments = append(ev.Comments, line[1:])
-		case strings.HasPrefix(line, "id: "):
-			ev.ID, ev.HasID = strings.TrimPrefix(line, "id: "), true
-		case strings.HasPrefix(line, "data: "):
-			ev.Data = append(ev.Data, strings.TrimPrefix(line, "data: "))
-		default:
-			t.Fatalf("unexpected stream line %q", line)
-		}
-	}
-}
-
-// sseJSON is the JSON of an item or error event.
-type sseJSON struct {
-	Type    string `json:"type"`
-	Content string `json:"content"`
-	Error   string `json:"error"`
-	Message string `json:"message"`
-}
-
-// eventJSON decodes an event's single data line.
-func eventJSON(t *testing.T, ev sseEvent) sseJSON {
-	t.Helper()
-	if len(ev.Data) != 1 {
-		t.Fatalf("event has %d data lines: %+v", len(ev.Data), ev)
-	}
-	var v sseJSON
-	dec := json.NewDecoder(strings.NewReader(ev.Data[0]))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
-		t.Fatalf("event data %q: %v", ev.Data[0], err)
-	}
-	return v
-}
-
-// itemOf returns the content of an item event.
-func itemOf(t *testing.T, ev sseEvent) string {
-	t.Helper()
-	v := eventJSON(t, ev)
-	if v.Type != "item" || !ev.HasID {
-		t.Fatalf("want an item event with an id, got %+v (%+v)", v, ev)
-	}
-	return v.Content
-}
-
-func wantDone(t *testing.T, ev sseEvent) {
-	t.Helper()
-	if len(ev.Data) != 1 || ev.Data[0] != "[DONE]" || ev.HasID {
-		t.Fatalf("want data: [DONE], got %+v", ev)
-	}
-}
-
-// ndLine is one line of the compat route's NDJSON stream.
-type ndLine struct {
-	Type     string  `json:"type"`
-	Content  *string `json:"content"`
-	Metadata *struct {
-		NodeID    string `json:"nodeId"`
-		NodeName  string `json:"nodeName"`
-		ItemIndex *int   `json:"itemIndex"`
-		RunIndex  *int   `json:"runIndex"`
-		Timestamp int64  `json:"timestamp"`
-	} `json:"metadata"`
-}
-
-// nextNDJSON reads the next line that is not a keepalive.
-func nextNDJSON(t *testing.T, br *bufio.Reader) ndLine {
-	t.Helper()
-	for {
-		line, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatalf("reading the NDJSON stream: %v (read %q)", err, line)
-		}
-		var l ndLine
-		if err := json.Unmarshal([]byte(line), &l); err != nil {
-			t.Fatalf("line %q: %v", line, err)
-		}
-		if l.Type == "keepalive" {
-			continue
-		}
-		if l.Metadata == nil || l.Metadata.NodeID == "" || l.Metadata.ItemIndex == nil || l.Metadata.RunIndex == nil || l.Metadata.Timestamp <= 0 {
-			t.Fatalf("line %q lacks n8n's metadata", line)
-		}
-		if (l.Type == "begin" || l.Type == "end") != (l.Content == nil) {
-			t.Fatalf("line %q: begin/end carry no content, item/error do", line)
-		}
-		return l
-	}
-}
-
-func wantStreamEnd(t *testing.T, r io.Reader) {
-	t.Helper()
-	rest, err := io.ReadAll(r)
-	if err != nil || len(rest) != 0 {
-		t.Fatalf("after the end of the stream: %q, %v", rest, err)
-	}
-}
 
 // 1. Live streaming: every chunk reaches the client before n8n writes the
 // next one, with and without Caddy's encode handler in front.
@@ -379,8 +60,8 @@ func TestChatLiveStreaming(t *testing.T) {
 			s := e.newSession(t)
 			for _, rt := range routes {
 				t.Run(rt.name, func(t *testing.T) {
-					gate := newStreamGate()
-					e.fake.setScript(e.fake.fakeGated(gate, tr.gzipN8n, items...))
+					gate := testkit.NewStreamGate()
+					e.fake.SetScript(e.fake.Gated(gate, tr.gzipN8n, items...))
 					headers := maps.Clone(rt.headers)
 					if headers == nil {
 						headers = map[string]string{}
@@ -433,10 +114,10 @@ func TestChatLiveStreaming(t *testing.T) {
 						if got != want {
 							t.Fatalf("chunk %d = %q, want %q", i+1, got, want)
 						}
-						if n := gate.written.Load(); n != int32(i+1) {
+						if n := gate.Written.Load(); n != int32(i+1) {
 							t.Fatalf("read chunk %d while n8n had written %d", i+1, n)
 						}
-						gate.next(t) // only now may n8n write the next chunk
+						gate.Next(t) // only now may n8n write the next chunk
 					}
 					if rt.widget {
 						if l := nextNDJSON(t, br); l.Type != "end" {
@@ -473,18 +154,18 @@ func TestChatSSEFraming(t *testing.T) {
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
 			// Two streaming nodes, each with its own begin … end, and
 			// keepalives between: one reply.
-			e.fake.setScript(func(w http.ResponseWriter, _ *http.Request, _ *n8nCall) {
-				n8nStreamHead(w)
-				lines := []string{n8nLine("begin", "")}
+			e.fake.SetScript(func(w http.ResponseWriter, _ *http.Request, _ *testkit.Call) {
+				testkit.N8nStreamHead(w)
+				lines := []string{testkit.N8nLine("begin", "")}
 				for i, c := range contents {
 					if i == 3 {
-						lines = append(lines, n8nLine("end", ""), n8nKeepalive, n8nLine("begin", ""))
+						lines = append(lines, testkit.N8nLine("end", ""), testkit.N8nKeepalive, testkit.N8nLine("begin", ""))
 					}
-					lines = append(lines, n8nLine("item", c), n8nKeepalive)
+					lines = append(lines, testkit.N8nLine("item", c), testkit.N8nKeepalive)
 				}
-				for _, l := range append(lines, n8nLine("end", "")) {
+				for _, l := range append(lines, testkit.N8nLine("end", "")) {
 					_, _ = io.WriteString(w, l)
-					fakeFlush(w)
+					testkit.Flush(w)
 				}
 			})
 			s := e.newSession(t)
@@ -558,7 +239,7 @@ func TestChatJSONMode(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
-			e.fake.setScript(fakeStream("Hello", ", ", "world <3"))
+			e.fake.SetScript(testkit.Stream("Hello", ", ", "world <3"))
 			s := e.newSession(t)
 			rec := e.serve(t, "POST", "/api/v1/chat/message", `{"message":"What is 2+2?"}`, authz(s.Token, "Accept", "application/json"))
 			if rec.Code != http.StatusOK || rec.Header().Get("Content-Type") != "application/json; charset=utf-8" {
@@ -592,7 +273,7 @@ func TestChatJSONMode(t *testing.T) {
 func TestChatAcceptNegotiation(t *testing.T) {
 	t.Parallel()
 	e := newChatEnv(t, chatEnvOpts{})
-	e.fake.setScript(fakeOutput("ok"))
+	e.fake.SetScript(testkit.Output("ok"))
 	s := e.newSession(t)
 	for i, tt := range []struct {
 		accept string
@@ -631,21 +312,21 @@ func TestChatReplyKinds(t *testing.T) {
 	s := e.newSession(t)
 	for i, tt := range []struct {
 		name   string
-		script n8nScript
+		script testkit.Script
 		want   string
 	}{
-		{"output", fakeJSON(`{"output":"from output"}`), "from output"},
-		{"text", fakeJSON(`{"text":"from text"}`), "from text"},
-		{"message", fakeJSON(`{"message":"from message"}`), "from message"},
-		{"response", fakeJSON(`{"response":"from response"}`), "from response"},
-		{"array: first element", fakeJSON(`[{"output":"first"},{"output":"second"}]`), "first"},
-		{"text/plain", fakeReply(200, "text/plain; charset=utf-8", "plain reply\nwith two lines"), "plain reply\nwith two lines"},
-		{"text/event-stream", fakeReply(200, "text/event-stream", "data: {\"content\":\"sse \"}\n\n: ping\n\ndata: reply\n\ndata: [DONE]\n\n"), "sse reply"},
-		{"ndjson labelled json", fakeStream("nd", "json"), "ndjson"},
-		{"ndjson labelled x-ndjson", fakeReply(200, "application/x-ndjson", strings.Join(n8nLines("x-", "nd"), "")), "x-nd"},
+		{"output", testkit.JSONReply(`{"output":"from output"}`), "from output"},
+		{"text", testkit.JSONReply(`{"text":"from text"}`), "from text"},
+		{"message", testkit.JSONReply(`{"message":"from message"}`), "from message"},
+		{"response", testkit.JSONReply(`{"response":"from response"}`), "from response"},
+		{"array: first element", testkit.JSONReply(`[{"output":"first"},{"output":"second"}]`), "first"},
+		{"text/plain", testkit.Reply(200, "text/plain; charset=utf-8", "plain reply\nwith two lines"), "plain reply\nwith two lines"},
+		{"text/event-stream", testkit.Reply(200, "text/event-stream", "data: {\"content\":\"sse \"}\n\n: ping\n\ndata: reply\n\ndata: [DONE]\n\n"), "sse reply"},
+		{"ndjson labelled json", testkit.Stream("nd", "json"), "ndjson"},
+		{"ndjson labelled x-ndjson", testkit.Reply(200, "application/x-ndjson", strings.Join(testkit.N8nLines("x-", "nd"), "")), "x-nd"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			e.fake.setScript(tt.script)
+			e.fake.SetScript(tt.script)
 			rec := e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"kind %d"}`, i), authz(s.Token, "Accept", "application/json"))
 			if rec.Code != http.StatusOK {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
@@ -675,8 +356,8 @@ func TestChatFailuresBeforeFirstByte(t *testing.T) {
 	html := "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
 	tests := []struct {
 		name       string
-		script     func(f *n8nFake) n8nScript
-		mutate     func(t *testing.T, cp *ChatProxy)
+		script     func(f *testkit.N8n) testkit.Script
+		mutate     func(t *testing.T, c *envConfig)
 		status     int
 		code       string
 		hits       int // per request: retries show here
@@ -684,53 +365,53 @@ func TestChatFailuresBeforeFirstByte(t *testing.T) {
 		msg        string // in the error message
 		canceled   bool   // the upstream request is abandoned
 	}{
-		{name: "500 error in workflow", script: func(*n8nFake) n8nScript {
-			return fakeReply(500, "application/json; charset=utf-8", `{"message":"Error in workflow"}`)
+		{name: "500 error in workflow", script: func(*testkit.N8n) testkit.Script {
+			return testkit.Reply(500, "application/json; charset=utf-8", `{"message":"Error in workflow"}`)
 		}, status: 502, code: "upstream_error", hits: 1},
-		{name: "502 retried", script: func(*n8nFake) n8nScript { return fakeReply(502, "text/plain", "bad gateway") },
+		{name: "502 retried", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(502, "text/plain", "bad gateway") },
 			status: 502, code: "upstream_error", hits: 3},
-		{name: "503 retried", script: func(*n8nFake) n8nScript { return fakeReply(503, "text/plain", "busy") },
+		{name: "503 retried", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(503, "text/plain", "busy") },
 			status: 503, code: "upstream_unavailable", hits: 3, retryAfter: true},
-		{name: "504 retried", script: func(*n8nFake) n8nScript { return fakeReply(504, "text/plain", "gateway timeout") },
+		{name: "504 retried", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(504, "text/plain", "gateway timeout") },
 			status: 504, code: "upstream_timeout", hits: 3},
-		{name: "404 unknown webhook", script: func(*n8nFake) n8nScript {
-			return fakeReply(404, "application/json", `{"code":404,"message":"The requested webhook is not registered."}`)
+		{name: "404 unknown webhook", script: func(*testkit.N8n) testkit.Script {
+			return testkit.Reply(404, "application/json", `{"code":404,"message":"The requested webhook is not registered."}`)
 		}, status: 502, code: "upstream_error", hits: 1},
-		{name: "403 jwt refused by n8n", script: func(f *n8nFake) n8nScript {
-			f.requireJWT("a-different-passphrase-0123456789abcdef")
-			return fakeOutput("never")
+		{name: "403 jwt refused by n8n", script: func(f *testkit.N8n) testkit.Script {
+			f.RequireJWT("a-different-passphrase-0123456789abcdef")
+			return testkit.Output("never")
 		}, status: 502, code: "upstream_error", hits: 1},
-		{name: "html error page", script: func(*n8nFake) n8nScript { return fakeReply(200, "text/html", html) },
+		{name: "html error page", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(200, "text/html", html) },
 			status: 502, code: "upstream_error", hits: 1},
-		{name: "html labelled json", script: func(*n8nFake) n8nScript { return fakeReply(200, "application/json", html) },
+		{name: "html labelled json", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(200, "application/json", html) },
 			status: 502, code: "upstream_error", hits: 1},
-		{name: "empty body", script: func(*n8nFake) n8nScript { return fakeReply(200, "", "") },
+		{name: "empty body", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(200, "", "") },
 			status: 502, code: "upstream_error", hits: 1},
-		{name: "stream without items", script: func(*n8nFake) n8nScript { return fakeStream() },
+		{name: "stream without items", script: func(*testkit.N8n) testkit.Script { return testkit.Stream() },
 			status: 502, code: "upstream_error", hits: 1},
-		{name: "error chunk first", script: func(*n8nFake) n8nScript {
-			return fakeReply(200, "application/json; charset=utf-8", n8nLine("begin", "")+n8nLine("error", "Error in workflow"))
+		{name: "error chunk first", script: func(*testkit.N8n) testkit.Script {
+			return testkit.Reply(200, "application/json; charset=utf-8", testkit.N8nLine("begin", "")+testkit.N8nLine("error", "Error in workflow"))
 		}, status: 502, code: "upstream_error", hits: 1},
-		{name: "executionStarted", script: func(*n8nFake) n8nScript {
-			return fakeJSON(`{"executionStarted":true,"executionId":"1234","resumeToken":"abc"}`)
+		{name: "executionStarted", script: func(*testkit.N8n) testkit.Script {
+			return testkit.JSONReply(`{"executionStarted":true,"executionId":"1234","resumeToken":"abc"}`)
 		}, status: 502, code: "upstream_error", hits: 1, msg: "WebSocket"},
-		{name: "slow first byte", script: func(f *n8nFake) n8nScript { return f.fakeHang() },
-			mutate: func(_ *testing.T, cp *ChatProxy) { cp.UpstreamTimeout = caddy.Duration(time.Second) },
+		{name: "slow first byte", script: func(f *testkit.N8n) testkit.Script { return f.Hanging() },
+			mutate: func(_ *testing.T, c *envConfig) { c.Upstream.UpstreamTimeout = time.Second },
 			status: 504, code: "upstream_timeout", hits: 1, canceled: true},
 		{name: "connection refused",
-			mutate: func(t *testing.T, cp *ChatProxy) { cp.N8nWebhook = closedURL(t) },
+			mutate: func(t *testing.T, c *envConfig) { c.Upstream.WebhookURL = testkit.ClosedURL(t) },
 			status: 503, code: "upstream_unavailable", hits: 0, retryAfter: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) {
+			e := newChatEnv(t, chatEnvOpts{mutate: func(c *envConfig) {
 				if tt.mutate != nil {
-					tt.mutate(t, cp)
+					tt.mutate(t, c)
 				}
 			}})
 			if tt.script != nil {
-				e.fake.setScript(tt.script(e.fake))
+				e.fake.SetScript(tt.script(e.fake))
 			}
 			for _, accept := range []string{"text/event-stream", "application/json"} {
 				s := e.newSession(t)
@@ -748,14 +429,14 @@ func TestChatFailuresBeforeFirstByte(t *testing.T) {
 				if !strings.Contains(msg, tt.msg) {
 					t.Fatalf("message %q does not mention %q", msg, tt.msg)
 				}
-				for _, leak := range []string{"Error in workflow", "nginx", "invalid signature", fakeWebhookPath, "127.0.0.1", "not registered"} {
+				for _, leak := range []string{"Error in workflow", "nginx", "invalid signature", testkit.WebhookPath, "127.0.0.1", "not registered"} {
 					if strings.Contains(rec.Body.String(), leak) {
 						t.Fatalf("error leaks %q: %s", leak, rec.Body)
 					}
 				}
 				wantExchange(t, e.history(t, s.Token), "Is anyone there?", "", "error")
 				if tt.canceled {
-					awaitSignal(t, e.fake.last(t).Canceled(), "n8n to see its request abandoned")
+					testkit.AwaitSignal(t, e.fake.Last(t).Canceled(), "n8n to see its request abandoned")
 				}
 			}
 		})
@@ -770,32 +451,32 @@ func TestChatFailuresAfterFirstByte(t *testing.T) {
 	writeLine := func(line string) func(http.ResponseWriter, *http.Request) {
 		return func(w http.ResponseWriter, _ *http.Request) {
 			_, _ = io.WriteString(w, line)
-			fakeFlush(w)
+			testkit.Flush(w)
 		}
 	}
 	tests := []struct {
 		name     string
-		script   func(f *n8nFake, gate chan struct{}) n8nScript
+		script   func(f *testkit.N8n, gate chan struct{}) testkit.Script
 		idle     bool // a short stream_idle_timeout
 		code     string
 		canceled bool
 	}{
-		{name: "connection reset", script: func(f *n8nFake, gate chan struct{}) n8nScript { return f.fakeResetAfter(first, gate) },
+		{name: "connection reset", script: func(f *testkit.N8n, gate chan struct{}) testkit.Script { return f.ResetAfter(first, gate) },
 			code: "upstream_error"},
-		{name: "error chunk", script: func(f *n8nFake, gate chan struct{}) n8nScript {
-			return f.fakeThen(first, gate, writeLine(n8nLine("error", "secret node failure: db password wrong")))
+		{name: "error chunk", script: func(f *testkit.N8n, gate chan struct{}) testkit.Script {
+			return f.Then(first, gate, writeLine(testkit.N8nLine("error", "secret node failure: db password wrong")))
 		}, code: "upstream_error"},
-		{name: "html page mid-stream", script: func(f *n8nFake, gate chan struct{}) n8nScript {
-			return f.fakeThen(first, gate, writeLine("<html><body>502 Bad Gateway</body></html>\n"))
+		{name: "html page mid-stream", script: func(f *testkit.N8n, gate chan struct{}) testkit.Script {
+			return f.Then(first, gate, writeLine("<html><body>502 Bad Gateway</body></html>\n"))
 		}, code: "upstream_error"},
-		{name: "invalid line", script: func(f *n8nFake, gate chan struct{}) n8nScript {
-			return f.fakeThen(first, gate, writeLine("this is not json\n"))
+		{name: "invalid line", script: func(f *testkit.N8n, gate chan struct{}) testkit.Script {
+			return f.Then(first, gate, writeLine("this is not json\n"))
 		}, code: "upstream_error"},
-		{name: "stall", script: func(f *n8nFake, gate chan struct{}) n8nScript {
-			return f.fakeThen(first, gate, func(w http.ResponseWriter, r *http.Request) {
-				_, _ = io.WriteString(w, n8nKeepalive) // n8n alive, the workflow silent
-				fakeFlush(w)
-				f.hang(r)
+		{name: "stall", script: func(f *testkit.N8n, gate chan struct{}) testkit.Script {
+			return f.Then(first, gate, func(w http.ResponseWriter, r *http.Request) {
+				_, _ = io.WriteString(w, testkit.N8nKeepalive) // n8n alive, the workflow silent
+				testkit.Flush(w)
+				f.Hang(r)
 			})
 		}, idle: true, code: "upstream_timeout", canceled: true},
 	}
@@ -803,13 +484,13 @@ func TestChatFailuresAfterFirstByte(t *testing.T) {
 		for _, tt := range tests {
 			t.Run(kind+"/"+tt.name, func(t *testing.T) {
 				t.Parallel()
-				e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) {
+				e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(c *envConfig) {
 					if tt.idle {
-						cp.StreamIdleTimeout = caddy.Duration(time.Second)
+						c.Upstream.StreamIdleTimeout = time.Second
 					}
 				}})
 				gate := make(chan struct{})
-				e.fake.setScript(tt.script(e.fake, gate))
+				e.fake.SetScript(tt.script(e.fake, gate))
 				s := e.newSession(t)
 				resp := e.do(t, "POST", "/api/v1/chat/message", `{"message":"Tell me everything"}`, authz(s.Token))
 				if resp.StatusCode != http.StatusOK {
@@ -836,7 +517,7 @@ func TestChatFailuresAfterFirstByte(t *testing.T) {
 					t.Fatalf("n8n hit %d times: a request was re-sent after the first byte", e.fake.Hits())
 				}
 				if tt.canceled {
-					awaitSignal(t, e.fake.last(t).Canceled(), "n8n to see its stalled request abandoned")
+					testkit.AwaitSignal(t, e.fake.Last(t).Canceled(), "n8n to see its stalled request abandoned")
 				}
 				hist := e.history(t, s.Token)
 				wantExchange(t, hist, "Tell me everything", first, "partial")
@@ -876,7 +557,7 @@ func TestChatCircuitBreaker(t *testing.T) {
 	if code, h := e.health(t); code != 200 || h.Status != "ok" || h.Checks["n8n"].Status != "ok" {
 		t.Fatalf("health before: %d %+v", code, h)
 	}
-	e.fake.setScript(fakeReply(500, "application/json", `{"message":"Error in workflow"}`))
+	e.fake.SetScript(testkit.Reply(500, "application/json", `{"message":"Error in workflow"}`))
 	for i := range 4 {
 		rec := e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"attempt %d"}`, i), authz(s.Token))
 		wantError(t, rec, 502, "upstream_error")
@@ -885,7 +566,7 @@ func TestChatCircuitBreaker(t *testing.T) {
 		t.Fatalf("circuit opened before the threshold: %+v", h)
 	}
 	// The fifth failure comes in the middle of a stream: it counts too.
-	e.fake.setScript(fakeReply(200, "application/json", n8nLine("begin", "")+n8nLine("item", "half")+n8nLine("error", "boom")))
+	e.fake.SetScript(testkit.Reply(200, "application/json", testkit.N8nLine("begin", "")+testkit.N8nLine("item", "half")+testkit.N8nLine("error", "boom")))
 	rec := e.serve(t, "POST", "/api/v1/chat/message", `{"message":"attempt 5"}`, authz(s.Token))
 	if rec.Code != 200 || !strings.Contains(rec.Body.String(), `"type":"error"`) {
 		t.Fatalf("mid-stream failure: %d %s", rec.Code, rec.Body)
@@ -895,7 +576,7 @@ func TestChatCircuitBreaker(t *testing.T) {
 	}
 
 	// Open: n8n is not called, even though it would now answer well.
-	e.fake.setScript(fakeOutput("I am back"))
+	e.fake.SetScript(testkit.Output("I am back"))
 	for i, rq := range []struct{ path, body string }{
 		{"/api/v1/chat/message", `{"message":"while open"}`},
 		{"/api/v1/chat/stream", `{"message":"while open, streaming"}`},
@@ -926,12 +607,12 @@ func TestChatCircuitBreaker(t *testing.T) {
 // time one probe goes through, and a good one closes the circuit.
 func TestChatCircuitBreakerProbeCloses(t *testing.T) {
 	t.Parallel()
-	e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) {
-		cp.CircuitBreakerFailures = 2
-		cp.CircuitBreakerOpen = caddy.Duration(time.Second)
+	e := newChatEnv(t, chatEnvOpts{mutate: func(c *envConfig) {
+		c.Upstream.Breaker.FailureThreshold = 2
+		c.Upstream.Breaker.OpenTimeout = time.Second
 	}})
 	s := e.newSession(t)
-	e.fake.setScript(fakeReply(500, "application/json", `{"message":"Error in workflow"}`))
+	e.fake.SetScript(testkit.Reply(500, "application/json", `{"message":"Error in workflow"}`))
 	for i := range 2 {
 		wantError(t, e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"fail %d"}`, i), authz(s.Token, "Accept", "application/json")), 502, "upstream_error")
 	}
@@ -940,7 +621,7 @@ func TestChatCircuitBreakerProbeCloses(t *testing.T) {
 	if e.fake.Hits() != hits {
 		t.Fatalf("the open circuit called n8n")
 	}
-	e.fake.setScript(fakeOutput("back again"))
+	e.fake.SetScript(testkit.Output("back again"))
 	// Poll until the open time has passed; every refused try must not reach n8n.
 	deadline := time.Now().Add(5 * time.Second)
 	for try := 0; ; try++ {
@@ -973,7 +654,7 @@ func TestChatUserMessageStoredFirst(t *testing.T) {
 			t.Parallel()
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
 			seen := make(chan string, 2)
-			e.fake.setScript(func(w http.ResponseWriter, r *http.Request, c *n8nCall) {
+			e.fake.SetScript(func(w http.ResponseWriter, r *http.Request, c *testkit.Call) {
 				page, err := e.store.ListMessages(r.Context(), c.Body.SessionID, "", 10)
 				switch {
 				case err != nil:
@@ -984,7 +665,7 @@ func TestChatUserMessageStoredFirst(t *testing.T) {
 					m := page.Messages[0]
 					seen <- m.Role + "/" + m.Status + "/" + m.Content
 				}
-				fakeWrite(w, 200, "application/json", `{"output":"stored?"}`)
+				testkit.Write(w, 200, "application/json", `{"output":"stored?"}`)
 			})
 			s := e.newSession(t)
 			rec := e.serve(t, "POST", "/api/v1/chat/message", `{"message":"Remember me"}`, authz(s.Token, "Accept", "application/json"))
@@ -1011,11 +692,11 @@ func TestChatStoreUnavailable(t *testing.T) {
 	t.Parallel()
 	t.Run("database unreachable", func(t *testing.T) {
 		t.Parallel()
-		e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) {
-			cp.Database = "postgres://chat:secret@" + closedPort(t) + "/chat?sslmode=disable&connect_timeout=1"
+		e := newChatEnv(t, chatEnvOpts{mutate: func(c *envConfig) {
+			c.Database = "postgres://chat:secret@" + testkit.ClosedPort(t) + "/chat?sslmode=disable&connect_timeout=1"
 		}})
-		e.fake.setScript(fakeOutput("never"))
-		token, err := sessions.NewTokensFor([]byte(testJWTSecret), e.cp.tokenAudience(), nil).Issue(&sessions.Session{ID: "SOMESESSIONID", ExpiresAt: time.Now().Add(time.Hour)})
+		e.fake.SetScript(testkit.Output("never"))
+		token, err := sessions.NewTokensFor([]byte(testJWTSecret), e.audience, nil).Issue(&sessions.Session{ID: "SOMESESSIONID", ExpiresAt: time.Now().Add(time.Hour)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1044,7 +725,7 @@ func TestChatStoreUnavailable(t *testing.T) {
 		t.Run("message insert fails/"+kind, func(t *testing.T) {
 			t.Parallel()
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
-			e.fake.setScript(fakeOutput("never"))
+			e.fake.SetScript(testkit.Output("never"))
 			s := e.newSession(t)
 			failMessageInserts(t, e.store)
 			for _, rq := range []struct {
@@ -1105,7 +786,7 @@ func TestChatClientDisconnect(t *testing.T) {
 			t.Parallel()
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
 			never := make(chan struct{})
-			e.fake.setScript(e.fake.fakeThen("Partial words ", never, func(http.ResponseWriter, *http.Request) {}))
+			e.fake.SetScript(e.fake.Then("Partial words ", never, func(http.ResponseWriter, *http.Request) {}))
 			s := e.newSession(t)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -1114,7 +795,7 @@ func TestChatClientDisconnect(t *testing.T) {
 				t.Fatalf("first event %q", got)
 			}
 			cancel() // the visitor closes the tab
-			awaitSignal(t, e.fake.last(t).Canceled(), "n8n to see its request cancelled")
+			testkit.AwaitSignal(t, e.fake.Last(t).Canceled(), "n8n to see its request cancelled")
 			e.waitIdle(t)
 			wantExchange(t, e.history(t, s.Token), "Long answer please", "Partial words ", "partial")
 			if e.fake.Hits() != 1 {
@@ -1124,7 +805,7 @@ func TestChatClientDisconnect(t *testing.T) {
 		t.Run(kind+"/cancel before the first byte", func(t *testing.T) {
 			t.Parallel()
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
-			e.fake.setScript(e.fake.fakeHang())
+			e.fake.SetScript(e.fake.Hanging())
 			s := e.newSession(t)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -1140,24 +821,24 @@ func TestChatClientDisconnect(t *testing.T) {
 				}
 				errc <- err
 			}()
-			c := e.fake.waitCall(t)
+			c := e.fake.WaitCall(t)
 			cancel()
 			if err := <-errc; err == nil {
 				t.Fatal("the request finished although the client left")
 			}
-			awaitSignal(t, c.Canceled(), "n8n to see its request cancelled")
+			testkit.AwaitSignal(t, c.Canceled(), "n8n to see its request cancelled")
 			e.waitIdle(t)
 			wantExchange(t, e.history(t, s.Token), "Anyone?", "", "error")
 		})
 		t.Run(kind+"/finish", func(t *testing.T) {
 			t.Parallel()
-			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) { cp.OnClientDisconnect = "finish" }})
+			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(c *envConfig) { c.FinishOnDisconnect = true }})
 			clientGone := make(chan struct{})
 			var ctxErrAtEnd atomic.Value
-			e.fake.setScript(e.fake.fakeThen("First part, ", clientGone, func(w http.ResponseWriter, r *http.Request) {
-				for _, l := range []string{n8nLine("item", "second part, "), n8nKeepalive, n8nLine("item", "last part."), n8nLine("end", "")} {
+			e.fake.SetScript(e.fake.Then("First part, ", clientGone, func(w http.ResponseWriter, r *http.Request) {
+				for _, l := range []string{testkit.N8nLine("item", "second part, "), testkit.N8nKeepalive, testkit.N8nLine("item", "last part."), testkit.N8nLine("end", "")} {
 					_, _ = io.WriteString(w, l)
-					fakeFlush(w)
+					testkit.Flush(w)
 				}
 				ctxErrAtEnd.Store(fmt.Sprint(r.Context().Err()))
 			}))
@@ -1170,10 +851,10 @@ func TestChatClientDisconnect(t *testing.T) {
 				t.Fatalf("first event %q", got)
 			}
 			cancel()
-			awaitSignal(t, proxyCtx.Done(), "the proxy to see the client leave")
+			testkit.AwaitSignal(t, proxyCtx.Done(), "the proxy to see the client leave")
 			close(clientGone) // only now does n8n write the rest
-			c := e.fake.last(t)
-			awaitSignal(t, c.Finished(), "n8n to finish its reply")
+			c := e.fake.Last(t)
+			testkit.AwaitSignal(t, c.Finished(), "n8n to finish its reply")
 			e.waitIdle(t)
 			if c.WasCanceled() || ctxErrAtEnd.Load() != "<nil>" {
 				t.Fatalf("finish mode cancelled the n8n request (ctx err at end: %v)", ctxErrAtEnd.Load())
@@ -1186,8 +867,8 @@ func TestChatClientDisconnect(t *testing.T) {
 // 7. The request n8n receives: body, token and headers.
 func TestChatRequestToN8n(t *testing.T) {
 	t.Parallel()
-	e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) { cp.N8nTokenTTL = caddy.Duration(45 * time.Second) }})
-	e.fake.setScript(fakeOutput("Hi!"))
+	e := newChatEnv(t, chatEnvOpts{mutate: func(c *envConfig) { c.Upstream.TokenTTL = 45 * time.Second }})
+	e.fake.SetScript(testkit.Output("Hi!"))
 	s := e.newSession(t)
 	before := time.Now()
 	rec := e.serve(t, "POST", "/api/v1/chat/message",
@@ -1202,8 +883,8 @@ func TestChatRequestToN8n(t *testing.T) {
 	if rec.Code != 200 {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
-	c := e.fake.last(t)
-	if c.Method != "POST" || c.Path != fakeWebhookPath {
+	c := e.fake.Last(t)
+	if c.Method != "POST" || c.Path != testkit.WebhookPath {
 		t.Fatalf("%s %s", c.Method, c.Path)
 	}
 	if got := c.Header.Get("Content-Type"); got != "application/json" {
@@ -1286,7 +967,7 @@ func TestChatRequestToN8n(t *testing.T) {
 	if rec.Code != 200 {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
-	c2 := e.fake.last(t)
+	c2 := e.fake.Last(t)
 	if c2.Body.Session.MessageCount != 3 || c2.Body.Session.PageURL != "https://shop.example.com/p/1" || string(c2.Body.Metadata) != "{}" {
 		t.Errorf("second request: session %+v, metadata %s", c2.Body.Session, c2.Body.Metadata)
 	}
@@ -1327,22 +1008,22 @@ func TestChatUpstreamAuthModes(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		name  string
-		auth  *UpstreamAuth
+		auth  n8n.Auth
 		check func(t *testing.T, h http.Header)
 	}{
-		{"basic", &UpstreamAuth{Mode: "basic", Username: "n8n-user", Password: "p@ss:word é"}, func(t *testing.T, h http.Header) {
+		{"basic", n8n.Auth{Mode: "basic", Username: "n8n-user", Password: "p@ss:word é"}, func(t *testing.T, h http.Header) {
 			r := http.Request{Header: h}
 			u, p, ok := r.BasicAuth()
 			if !ok || u != "n8n-user" || p != "p@ss:word é" {
 				t.Errorf("basic auth %q %q %v (Authorization %q)", u, p, ok, h.Get("Authorization"))
 			}
 		}},
-		{"header", &UpstreamAuth{Mode: "header", HeaderName: "X-N8N-Key", HeaderValue: "key-0123456789"}, func(t *testing.T, h http.Header) {
+		{"header", n8n.Auth{Mode: "header", HeaderName: "X-N8N-Key", HeaderValue: "key-0123456789"}, func(t *testing.T, h http.Header) {
 			if h.Get("X-N8N-Key") != "key-0123456789" || h.Get("Authorization") != "" {
 				t.Errorf("X-N8N-Key %q, Authorization %q", h.Get("X-N8N-Key"), h.Get("Authorization"))
 			}
 		}},
-		{"none", &UpstreamAuth{Mode: "none"}, func(t *testing.T, h http.Header) {
+		{"none", n8n.Auth{Mode: "none"}, func(t *testing.T, h http.Header) {
 			if h.Get("Authorization") != "" || h.Get("X-N8N-Key") != "" {
 				t.Errorf("credentials sent: %v", h)
 			}
@@ -1351,16 +1032,16 @@ func TestChatUpstreamAuthModes(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) { cp.UpstreamAuth = tt.auth }})
-			e.fake.requireJWT("") // n8n's Webhook node with basic, header or no auth
-			e.fake.setScript(fakeOutput("ok"))
+			e := newChatEnv(t, chatEnvOpts{mutate: func(c *envConfig) { c.Upstream.Auth = tt.auth }})
+			e.fake.RequireJWT("") // n8n's Webhook node with basic, header or no auth
+			e.fake.SetScript(testkit.Output("ok"))
 			s := e.newSession(t)
 			rec := e.serve(t, "POST", "/api/v1/chat/message", `{"message":"auth check"}`,
 				authz(s.Token, "Accept", "application/json", "Cookie", "chat_session="+s.Token))
 			if rec.Code != 200 {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			c := e.fake.last(t)
+			c := e.fake.Last(t)
 			tt.check(t, c.Header)
 			if c.Header.Get("Cookie") != "" || strings.Contains(c.Header.Get("Authorization"), s.Token) {
 				t.Errorf("client credentials forwarded: %v", c.Header)
@@ -1374,7 +1055,7 @@ func TestChatUpstreamAuthModes(t *testing.T) {
 func TestChatStreamGET(t *testing.T) {
 	t.Parallel()
 	e := newChatEnv(t, chatEnvOpts{})
-	e.fake.setScript(fakeStream("Event", "Source"))
+	e.fake.SetScript(testkit.Stream("Event", "Source"))
 	s := e.newSession(t)
 	cookie := "chat_session=" + s.Token
 	msg := "héllo & <b>?"
@@ -1417,7 +1098,7 @@ func TestChatStreamGET(t *testing.T) {
 				t.Fatalf("stream %q", raw)
 			}
 			wantDone(t, events[2])
-			c := e.fake.last(t)
+			c := e.fake.Last(t)
 			if e.fake.Hits() != hits+1 || c.Body.ChatInput != msg || c.Body.Session.PageURL != "https://shop.example.com/faq" {
 				t.Fatalf("n8n got %s", c.Raw)
 			}
@@ -1436,8 +1117,8 @@ func TestChatStreamGET(t *testing.T) {
 // 9. Input validation: nothing invalid is stored or reaches n8n.
 func TestChatInputValidation(t *testing.T) {
 	t.Parallel()
-	e := newChatEnv(t, chatEnvOpts{mutate: func(cp *ChatProxy) { cp.MaxMessageLength = 20 }})
-	e.fake.setScript(fakeOutput("ok"))
+	e := newChatEnv(t, chatEnvOpts{mutate: func(c *envConfig) { c.MaxMessageLength = 20 }})
+	e.fake.SetScript(testkit.Output("ok"))
 	s := e.newSession(t)
 	for _, tt := range []struct {
 		name, body, code string
@@ -1485,7 +1166,7 @@ func TestChatInputValidation(t *testing.T) {
 	if rec.Code != 200 {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
-	if c := e.fake.last(t); c.Body.ChatInput != long || string(c.Body.Metadata) != "{}" {
+	if c := e.fake.Last(t); c.Body.ChatInput != long || string(c.Body.Metadata) != "{}" {
 		t.Fatalf("n8n got %s", c.Raw)
 	}
 }
@@ -1498,7 +1179,7 @@ func TestChatNewlineNormalisation(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
 			e := newChatEnv(t, chatEnvOpts{kind: kind})
-			e.fake.setScript(fakeOutput("noted"))
+			e.fake.SetScript(testkit.Output("noted"))
 			s := e.newSession(t)
 			const sent = `"first line\r\nsecond line\rthird\tcolumn\n\nlast\r\n"`
 			const want = "first line\nsecond line\nthird\tcolumn\n\nlast"
@@ -1506,7 +1187,7 @@ func TestChatNewlineNormalisation(t *testing.T) {
 			if rec.Code != 200 {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			if c := e.fake.last(t); c.Body.ChatInput != want || c.Body.Message != want {
+			if c := e.fake.Last(t); c.Body.ChatInput != want || c.Body.Message != want {
 				t.Fatalf("n8n got chatInput %q, message %q", c.Body.ChatInput, c.Body.Message)
 			}
 			wantExchange(t, e.history(t, s.Token), want, "noted", "complete")
@@ -1516,7 +1197,7 @@ func TestChatNewlineNormalisation(t *testing.T) {
 			if rec.Code != 200 {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			if c := e.fake.last(t); c.Body.ChatInput != want {
+			if c := e.fake.Last(t); c.Body.ChatInput != want {
 				t.Fatalf("n8n got chatInput %q", c.Body.ChatInput)
 			}
 			data := e.widgetLoad(t, allowedOrigin, "newline-widget")
@@ -1531,7 +1212,7 @@ func TestChatNewlineNormalisation(t *testing.T) {
 func TestChatHoneypot(t *testing.T) {
 	t.Parallel()
 	e := newChatEnv(t, chatEnvOpts{})
-	e.fake.setScript(fakeOutput("must not be used"))
+	e.fake.SetScript(testkit.Output("must not be used"))
 	s := e.newSession(t)
 	body := `{"message":"Cheap pills here","website":"http://spam.example"}`
 
@@ -1607,8 +1288,8 @@ func TestWidgetCompat(t *testing.T) {
 			}
 
 			// Streaming mode: NDJSON line by line.
-			gate := newStreamGate()
-			e.fake.setScript(e.fake.fakeGated(gate, false, "Hello ", "from ", "n8n!"))
+			gate := testkit.NewStreamGate()
+			e.fake.SetScript(e.fake.Gated(gate, false, "Hello ", "from ", "n8n!"))
 			resp := e.do(t, "POST", "/api/v1/n8n/chat", streamBody, map[string]string{"Origin": allowedOrigin, "Accept": "text/plain"})
 			if resp.StatusCode != 200 || resp.Header.Get("Cache-Control") != "no-cache, no-transform" || resp.Header.Get("Access-Control-Allow-Origin") != allowedOrigin {
 				t.Fatalf("%d %v", resp.StatusCode, resp.Header)
@@ -1622,17 +1303,17 @@ func TestWidgetCompat(t *testing.T) {
 				if l.Type != "item" || *l.Content != want {
 					t.Fatalf("line %d: %+v", i+2, l)
 				}
-				if n := gate.written.Load(); n != int32(i+1) {
+				if n := gate.Written.Load(); n != int32(i+1) {
 					t.Fatalf("read item %d while n8n had written %d", i+1, n)
 				}
-				gate.next(t)
+				gate.Next(t)
 			}
 			if l := nextNDJSON(t, br); l.Type != "end" {
 				t.Fatalf("last line %+v", l)
 			}
 			wantStreamEnd(t, br)
 			e.waitIdle(t)
-			c := e.fake.last(t)
+			c := e.fake.Last(t)
 			var meta map[string]string
 			_ = json.Unmarshal(c.Body.Metadata, &meta)
 			if c.Body.ChatInput != "Test message" || c.Body.Action != "sendMessage" || meta["userId"] != "user-123" || meta["source"] != "chat-widget" ||
@@ -1642,13 +1323,13 @@ func TestWidgetCompat(t *testing.T) {
 			upstreamSID := c.Body.SessionID
 
 			// Non-streaming mode: {"output": …}.
-			e.fake.setScript(fakeStream("Second ", "answer"))
+			e.fake.SetScript(testkit.Stream("Second ", "answer"))
 			rec := e.serve(t, "POST", "/api/v1/n8n/chat", `{"action":"sendMessage","sessionId":"test-session-id","chatInput":"Another one","metadata":{}}`,
 				map[string]string{"Origin": allowedOrigin, "Accept": "*/*"})
 			if rec.Code != 200 || rec.Body.String() != `{"output":"Second answer"}`+"\n" {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			if c := e.fake.last(t); c.Body.SessionID != upstreamSID {
+			if c := e.fake.Last(t); c.Body.SessionID != upstreamSID {
 				t.Fatalf("the same widget session reached n8n as %q then %q", upstreamSID, c.Body.SessionID)
 			}
 
@@ -1677,13 +1358,13 @@ func TestWidgetCompat(t *testing.T) {
 			if data := e.widgetLoad(t, otherOrigin, sid); len(data) != 0 {
 				t.Fatalf("another site reads the conversation: %+v", data)
 			}
-			e.fake.setScript(fakeOutput("Other site"))
+			e.fake.SetScript(testkit.Output("Other site"))
 			rec = e.serve(t, "POST", "/api/v1/n8n/chat", `{"action":"sendMessage","sessionId":"test-session-id","chatInput":"From elsewhere","metadata":{}}`,
 				map[string]string{"Origin": otherOrigin})
 			if rec.Code != 200 {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			if c := e.fake.last(t); c.Body.SessionID == upstreamSID || c.Body.Session.OriginDomain != "a.example.org" {
+			if c := e.fake.Last(t); c.Body.SessionID == upstreamSID || c.Body.Session.OriginDomain != "a.example.org" {
 				t.Fatalf("other site reached n8n as session %q (%s)", c.Body.SessionID, c.Body.Session.OriginDomain)
 			}
 			if data := e.widgetLoad(t, otherOrigin, sid); len(data) != 2 || data[0].Kwargs["content"] != "From elsewhere" {
@@ -1709,7 +1390,7 @@ func TestWidgetCompat(t *testing.T) {
 func TestWidgetCompatErrors(t *testing.T) {
 	t.Parallel()
 	e := newChatEnv(t, chatEnvOpts{})
-	e.fake.setScript(fakeOutput("ok"))
+	e.fake.SetScript(testkit.Output("ok"))
 	origin := map[string]string{"Origin": allowedOrigin}
 	for _, tt := range []struct {
 		name, body string
@@ -1753,7 +1434,7 @@ func TestWidgetCompatErrors(t *testing.T) {
 	}
 	// Failures before the first byte are a non-2xx status in either mode,
 	// which the widget shows as an error; executionStarted is refused.
-	e.fake.setScript(fakeJSON(`{"executionStarted":true,"executionId":"9","resumeToken":"t"}`))
+	e.fake.SetScript(testkit.JSONReply(`{"executionStarted":true,"executionId":"9","resumeToken":"t"}`))
 	for _, accept := range []string{"text/plain", "*/*"} {
 		rec := e.serve(t, "POST", "/api/v1/n8n/chat", `{"action":"sendMessage","sessionId":"exec-started-1","chatInput":"hi","metadata":{}}`,
 			map[string]string{"Origin": allowedOrigin, "Accept": accept})
@@ -1816,13 +1497,13 @@ func TestChatLargeReplies(t *testing.T) {
 
 	chunk := strings.Repeat("0123456789abcdef", 256) // 4 KiB
 	const n = 768                                    // 3 MiB in all
-	e.fake.setScript(func(w http.ResponseWriter, _ *http.Request, _ *n8nCall) {
-		n8nStreamHead(w)
-		_, _ = io.WriteString(w, n8nLine("begin", ""))
+	e.fake.SetScript(func(w http.ResponseWriter, _ *http.Request, _ *testkit.Call) {
+		testkit.N8nStreamHead(w)
+		_, _ = io.WriteString(w, testkit.N8nLine("begin", ""))
 		for i := range n {
-			_, _ = io.WriteString(w, n8nLine("item", fmt.Sprintf("%04d", i)+chunk))
+			_, _ = io.WriteString(w, testkit.N8nLine("item", fmt.Sprintf("%04d", i)+chunk))
 		}
-		_, _ = io.WriteString(w, n8nLine("end", ""))
+		_, _ = io.WriteString(w, testkit.N8nLine("end", ""))
 	})
 	resp := e.do(t, "POST", "/api/v1/chat/message", `{"message":"Send me a book"}`, authz(s.Token))
 	br := bufio.NewReader(resp.Body)
@@ -1849,12 +1530,12 @@ func TestChatLargeReplies(t *testing.T) {
 		t.Fatalf("the page before the reply: %+v", h)
 	}
 
-	e.fake.setScript(func(w http.ResponseWriter, _ *http.Request, _ *n8nCall) {
-		n8nStreamHead(w)
-		_, _ = io.WriteString(w, n8nLine("begin", "")+n8nLine("item", "before the flood "))
-		fakeFlush(w)
-		_, _ = io.WriteString(w, n8nLine("item", strings.Repeat("x", 1<<20+1024)))
-		_, _ = io.WriteString(w, n8nLine("end", ""))
+	e.fake.SetScript(func(w http.ResponseWriter, _ *http.Request, _ *testkit.Call) {
+		testkit.N8nStreamHead(w)
+		_, _ = io.WriteString(w, testkit.N8nLine("begin", "")+testkit.N8nLine("item", "before the flood "))
+		testkit.Flush(w)
+		_, _ = io.WriteString(w, testkit.N8nLine("item", strings.Repeat("x", 1<<20+1024)))
+		_, _ = io.WriteString(w, testkit.N8nLine("end", ""))
 	})
 	s2 := e.newSession(t)
 	resp = e.do(t, "POST", "/api/v1/chat/message", `{"message":"One long line please"}`, authz(s2.Token))
@@ -1890,12 +1571,12 @@ func TestChatWithoutSessionRead(t *testing.T) {
 	for _, kind := range storeKinds {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
-			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) { cp.BotDetection = "off" }})
-			e.fake.setScript(fakeOutput("Hi!"))
+			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(c *envConfig) { c.Bots = false }})
+			e.fake.SetScript(testkit.Output("Hi!"))
 			ctx := context.Background()
 			now := time.Now().UTC()
 			// Issued an hour ago: older than any first-message window.
-			hourAgo := sessions.NewTokensFor([]byte(testJWTSecret), e.cp.tokenAudience(), func() time.Time { return now.Add(-time.Hour) })
+			hourAgo := sessions.NewTokensFor([]byte(testJWTSecret), e.audience, func() time.Time { return now.Add(-time.Hour) })
 			store := func(id string, mutate func(*sessions.Session)) string {
 				s := &sessions.Session{ID: id, Site: "shop.example.com", PageURL: "https://shop.example.com/start",
 					CreatedAt: now.Add(-time.Hour), ExpiresAt: now.Add(time.Hour).Truncate(time.Second)}
@@ -1946,7 +1627,7 @@ func TestChatWithoutSessionRead(t *testing.T) {
 				if rec.Code != 200 {
 					t.Fatalf("message %d: %d %s", i, rec.Code, rec.Body)
 				}
-				ss := e.fake.last(t).Body.Session
+				ss := e.fake.Last(t).Body.Session
 				if ss.MessageCount != want || ss.OriginDomain != "shop.example.com" || ss.PageURL != "https://shop.example.com/start" {
 					t.Errorf("message %d: n8n session %+v, want message_count %d and the stored page_url", i, ss, want)
 				}

@@ -1,0 +1,540 @@
+package handler_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
+	"github.com/go-redis/redis_rate/v10"
+	"go.uber.org/zap"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+const (
+	testJWTSecret     = "test-visitor-jwt-secret-0123456789abcdef"
+	testSessionSecret = "test-n8n-session-secret-0123456789abcdef"
+	allowedOrigin     = "https://shop.example.com"
+	passedOn          = 299 // status the next handler answers with
+)
+
+// storeKinds are the stores every route test runs against.
+var storeKinds = []string{"sqlite", "postgres"}
+
+// chatUA is a real browser's User-Agent: chat requests carry one, so the
+// bot filter has nothing to say about them.
+const chatUA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+
+// chatClientIP is the client_ip the test servers set, as Caddy would.
+const chatClientIP = "203.0.113.7"
+
+// envConfig is what the route tests vary, starting from what the module
+// configures by default (see newChatEnv).
+type envConfig struct {
+	// Database is a store kind ("sqlite", "postgres") or a PostgreSQL URL.
+	Database string
+	// Upstream configures the n8n client; WebhookURL is the fake's.
+	Upstream n8n.Config
+	// Bots turns the bot filter on (the module's default, threshold 50).
+	Bots bool
+	// Limits are the rate-limit tiers; generous by default, since tests
+	// about other things make many requests from one address.
+	Limits             map[guard.Tier][]redis_rate.Limit
+	MaxMessageLength   int
+	MaxBodySize        int64
+	FinishOnDisconnect bool
+}
+
+func generousLimits() map[guard.Tier][]redis_rate.Limit {
+	l := map[guard.Tier][]redis_rate.Limit{}
+	for _, tier := range guard.Tiers() {
+		l[tier] = []redis_rate.Limit{redis_rate.PerMinute(100000)}
+	}
+	return l
+}
+
+// newHandler builds the handler as the module does, from a handler.Config
+// with a real store, limiter, bot filter and n8n client.
+func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
+	t.Helper()
+	var store sessions.Store
+	var err error
+	switch c.Database {
+	case "", "sqlite":
+		store, err = sessions.OpenSQLite(filepath.Join(t.TempDir(), "chat.db"))
+	case "postgres":
+		store, err = sessions.OpenPostgres(testenv.PostgresURL(t))
+	default:
+		store, err = sessions.OpenPostgres(c.Database)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close() })
+	limiter, err := guard.NewLimiter(guard.LimiterConfig{Limits: c.Limits})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bots *guard.BotScorer
+	if c.Bots {
+		if bots, err = guard.NewBotScorer(guard.BotConfig{Threshold: 50, Repeats: limiter}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	upstream, err := n8n.New(c.Upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = upstream.Close() })
+	allowed := []string{allowedOrigin, "https://*.example.org"}
+	origins, err := guard.ParseOrigins(allowed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := handler.New(handler.Config{
+		Prefix:  "/api/v1",
+		Origins: origins,
+		Sessions: &sessions.Manager{
+			Store:  store,
+			Tokens: sessions.NewTokensFor([]byte(testJWTSecret), sessions.BlockAudience(c.Upstream.WebhookURL), nil),
+			TTL:    7 * 24 * time.Hour,
+		},
+		Store:              store,
+		Cookie:             handler.Cookie{Name: "chat_session", SameSite: http.SameSiteLaxMode},
+		MaxBodySize:        c.MaxBodySize,
+		Logger:             zap.NewNop(),
+		Limiter:            limiter,
+		Bots:               bots,
+		Upstream:           upstream,
+		MaxMessageLength:   c.MaxMessageLength,
+		FinishOnDisconnect: c.FinishOnDisconnect,
+		Drain:              handler.NewDrain(),
+		Metrics:            metrics.NewRecorder("n8n-handler-test", allowed),
+		MetricsAllow:       []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+	})
+	return h, store
+}
+
+// chatEnv is a handler in front of the fake n8n, reachable both through
+// serve (a recorder) and over real HTTP (srv), so streaming tests can read
+// the client side incrementally.
+type chatEnv struct {
+	fake     *testkit.N8n
+	h        *handler.Handler
+	audience string // the visitor tokens' audience (sessions.BlockAudience)
+	store    sessions.Store
+	srv      *httptest.Server
+	client   *http.Client
+
+	inflight atomic.Int32         // requests the live server is handling
+	reqCtxs  chan context.Context // each live request's context, in arrival order
+}
+
+type chatEnvOpts struct {
+	kind   string // store kind; default sqlite
+	mutate func(*envConfig)
+	encode bool // wrap the handler in Caddy's `encode gzip zstd`
+}
+
+func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
+	t.Helper()
+	e := &chatEnv{fake: testkit.NewN8n(t, nil), reqCtxs: make(chan context.Context, 64)}
+	e.fake.RequireJWT(testSessionSecret)
+	c := envConfig{
+		Database: o.kind,
+		Upstream: n8n.Config{
+			WebhookURL:    e.fake.URL(),
+			SessionSecret: testSessionSecret,
+			Auth:          n8n.Auth{Mode: n8n.AuthJWT},
+		},
+		Bots:             true,
+		Limits:           generousLimits(),
+		MaxMessageLength: 4000,
+		MaxBodySize:      64 << 10,
+	}
+	if o.mutate != nil {
+		o.mutate(&c)
+	}
+	e.h, e.store = newHandler(t, c)
+	e.audience = sessions.BlockAudience(c.Upstream.WebhookURL)
+	var enc *encode.Encode
+	if o.encode {
+		enc = testkit.NewEncode(t)
+	}
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(passedOn)
+		return nil
+	})
+	e.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		e.inflight.Add(1)
+		defer e.inflight.Add(-1)
+		select {
+		case e.reqCtxs <- r.Context():
+		default:
+		}
+		r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, nil)
+		caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, chatClientIP)
+		var h caddyhttp.Handler = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			return e.h.ServeHTTP(w, r, next)
+		})
+		if enc != nil {
+			inner := h
+			h = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				return enc.ServeHTTP(w, r, inner)
+			})
+		}
+		if err := h.ServeHTTP(w, r); err != nil {
+			t.Errorf("ServeHTTP %s %s returned %v", r.Method, r.URL.Path, err)
+		}
+	}))
+	e.client = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+	t.Cleanup(e.srv.Close)
+	t.Cleanup(e.client.CloseIdleConnections)
+	t.Cleanup(e.fake.Release) // runs first: no handler waits on the fake
+	return e
+}
+
+// serve sends a request through the module with a recorder (see serve);
+// a browser User-Agent is set unless headers say otherwise.
+func (e *chatEnv) serve(t *testing.T, method, path, body string, headers map[string]string) *httptest.ResponseRecorder {
+	t.Helper()
+	h := map[string]string{"User-Agent": chatUA}
+	maps.Copy(h, headers)
+	return serve(t, e.h, req{method: method, path: path, body: body, headers: h})
+}
+
+// do sends a request to the live server; the response body is closed at
+// the end of the test.
+func (e *chatEnv) do(t *testing.T, method, path, body string, headers map[string]string) *http.Response {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	t.Cleanup(cancel)
+	return e.doCtx(t, ctx, method, path, body, headers)
+}
+
+func (e *chatEnv) doCtx(t *testing.T, ctx context.Context, method, path, body string, headers map[string]string) *http.Response {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	r, err := http.NewRequestWithContext(ctx, method, e.srv.URL+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != "" {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	r.Header.Set("User-Agent", chatUA)
+	for k, v := range headers {
+		if v == "" {
+			r.Header.Del(k)
+		} else {
+			r.Header.Set(k, v)
+		}
+	}
+	resp, err := e.client.Do(r)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	t.Cleanup(func() { _ = resp.Body.Close() })
+	return resp
+}
+
+// waitIdle waits until the live server has finished every request, so
+// what a handler stores after the client saw the end is in the store.
+func (e *chatEnv) waitIdle(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for e.inflight.Load() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting for the proxy to finish its requests")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// newSession creates a visitor session from the allowed origin with the
+// browser User-Agent.
+func (e *chatEnv) newSession(t *testing.T) created {
+	t.Helper()
+	rec := e.serve(t, "POST", "/api/v1/session/create", `{"page_url":"https://shop.example.com/p/1"}`,
+		map[string]string{"Origin": allowedOrigin})
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("create: %d %s", rec.Code, rec.Body)
+	}
+	return decode[created](t, rec)
+}
+
+// authz is the bearer header for token plus extra header pairs.
+func authz(token string, kv ...string) map[string]string {
+	h := map[string]string{"Authorization": "Bearer " + token}
+	for i := 0; i+1 < len(kv); i += 2 {
+		h[kv[i]] = kv[i+1]
+	}
+	return h
+}
+
+func (e *chatEnv) history(t *testing.T, token string) historyBody {
+	t.Helper()
+	rec := e.serve(t, "GET", "/api/v1/chat/history", "", authz(token))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("history: %d %s", rec.Code, rec.Body)
+	}
+	return decode[historyBody](t, rec)
+}
+
+func (e *chatEnv) messageCount(t *testing.T, token string) int {
+	t.Helper()
+	rec := e.serve(t, "GET", "/api/v1/session/validate", "", authz(token))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("validate: %d %s", rec.Code, rec.Body)
+	}
+	return decode[struct {
+		MessageCount int `json:"message_count"`
+	}](t, rec).MessageCount
+}
+
+// wantExchange checks that the history holds exactly the user's message
+// and an assistant reply with the given content and status.
+func wantExchange(t *testing.T, h historyBody, user, reply, status string) {
+	t.Helper()
+	if len(h.Messages) != 2 || h.TotalCount != 2 {
+		t.Fatalf("history has %d messages (total %d), want 2: %+v", len(h.Messages), h.TotalCount, h.Messages)
+	}
+	u, a := h.Messages[0], h.Messages[1]
+	if u.Role != "user" || u.Content != user || u.Status != "complete" {
+		t.Fatalf("user message = %+v, want %q complete", u, user)
+	}
+	if a.Role != "assistant" || a.Content != reply || a.Status != status {
+		t.Fatalf("assistant message = %+v, want %q with status %s", a, reply, status)
+	}
+}
+
+// sseEvent is one event as a browser's EventSource would see it.
+type sseEvent = testkit.SSEEvent
+
+// nextSSE reads the next event from a live stream. Comment-only blocks
+// (keepalives) are skipped. Lines must end with "\n" and hold no "\r".
+func nextSSE(t *testing.T, br *bufio.Reader) sseEvent {
+	t.Helper()
+	var ev sseEvent
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the event stream: %v (read %q)", err, line)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		if strings.ContainsRune(line, '\r') {
+			t.Fatalf("stream line holds a raw \\r: %q", line)
+		}
+		switch {
+		case line == "":
+			if ev.HasID || len(ev.Data) > 0 {
+				return ev
+			}
+			ev = sseEvent{} // a keepalive block
+		case strings.HasPrefix(line, ":"):
+			ev.Comments = append(ev.Comments, line[1:])
+		case strings.HasPrefix(line, "id: "):
+			ev.ID, ev.HasID = strings.TrimPrefix(line, "id: "), true
+		case strings.HasPrefix(line, "data: "):
+			ev.Data = append(ev.Data, strings.TrimPrefix(line, "data: "))
+		default:
+			t.Fatalf("unexpected stream line %q", line)
+		}
+	}
+}
+
+// sseJSON is the JSON of an item or error event.
+type sseJSON struct {
+	Type    string `json:"type"`
+	Content string `json:"content"`
+	Error   string `json:"error"`
+	Message string `json:"message"`
+}
+
+// eventJSON decodes an event's single data line.
+func eventJSON(t *testing.T, ev sseEvent) sseJSON {
+	t.Helper()
+	if len(ev.Data) != 1 {
+		t.Fatalf("event has %d data lines: %+v", len(ev.Data), ev)
+	}
+	var v sseJSON
+	dec := json.NewDecoder(strings.NewReader(ev.Data[0]))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		t.Fatalf("event data %q: %v", ev.Data[0], err)
+	}
+	return v
+}
+
+// itemOf returns the content of an item event.
+func itemOf(t *testing.T, ev sseEvent) string {
+	t.Helper()
+	v := eventJSON(t, ev)
+	if v.Type != "item" || !ev.HasID {
+		t.Fatalf("want an item event with an id, got %+v (%+v)", v, ev)
+	}
+	return v.Content
+}
+
+func wantDone(t *testing.T, ev sseEvent) {
+	t.Helper()
+	if len(ev.Data) != 1 || ev.Data[0] != "[DONE]" || ev.HasID {
+		t.Fatalf("want data: [DONE], got %+v", ev)
+	}
+}
+
+// ndLine is one line of the compat route's NDJSON stream.
+type ndLine struct {
+	Type     string  `json:"type"`
+	Content  *string `json:"content"`
+	Metadata *struct {
+		NodeID    string `json:"nodeId"`
+		NodeName  string `json:"nodeName"`
+		ItemIndex *int   `json:"itemIndex"`
+		RunIndex  *int   `json:"runIndex"`
+		Timestamp int64  `json:"timestamp"`
+	} `json:"metadata"`
+}
+
+// nextNDJSON reads the next line that is not a keepalive.
+func nextNDJSON(t *testing.T, br *bufio.Reader) ndLine {
+	t.Helper()
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the NDJSON stream: %v (read %q)", err, line)
+		}
+		var l ndLine
+		if err := json.Unmarshal([]byte(line), &l); err != nil {
+			t.Fatalf("line %q: %v", line, err)
+		}
+		if l.Type == "keepalive" {
+			continue
+		}
+		if l.Metadata == nil || l.Metadata.NodeID == "" || l.Metadata.ItemIndex == nil || l.Metadata.RunIndex == nil || l.Metadata.Timestamp <= 0 {
+			t.Fatalf("line %q lacks n8n's metadata", line)
+		}
+		if (l.Type == "begin" || l.Type == "end") != (l.Content == nil) {
+			t.Fatalf("line %q: begin/end carry no content, item/error do", line)
+		}
+		return l
+	}
+}
+
+func wantStreamEnd(t *testing.T, r io.Reader) {
+	t.Helper()
+	rest, err := io.ReadAll(r)
+	if err != nil || len(rest) != 0 {
+		t.Fatalf("after the end of the stream: %q, %v", rest, err)
+	}
+}
+
+type req struct {
+	method, path string
+	body         string
+	headers      map[string]string
+}
+
+// serve sends one request through the provisioned module as Caddy's server
+// would, with the client_ip var set.
+func serve(t *testing.T, h *handler.Handler, rq req) *httptest.ResponseRecorder {
+	t.Helper()
+	var body io.Reader
+	if rq.body != "" {
+		body = strings.NewReader(rq.body)
+	}
+	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, body)
+	if rq.body != "" {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range rq.headers {
+		if v == "" {
+			r.Header.Del(k)
+		} else {
+			r.Header.Set(k, v)
+		}
+	}
+	rec := httptest.NewRecorder()
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
+	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.7")
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(passedOn)
+		return nil
+	})
+	if err := h.ServeHTTP(rec, r, next); err != nil {
+		t.Fatalf("ServeHTTP returned %v", err)
+	}
+	return rec
+}
+
+// serveRecorded is serve for other goroutines: a handler error becomes a
+// 599 response instead of a t.Fatalf.
+
+func decode[T any](t *testing.T, rec *httptest.ResponseRecorder) T {
+	t.Helper()
+	var v T
+	if err := json.Unmarshal(rec.Body.Bytes(), &v); err != nil {
+		t.Fatalf("decoding %q: %v", rec.Body.String(), err)
+	}
+	return v
+}
+
+type created struct {
+	SessionID string `json:"session_id"`
+	Token     string `json:"token"`
+	ExpiresAt string `json:"expires_at"`
+}
+
+type apiErr struct {
+	Error   string `json:"error"`
+	Message string `json:"message"`
+}
+
+func wantError(t *testing.T, rec *httptest.ResponseRecorder, status int, code string) {
+	t.Helper()
+	if rec.Code != status {
+		t.Fatalf("status = %d, want %d; body %s", rec.Code, status, rec.Body)
+	}
+	if ct := rec.Header().Get("Content-Type"); ct != "application/json; charset=utf-8" {
+		t.Fatalf("Content-Type = %q", ct)
+	}
+	e := decode[apiErr](t, rec)
+	if e.Error != code || e.Message == "" {
+		t.Fatalf("error body = %+v, want code %q", e, code)
+	}
+}
+
+type historyBody struct {
+	SessionID string `json:"session_id"`
+	Messages  []struct {
+		ID        string `json:"id"`
+		Role      string `json:"role"`
+		Content   string `json:"content"`
+		CreatedAt string `json:"created_at"`
+		Status    string `json:"status"`
+	} `json:"messages"`
+	TotalCount int  `json:"total_count"`
+	HasMore    bool `json:"has_more"`
+}
