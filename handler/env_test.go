@@ -3,6 +3,7 @@ package handler_test
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"io"
 	"maps"
@@ -19,6 +20,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
 	"github.com/go-redis/redis_rate/v10"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
@@ -62,6 +64,59 @@ type envConfig struct {
 	MaxMessageLength   int
 	MaxBodySize        int64
 	FinishOnDisconnect bool
+	// BotThreshold is the bot filter's threshold; zero is the default.
+	BotThreshold int
+	// Redis is a redis:// URL for the limiter's state; empty keeps it in
+	// process. RedisTimeout bounds each call (the limiter's default when
+	// zero).
+	Redis        string
+	RedisTimeout time.Duration
+}
+
+// defaultEnvConfig is the module's default configuration in front of n8n
+// at webhook.
+func defaultEnvConfig(webhook string) envConfig {
+	return envConfig{
+		Upstream: n8n.Config{
+			WebhookURL:    webhook,
+			SessionSecret: testSessionSecret,
+			Auth:          n8n.Auth{Mode: n8n.AuthJWT},
+		},
+		Bots:             true,
+		Limits:           generousLimits(),
+		MaxMessageLength: 4000,
+		MaxBodySize:      64 << 10,
+	}
+}
+
+// limitsOver returns base with the given tiers replaced, as
+// `rate_limit <tier> <rate>...` does over the defaults.
+func limitsOver(base map[guard.Tier][]redis_rate.Limit, tiers map[string][]string) map[guard.Tier][]redis_rate.Limit {
+	l := maps.Clone(base)
+	for name, rates := range tiers {
+		l[guard.Tier(name)] = nil
+		for _, r := range rates {
+			lim, err := guard.ParseRate(r)
+			if err != nil {
+				panic(err)
+			}
+			l[guard.Tier(name)] = append(l[guard.Tier(name)], lim)
+		}
+	}
+	return l
+}
+
+// botDetection reads a bot_detection value ("" for the default).
+func botDetection(t *testing.T, v string) (bool, int) {
+	t.Helper()
+	if v == "" {
+		return true, 0
+	}
+	on, threshold, err := guard.ParseBotDetection(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return on, threshold
 }
 
 func generousLimits() map[guard.Tier][]redis_rate.Limit {
@@ -90,13 +145,26 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = store.Close() })
-	limiter, err := guard.NewLimiter(guard.LimiterConfig{Limits: c.Limits})
+	// A hash key of its own keeps this handler's budgets apart from every
+	// other test's in the shared Redis.
+	lc := guard.LimiterConfig{Limits: c.Limits, HashKey: []byte(rand.Text()), RedisTimeout: c.RedisTimeout}
+	var rdb *redis.Client
+	if c.Redis != "" {
+		opts, err := guard.RedisOptions(c.Redis)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rdb = redis.NewClient(opts)
+		t.Cleanup(func() { _ = rdb.Close() })
+		lc.Redis = rdb
+	}
+	limiter, err := guard.NewLimiter(lc)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var bots *guard.BotScorer
 	if c.Bots {
-		if bots, err = guard.NewBotScorer(guard.BotConfig{Threshold: 50, Repeats: limiter}); err != nil {
+		if bots, err = guard.NewBotScorer(guard.BotConfig{Threshold: c.BotThreshold, Repeats: limiter}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -110,7 +178,7 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := handler.New(handler.Config{
+	hc := handler.Config{
 		Prefix:  "/api/v1",
 		Origins: origins,
 		Sessions: &sessions.Manager{
@@ -130,8 +198,11 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 		Drain:              handler.NewDrain(),
 		Metrics:            metrics.NewRecorder("n8n-handler-test", allowed),
 		MetricsAllow:       []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
-	})
-	return h, store
+	}
+	if rdb != nil {
+		hc.Redis = rdb
+	}
+	return handler.New(hc), store
 }
 
 // chatEnv is a handler in front of the fake n8n, reachable both through
@@ -159,18 +230,8 @@ func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
 	t.Helper()
 	e := &chatEnv{fake: testkit.NewN8n(t, nil), reqCtxs: make(chan context.Context, 64)}
 	e.fake.RequireJWT(testSessionSecret)
-	c := envConfig{
-		Database: o.kind,
-		Upstream: n8n.Config{
-			WebhookURL:    e.fake.URL(),
-			SessionSecret: testSessionSecret,
-			Auth:          n8n.Auth{Mode: n8n.AuthJWT},
-		},
-		Bots:             true,
-		Limits:           generousLimits(),
-		MaxMessageLength: 4000,
-		MaxBodySize:      64 << 10,
-	}
+	c := defaultEnvConfig(e.fake.URL())
+	c.Database = o.kind
 	if o.mutate != nil {
 		o.mutate(&c)
 	}
@@ -537,4 +598,8 @@ type historyBody struct {
 	} `json:"messages"`
 	TotalCount int  `json:"total_count"`
 	HasMore    bool `json:"has_more"`
+}
+
+func bearer(token string) map[string]string {
+	return map[string]string{"Authorization": "Bearer " + token}
 }

@@ -1,19 +1,15 @@
-package chatproxy
+package handler_test
 
 // Route-level tests of the guard (issue 4): rate limits, CSRF, content
-// types, input validation, bot scoring and fingerprints, through
-// provisioned modules exactly as Caddy runs them. Redis tests isolate
-// their budgets in the shared Redis with a jwt_secret of their own (the
-// limiter's key names are hashed with a key derived from it) and client
-// IPs of their own.
+// types, input validation, bot scoring and fingerprints, through the
+// handler as the module builds it. Redis tests isolate their budgets in
+// the shared Redis with a hash key of their own (see newHandler) and
+// client IPs of their own.
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -26,107 +22,67 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/go-redis/redis_rate/v10"
 
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/handler"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
 // grBrowserUA is an ordinary browser's User-Agent, so that the bot filter
 // sees a person unless a test says otherwise.
 const grBrowserUA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
-// grSecret is a jwt_secret unique to one test run.
-func grSecret() string {
-	b := make([]byte, 16)
-	_, _ = rand.Read(b)
-	return "guard-routes-jwt-" + hex.EncodeToString(b)
-}
+// grN8nCall is what the fake n8n received for one message.
+type grN8nCall = testkit.N8nBody
 
-// grN8nCall is what the stand-in n8n received for one message.
-type grN8nCall struct {
-	Action    string `json:"action"`
-	SessionID string `json:"sessionId"`
-	ChatInput string `json:"chatInput"`
-	Message   string `json:"message"`
-	Session   struct {
-		SessionID    string `json:"session_id"`
-		OriginDomain string `json:"origin_domain"`
-		ClientIP     string `json:"client_ip"`
-		UserAgent    string `json:"user_agent"`
-	} `json:"session"`
-}
-
-// grN8n is a stand-in n8n webhook answering {"output":"ok"} and recording
-// every request it gets.
+// grN8n is the fake n8n answering {"output":"ok"}.
 type grN8n struct {
-	URL   string
-	mu    sync.Mutex
-	calls []grN8nCall
+	*testkit.N8n
+	URL string
 }
 
 func newGrN8n(t *testing.T) *grN8n {
 	t.Helper()
-	f := &grN8n{}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var c grN8nCall
-		body, err := io.ReadAll(r.Body)
-		if err == nil {
-			err = json.Unmarshal(body, &c)
-		}
-		if err != nil {
-			t.Errorf("fake n8n: undecodable request %q: %v", body, err)
-			http.Error(w, "bad request", http.StatusBadRequest)
-			return
-		}
-		f.mu.Lock()
-		f.calls = append(f.calls, c)
-		f.mu.Unlock()
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = io.WriteString(w, `{"output":"ok"}`)
-	}))
-	t.Cleanup(srv.Close)
-	f.URL = srv.URL + "/webhook/chat"
-	return f
+	f := testkit.NewN8n(t, testkit.Output("ok"))
+	return &grN8n{N8n: f, URL: f.URL()}
 }
 
-func (f *grN8n) count() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.calls)
-}
+func (f *grN8n) count() int { return f.Hits() }
 
 func (f *grN8n) last(t *testing.T) grN8nCall {
 	t.Helper()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if len(f.calls) == 0 {
-		t.Fatal("n8n was never called")
-	}
-	return f.calls[len(f.calls)-1]
+	return f.Last(t).Body
 }
 
-// grProxy provisions a chat_proxy on a fresh embedded store with a
-// jwt_secret of its own, generous limits unless mutate sets others, and
-// n8n at n8nURL when given.
-func grProxy(t *testing.T, n8nURL string, mutate func(*ChatProxy)) *ChatProxy {
+// grHandler is a handler with its store.
+type grHandler struct {
+	*handler.Handler
+	store sessions.Store
+}
+
+func (g *grHandler) handlerStore() sessions.Store { return g.store }
+
+// grProxy builds a handler on a fresh embedded store with generous limits
+// unless mutate sets others, and n8n at n8nURL when given.
+func grProxy(t *testing.T, n8nURL string, mutate func(*envConfig)) *grHandler {
 	t.Helper()
-	return newTestProxy(t, "sqlite", func(cp *ChatProxy) {
-		cp.JWTSecret = grSecret()
-		if n8nURL != "" {
-			cp.N8nWebhook = n8nURL
-		}
-		if mutate != nil {
-			mutate(cp)
-		}
-	})
+	if n8nURL == "" {
+		n8nURL = "http://127.0.0.1:9/webhook/chat"
+	}
+	c := defaultEnvConfig(n8nURL)
+	if mutate != nil {
+		mutate(&c)
+	}
+	h, store := newHandler(t, c)
+	return &grHandler{Handler: h, store: store}
 }
 
-// limits returns generous limits with the given tiers replaced.
-func grLimits(tiers map[string][]string) map[string][]string {
-	l := generousLimits()
-	for k, v := range tiers {
-		l[k] = v
-	}
-	return l
+// grLimits returns generous limits with the given tiers replaced.
+func grLimits(tiers map[string][]string) map[guard.Tier][]redis_rate.Limit {
+	return limitsOver(generousLimits(), tiers)
 }
 
 type grReq struct {
@@ -139,7 +95,7 @@ type grReq struct {
 // User-Agent is a browser's and a body is JSON unless headers say
 // otherwise. It reports errors instead of failing, so goroutines may call
 // it.
-func grDo(cp *ChatProxy, rq grReq) (*httptest.ResponseRecorder, error) {
+func grDo(cp *grHandler, rq grReq) (*httptest.ResponseRecorder, error) {
 	var body io.Reader
 	if rq.body != "" {
 		body = strings.NewReader(rq.body)
@@ -173,7 +129,7 @@ func grDo(cp *ChatProxy, rq grReq) (*httptest.ResponseRecorder, error) {
 	return rec, nil
 }
 
-func grServe(t *testing.T, cp *ChatProxy, rq grReq) *httptest.ResponseRecorder {
+func grServe(t *testing.T, cp *grHandler, rq grReq) *httptest.ResponseRecorder {
 	t.Helper()
 	rec, err := grDo(cp, rq)
 	if err != nil {
@@ -184,7 +140,7 @@ func grServe(t *testing.T, cp *ChatProxy, rq grReq) *httptest.ResponseRecorder {
 
 // grCreate creates a session from ip with the allowed Origin, and extra
 // headers.
-func grCreate(t *testing.T, cp *ChatProxy, ip string, headers map[string]string) created {
+func grCreate(t *testing.T, cp *grHandler, ip string, headers map[string]string) created {
 	t.Helper()
 	h := map[string]string{"Origin": allowedOrigin}
 	for k, v := range headers {
@@ -199,7 +155,7 @@ func grCreate(t *testing.T, cp *ChatProxy, ip string, headers map[string]string)
 }
 
 // grChat posts a message with the bearer token and asks for a JSON reply.
-func grChat(t *testing.T, cp *ChatProxy, token, message, ip string) *httptest.ResponseRecorder {
+func grChat(t *testing.T, cp *grHandler, token, message, ip string) *httptest.ResponseRecorder {
 	t.Helper()
 	b, _ := json.Marshal(map[string]string{"message": message})
 	return grServe(t, cp, grReq{method: "POST", path: "/api/v1/chat/message", ip: ip, body: string(b),
@@ -286,17 +242,17 @@ func grCheckRateLimited(rec *httptest.ResponseRecorder, tier string, limit int) 
 // grBackends are the limiter backends every budget test runs on.
 var grBackends = []string{"memory", "redis"}
 
-func grWithBackend(t *testing.T, backend string) func(*ChatProxy) {
+func grWithBackend(t *testing.T, backend string) func(*envConfig) {
 	t.Helper()
 	if backend == "memory" {
-		return func(*ChatProxy) {}
+		return func(*envConfig) {}
 	}
 	u := testenv.RedisURL(t)
-	return func(cp *ChatProxy) {
-		cp.Redis = u
+	return func(c *envConfig) {
+		c.Redis = u
 		// These tests count exact budgets; a loaded machine must not turn
 		// a slow Redis answer into the in-process fallback.
-		cp.redisTimeout = 5 * time.Second
+		c.RedisTimeout = 5 * time.Second
 	}
 }
 
@@ -307,9 +263,9 @@ func TestGuardConcurrentRequestsExactLimit(t *testing.T) {
 	for _, backend := range grBackends {
 		t.Run(backend+"/create 10 per minute", func(t *testing.T) {
 			withBackend := grWithBackend(t, backend)
-			cp := grProxy(t, "", func(cp *ChatProxy) {
-				withBackend(cp)
-				cp.RateLimits = map[string][]string{"create": {"10/1m"}} // as `rate_limit create 10/1m`
+			cp := grProxy(t, "", func(c *envConfig) {
+				withBackend(c)
+				c.Limits = limitsOver(guard.DefaultLimits(), map[string][]string{"create": {"10/1m"}}) // as `rate_limit create 10/1m`
 			})
 			recs := grConcurrently(t, 200, func() (*httptest.ResponseRecorder, error) {
 				return grDo(cp, grReq{method: "POST", path: "/api/v1/session/create", ip: "198.51.100.10",
@@ -353,9 +309,9 @@ func TestGuardConcurrentRequestsExactLimit(t *testing.T) {
 		})
 		t.Run(backend+"/ip default 60 per minute", func(t *testing.T) {
 			withBackend := grWithBackend(t, backend)
-			cp := grProxy(t, "", func(cp *ChatProxy) {
-				withBackend(cp)
-				cp.RateLimits = nil // every tier at its default
+			cp := grProxy(t, "", func(c *envConfig) {
+				withBackend(c)
+				c.Limits = guard.DefaultLimits() // every tier at its default
 			})
 			c := grCreate(t, cp, "198.51.100.20", nil)
 			recs := grConcurrently(t, 200, func() (*httptest.ResponseRecorder, error) {
@@ -412,7 +368,7 @@ func grConcurrently(t *testing.T, n int, do func() (*httptest.ResponseRecorder, 
 // requests passed on to the next handler.
 func TestGuardIPTierCountsSessionAndChatRoutesOnly(t *testing.T) {
 	n8n := newGrN8n(t)
-	cp := grProxy(t, n8n.URL, func(cp *ChatProxy) { cp.RateLimits = grLimits(map[string][]string{"ip": {"5/1m"}}) })
+	cp := grProxy(t, n8n.URL, func(c *envConfig) { c.Limits = grLimits(map[string][]string{"ip": {"5/1m"}}) })
 	const ip = "198.51.100.30"
 	for i := range 5 {
 		for _, rq := range []grReq{
@@ -494,8 +450,8 @@ func TestGuardIPTierCountsSessionAndChatRoutesOnly(t *testing.T) {
 // site, across sessions and IPs; another site keeps its own budget.
 func TestGuardSessionAndDomainTiers(t *testing.T) {
 	n8n := newGrN8n(t)
-	cp := grProxy(t, n8n.URL, func(cp *ChatProxy) {
-		cp.RateLimits = grLimits(map[string][]string{"session": {"3/1m"}, "domain": {"5/1m"}})
+	cp := grProxy(t, n8n.URL, func(c *envConfig) {
+		c.Limits = grLimits(map[string][]string{"session": {"3/1m"}, "domain": {"5/1m"}})
 	})
 	s1 := grCreate(t, cp, "198.51.100.40", nil)
 	for i := range 3 {
@@ -529,9 +485,9 @@ func TestGuardRepeatOffenderBlocked(t *testing.T) {
 	for _, backend := range grBackends {
 		t.Run(backend, func(t *testing.T) {
 			withBackend := grWithBackend(t, backend)
-			cp := grProxy(t, "", func(cp *ChatProxy) {
-				withBackend(cp)
-				cp.RateLimits = grLimits(map[string][]string{"create": {"10/1m"}})
+			cp := grProxy(t, "", func(c *envConfig) {
+				withBackend(c)
+				c.Limits = grLimits(map[string][]string{"create": {"10/1m"}})
 			})
 			const ip = "198.51.100.50"
 			create := grReq{method: "POST", path: "/api/v1/session/create", ip: ip}
@@ -558,307 +514,6 @@ func TestGuardRepeatOffenderBlocked(t *testing.T) {
 				t.Fatalf("validate from the blocked IP: %d %s", rec.Code, rec.Body)
 			}
 		})
-	}
-}
-
-// Two chat_proxy instances on one Redis (same redis URL and jwt_secret, as
-// every instance of a site is configured) enforce one budget; without
-// Redis each instance has its own, so a deployment of N instances without
-// Redis lets N times the configured rate through. That is why production
-// with several instances needs `redis`.
-func TestGuardTwoInstancesShareOneBudget(t *testing.T) {
-	for _, tc := range []struct {
-		name        string
-		redis       func(t *testing.T) (string, string) // the two instances' redis options
-		wantCreate  int                                 // of 30 creations at 10/1m
-		wantMessage int                                 // of 12 messages at 4/1m
-	}{
-		{"redis, same URL", func(t *testing.T) (string, string) {
-			u := testenv.RedisURL(t)
-			return u, u
-		}, 10, 4},
-		{"redis, separate clients", func(t *testing.T) (string, string) {
-			// A second spelling of the URL gets its own client and
-			// connections, as a second Caddy process would.
-			u := testenv.RedisURL(t)
-			sep := "?"
-			if strings.Contains(u, "?") {
-				sep = "&"
-			}
-			return u, u + sep + "client_name=chatproxy-second-instance"
-		}, 10, 4},
-		{"in process", func(*testing.T) (string, string) { return "", "" }, 20, 8},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			n8n := newGrN8n(t)
-			secret, db := grSecret(), "sqlite:"+t.TempDir()+"/shared.db"
-			ua, ub := tc.redis(t)
-			instance := func(redisURL string) *ChatProxy {
-				return grProxy(t, n8n.URL, func(cp *ChatProxy) {
-					cp.JWTSecret, cp.Database, cp.Redis = secret, db, redisURL
-					if redisURL != "" {
-						cp.redisTimeout = 5 * time.Second
-					}
-					cp.RateLimits = grLimits(map[string][]string{"create": {"10/1m"}, "session": {"4/1m"}})
-				})
-			}
-			a, b := instance(ua), instance(ub)
-
-			var created [2]int
-			for i := range 30 {
-				cp := []*ChatProxy{a, b}[i%2]
-				rec := grServe(t, cp, grReq{method: "POST", path: "/api/v1/session/create", ip: "198.51.100.60"})
-				switch rec.Code {
-				case 201:
-					created[i%2]++
-				case 429:
-					grRateLimited(t, rec, "create", 10)
-				default:
-					t.Fatalf("creation %d: %d %s", i, rec.Code, rec.Body)
-				}
-			}
-			t.Logf("%s: 30 alternating creations at 10/1m → %d allowed (%d on A, %d on B)", tc.name, created[0]+created[1], created[0], created[1])
-			if created[0]+created[1] != tc.wantCreate {
-				t.Fatalf("allowed creations = %d (%d on A, %d on B), want %d", created[0]+created[1], created[0], created[1], tc.wantCreate)
-			}
-
-			// One conversation, its messages alternating between the
-			// instances: the session tier is shared the same way.
-			c := grCreate(t, a, "198.51.100.61", nil)
-			sent := 0
-			for i := range 12 {
-				cp := []*ChatProxy{a, b}[i%2]
-				rec := grChat(t, cp, c.Token, fmt.Sprintf("message number %d", i), "198.51.100.61")
-				switch rec.Code {
-				case 200:
-					sent++
-				case 429:
-					grRateLimited(t, rec, "session", 4)
-				default:
-					t.Fatalf("message %d: %d %s", i, rec.Code, rec.Body)
-				}
-			}
-			if sent != tc.wantMessage || n8n.count() != tc.wantMessage {
-				t.Fatalf("messages allowed %d, n8n calls %d; want %d", sent, n8n.count(), tc.wantMessage)
-			}
-		})
-	}
-}
-
-// grTCPProxy forwards TCP connections to a target; stop closes the
-// listener and every connection (Redis becomes unreachable), start listens
-// again on the same address.
-type grTCPProxy struct {
-	target string
-	addr   string
-	mu     sync.Mutex
-	ln     net.Listener
-	conns  map[net.Conn]bool
-	wg     sync.WaitGroup
-}
-
-func (p *grTCPProxy) start() error {
-	addr := p.addr
-	if addr == "" {
-		addr = "127.0.0.1:0"
-	}
-	var ln net.Listener
-	var err error
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		if ln, err = net.Listen("tcp", addr); err == nil || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		return err
-	}
-	p.mu.Lock()
-	p.ln, p.addr = ln, ln.Addr().String()
-	if p.conns == nil {
-		p.conns = make(map[net.Conn]bool)
-	}
-	p.mu.Unlock()
-	p.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.DialTimeout("tcp", p.target, time.Second)
-			if err != nil {
-				_ = c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns[c], p.conns[up] = true, true
-			p.mu.Unlock()
-			pipe := func(dst, src net.Conn) {
-				_, _ = io.Copy(dst, src)
-				_ = dst.Close()
-				_ = src.Close()
-			}
-			p.wg.Go(func() { pipe(up, c) })
-			p.wg.Go(func() { pipe(c, up) })
-		}
-	})
-	return nil
-}
-
-func (p *grTCPProxy) stop() {
-	p.mu.Lock()
-	if p.ln != nil {
-		_ = p.ln.Close()
-	}
-	for c := range p.conns {
-		_ = c.Close()
-	}
-	clear(p.conns)
-	p.mu.Unlock()
-	p.wg.Wait()
-}
-
-type grHealth struct {
-	Status string `json:"status"`
-	Checks map[string]struct {
-		Status string `json:"status"`
-	} `json:"checks"`
-}
-
-func grHealthOf(t *testing.T, cp *ChatProxy) (int, grHealth) {
-	t.Helper()
-	rec := grServe(t, cp, grReq{method: "GET", path: "/health"})
-	var h grHealth
-	if err := json.Unmarshal(rec.Body.Bytes(), &h); err != nil {
-		t.Fatalf("health body %s: %v", rec.Body, err)
-	}
-	return rec.Code, h
-}
-
-// Redis made unreachable mid-test (a TCP proxy in front of it, closed):
-// requests are still limited, in process; /health says degraded; when Redis
-// is back the limiter uses it again and the budget is shared again.
-func TestGuardRedisOutageFallsBackAndRecovers(t *testing.T) {
-	real, err := url.Parse(testenv.RedisURL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	target := real.Host
-	if real.Port() == "" {
-		target = net.JoinHostPort(real.Hostname(), "6379")
-	}
-	proxy := &grTCPProxy{target: target}
-	if err := proxy.start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(proxy.stop)
-	viaProxy := *real
-	viaProxy.Host = proxy.addr
-	secret := grSecret()
-	instance := func() *ChatProxy {
-		return grProxy(t, "", func(cp *ChatProxy) {
-			cp.JWTSecret, cp.Redis = secret, viaProxy.String()
-			cp.RateLimits = grLimits(map[string][]string{"create": {"3/1m"}})
-		})
-	}
-	a, b := instance(), instance()
-	both := []*ChatProxy{a, b}
-
-	wantHealth := func(cp *ChatProxy, status, redis string) {
-		t.Helper()
-		code, h := grHealthOf(t, cp)
-		if code != 200 || h.Status != status || h.Checks["redis"].Status != redis || h.Checks["database"].Status != "ok" {
-			t.Fatalf("health = %d %+v, want 200 %s with redis %s", code, h, status, redis)
-		}
-	}
-	// alternate sends n creations from ip to A and B in turn and returns
-	// how many were allowed.
-	alternate := func(ip string, n int, on []*ChatProxy) int {
-		t.Helper()
-		allowed := 0
-		for i := range n {
-			rec := grServe(t, on[i%len(on)], grReq{method: "POST", path: "/api/v1/session/create", ip: ip})
-			switch rec.Code {
-			case 201:
-				allowed++
-			case 429:
-				grRateLimited(t, rec, "create", 3)
-			default:
-				t.Fatalf("creation: %d %s", rec.Code, rec.Body)
-			}
-		}
-		return allowed
-	}
-
-	for _, cp := range both {
-		wantHealth(cp, "ok", "ok")
-	}
-	if got := alternate("198.51.100.70", 8, both); got != 3 {
-		t.Fatalf("through Redis: %d of 8 alternating creations allowed, want 3 (one shared budget)", got)
-	}
-
-	proxy.stop()
-	startOutage := time.Now()
-	rec := grServe(t, a, grReq{method: "POST", path: "/api/v1/session/create", ip: "198.51.100.71"})
-	firstLatency := time.Since(startOutage)
-	if rec.Code != 201 {
-		t.Fatalf("first request with Redis down: %d %s", rec.Code, rec.Body)
-	}
-	if firstLatency > time.Second {
-		t.Fatalf("the first request with Redis down took %v; the limiter should give up on Redis within its 250ms timeout", firstLatency)
-	}
-	// Limits go on in process: A allows the rest of its 3, then refuses;
-	// B, with its own in-process state, allows its own 3.
-	if got := 1 + alternate("198.51.100.71", 5, []*ChatProxy{a}); got != 3 {
-		t.Fatalf("instance A during the outage: %d allowed, want 3", got)
-	}
-	if got := alternate("198.51.100.71", 6, []*ChatProxy{b}); got != 3 {
-		t.Fatalf("instance B during the outage: %d allowed, want 3 (its own in-process budget)", got)
-	}
-	var healthLatency time.Duration
-	for _, cp := range both {
-		start := time.Now()
-		code, h := grHealthOf(t, cp)
-		healthLatency = max(healthLatency, time.Since(start))
-		if r := h.Checks["redis"].Status; code != 200 || h.Status != "degraded" || r != "down" && r != "degraded" {
-			t.Fatalf("health during the outage = %d %+v, want 200 degraded with redis down", code, h)
-		}
-	}
-	// /health bounds each check (2 s), so it answers even while Redis
-	// does not.
-	if healthLatency > 3*time.Second {
-		t.Fatalf("/health took %v during the outage", healthLatency)
-	}
-
-	if err := proxy.start(); err != nil {
-		t.Fatalf("reopening the proxy: %v", err)
-	}
-	// The limiter tries Redis again every 5 s (one request probes); poll
-	// until both instances are back on it.
-	reopened := time.Now()
-	for deadline := reopened.Add(15 * time.Second); ; {
-		for _, cp := range both {
-			if rec := grServe(t, cp, grReq{method: "GET", path: "/api/v1/session/validate", ip: "198.51.100.72"}); rec.Code != 401 {
-				t.Fatalf("probe request: %d %s", rec.Code, rec.Body)
-			}
-		}
-		_, ha := grHealthOf(t, a)
-		_, hb := grHealthOf(t, b)
-		if ha.Status == "ok" && hb.Status == "ok" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not back on Redis 15 s after it returned: A %+v, B %+v", ha, hb)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Logf("first request during the outage took %v, /health %v; back on Redis %v after it returned",
-		firstLatency.Round(time.Millisecond), healthLatency.Round(time.Millisecond), time.Since(reopened).Round(time.Millisecond))
-	for _, cp := range both {
-		wantHealth(cp, "ok", "ok")
-	}
-	if got := alternate("198.51.100.73", 8, both); got != 3 {
-		t.Fatalf("after Redis returned: %d of 8 alternating creations allowed, want 3 (shared again)", got)
 	}
 }
 
@@ -1005,7 +660,7 @@ func TestGuardJSONRoutesRefuseFormBodies(t *testing.T) {
 // names the field, and n8n is never called for one.
 func TestGuardInputValidationAtRoutes(t *testing.T) {
 	n8n := newGrN8n(t)
-	cp := grProxy(t, n8n.URL, func(cp *ChatProxy) { cp.MaxMessageLength = 20 })
+	cp := grProxy(t, n8n.URL, func(c *envConfig) { c.MaxMessageLength = 20 })
 	c := grCreate(t, cp, "198.51.100.100", nil)
 	auth := map[string]string{"Authorization": "Bearer " + c.Token, "Accept": "application/json"}
 	manyKeys := make([]string, 65)
@@ -1142,7 +797,7 @@ var grMustPass = []string{
 // routes, and is stored verbatim.
 func TestGuardMustPassCorpusReachesN8nVerbatim(t *testing.T) {
 	n8n := newGrN8n(t)
-	cp := grProxy(t, n8n.URL, func(cp *ChatProxy) { cp.RateLimits, cp.BotDetection = nil, "" })
+	cp := grProxy(t, n8n.URL, func(c *envConfig) { c.Limits, c.Bots = guard.DefaultLimits(), true })
 
 	c := grCreate(t, cp, "198.51.100.110", nil)
 	for _, msg := range grMustPass {
@@ -1200,7 +855,7 @@ func TestGuardMustPassCorpusReachesN8nVerbatim(t *testing.T) {
 // client with a plain message is not a bot.
 func TestGuardBotCorpusRefused(t *testing.T) {
 	n8n := newGrN8n(t)
-	cp := grProxy(t, n8n.URL, func(cp *ChatProxy) { cp.BotDetection = "" })
+	cp := grProxy(t, n8n.URL, func(c *envConfig) { c.Bots = true })
 	links := func(n int) string {
 		var b strings.Builder
 		b.WriteString("great deals")
@@ -1293,12 +948,12 @@ func TestGuardBotCorpusRefused(t *testing.T) {
 	}
 
 	// bot_detection off lets the same link flood through.
-	off := grProxy(t, n8n.URL, func(cp *ChatProxy) { cp.BotDetection = "off" })
+	off := grProxy(t, n8n.URL, func(c *envConfig) { c.Bots = false })
 	grWantReply(t, grChatNew(t, off, links(10)))
 }
 
 // grChatNew posts one message in a new session of cp with a browser's agent.
-func grChatNew(t *testing.T, cp *ChatProxy, message string) *httptest.ResponseRecorder {
+func grChatNew(t *testing.T, cp *grHandler, message string) *httptest.ResponseRecorder {
 	t.Helper()
 	c := grCreate(t, cp, "198.51.100.127", nil)
 	return grChat(t, cp, c.Token, message, "198.51.100.127")
@@ -1311,7 +966,7 @@ func grChatNew(t *testing.T, cp *ChatProxy, message string) *httptest.ResponseRe
 func TestGuardFingerprintMismatchKeepsTheSession(t *testing.T) {
 	n8n := newGrN8n(t)
 	for _, threshold := range []string{"", "1"} {
-		cp := grProxy(t, n8n.URL, func(cp *ChatProxy) { cp.BotDetection = threshold })
+		cp := grProxy(t, n8n.URL, func(c *envConfig) { c.Bots, c.BotThreshold = botDetection(t, threshold) })
 		c := grCreate(t, cp, "198.51.100.130", map[string]string{"Accept-Language": "en-GB,en;q=0.9"})
 		other := map[string]string{
 			"User-Agent":      "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15",
