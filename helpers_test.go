@@ -608,3 +608,30 @@ func awaitSignal(t *testing.T, ch <-chan struct{}, what string) {
 	t.Helper()
 	testkit.AwaitSignal(t, ch, what)
 }
+
+// handlerStore exposes the provisioned store to tests.
+func (cp *ChatProxy) handlerStore() sessions.Store {
+	v, ok := storePool.References(cp.storeKey)
+	if !ok || v == 0 {
+		panic("store not acquired")
+	}
+	s, _, err := acquireStore(cp.database)
+	if err != nil {
+		panic(err)
+	}
+	_, _ = storePool.Delete(cp.storeKey)
+	return s
+}
+
+type historyBody struct {
+	SessionID string `json:"session_id"`
+	Messages  []struct {
+		ID        string `json:"id"`
+		Role      string `json:"role"`
+		Content   string `json:"content"`
+		CreatedAt string `json:"created_at"`
+		Status    string `json:"status"`
+	} `json:"messages"`
+	TotalCount int  `json:"total_count"`
+	HasMore    bool `json:"has_more"`
+}

@@ -39,6 +39,9 @@ const (
 	passedOn          = 299 // status the next handler answers with
 )
 
+// defaultSessionTTL is the module's session_ttl default.
+const defaultSessionTTL = 7 * 24 * time.Hour
+
 // storeKinds are the stores every route test runs against.
 var storeKinds = []string{"sqlite", "postgres"}
 
@@ -184,7 +187,7 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 		Sessions: &sessions.Manager{
 			Store:  store,
 			Tokens: sessions.NewTokensFor([]byte(testJWTSecret), sessions.BlockAudience(c.Upstream.WebhookURL), nil),
-			TTL:    7 * 24 * time.Hour,
+			TTL:    defaultSessionTTL,
 		},
 		Store:              store,
 		Cookie:             handler.Cookie{Name: "chat_session", SameSite: http.SameSiteLaxMode},
@@ -520,7 +523,7 @@ type req struct {
 
 // serve sends one request through the provisioned module as Caddy's server
 // would, with the client_ip var set.
-func serve(t *testing.T, h *handler.Handler, rq req) *httptest.ResponseRecorder {
+func serve(t *testing.T, h caddyhttp.MiddlewareHandler, rq req) *httptest.ResponseRecorder {
 	t.Helper()
 	var body io.Reader
 	if rq.body != "" {
@@ -602,4 +605,48 @@ type historyBody struct {
 
 func bearer(token string) map[string]string {
 	return map[string]string{"Authorization": "Bearer " + token}
+}
+
+// newTestProxy builds a handler as the module would, on a fresh store of
+// the given kind, in front of an n8n nothing listens for.
+func newTestProxy(t *testing.T, kind string, mutate func(*envConfig)) *grHandler {
+	t.Helper()
+	return grProxy(t, "", func(c *envConfig) {
+		c.Database = kind
+		if mutate != nil {
+			mutate(c)
+		}
+	})
+}
+
+func createSession(t *testing.T, h caddyhttp.MiddlewareHandler) created {
+	t.Helper()
+	rec := serve(t, h, req{method: "POST", path: "/api/v1/session/create", body: `{"page_url":"https://shop.example.com/p/1"}`,
+		headers: map[string]string{"Origin": allowedOrigin}})
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("create: %d %s", rec.Code, rec.Body)
+	}
+	return decode[created](t, rec)
+}
+
+// serveRecorded is serve for goroutines: a failing ServeHTTP shows as 599.
+func serveRecorded(h caddyhttp.MiddlewareHandler, rq req) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, strings.NewReader(rq.body))
+	if rq.body != "" {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range rq.headers {
+		r.Header.Set(k, v)
+	}
+	rec := httptest.NewRecorder()
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
+	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.7")
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(passedOn)
+		return nil
+	})
+	if err := h.ServeHTTP(rec, r, next); err != nil {
+		rec.Code = 599
+	}
+	return rec
 }

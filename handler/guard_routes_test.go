@@ -57,13 +57,16 @@ func (f *grN8n) last(t *testing.T) grN8nCall {
 	return f.Last(t).Body
 }
 
-// grHandler is a handler with its store.
+// grHandler is a handler with its store and its tokens' audience.
 type grHandler struct {
 	*handler.Handler
-	store sessions.Store
+	store    sessions.Store
+	audience string
 }
 
 func (g *grHandler) handlerStore() sessions.Store { return g.store }
+
+func (g *grHandler) tokenAudience() string { return g.audience }
 
 // grProxy builds a handler on a fresh embedded store with generous limits
 // unless mutate sets others, and n8n at n8nURL when given.
@@ -77,7 +80,7 @@ func grProxy(t *testing.T, n8nURL string, mutate func(*envConfig)) *grHandler {
 		mutate(&c)
 	}
 	h, store := newHandler(t, c)
-	return &grHandler{Handler: h, store: store}
+	return &grHandler{Handler: h, store: store, audience: sessions.BlockAudience(c.Upstream.WebhookURL)}
 }
 
 // grLimits returns generous limits with the given tiers replaced.
