@@ -419,7 +419,11 @@ func TestDrillPostgresCutMidStream(t *testing.T) {
 			wantStreamEnd(t, br)
 			e.waitIdle(t) // storeReply has run
 			if tt.back == afterGivingUp {
-				if waited := time.Since(ended); waited < storeTimeout {
+				// The store's clock starts when [DONE] is written, a moment
+				// before the client reads it (ended): allow that moment on a
+				// loaded machine. Giving up at the first failure would show
+				// as ~50ms.
+				if waited := time.Since(ended); waited < storeTimeout*9/10 {
 					t.Fatalf("the reply's store gave up after %v, before its %v timeout", waited, storeTimeout)
 				}
 				db.restore(t)
