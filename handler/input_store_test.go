@@ -9,6 +9,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
 // What a client sends is its own mistake, never a store outage: numbers
@@ -95,5 +96,43 @@ func TestClientInputIsNotAStoreOutage(t *testing.T) {
 	}
 	if rec.Code != http.StatusCreated {
 		t.Fatalf("create: %d", rec.Code)
+	}
+}
+
+// Whatever data error PostgreSQL still finds in a request (SQLSTATE class
+// 22, sessions.ErrInvalidData) is the request's fault: 400, not a 503
+// store_unavailable with an error log. A trigger stands in for such data.
+func TestStoreDataErrorIsABadRequest(t *testing.T) {
+	store := hdPostgres(t)
+	e := newHDEnv(t, store, nil)
+	token := e.session(t, hdHeaders("Origin", hdOrigin)) // migrates the schema
+	pg := store.(*sessions.PostgresStore)
+	for _, stmt := range []string{
+		`CREATE FUNCTION hd_data_error() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'value out of range' USING ERRCODE = '22003'; END $$`,
+		`CREATE TRIGGER hd_data_error BEFORE INSERT ON chatproxy_messages FOR EACH ROW EXECUTE FUNCTION hd_data_error()`,
+		`CREATE TRIGGER hd_data_error BEFORE INSERT ON chatproxy_sessions FOR EACH ROW EXECUTE FUNCTION hd_data_error()`,
+	} {
+		if _, err := pg.Pool().Exec(context.Background(), stmt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name, path, body string
+		headers          map[string]string
+	}{
+		{"session create", "/api/v1/session/create", `{}`, hdHeaders("Origin", hdOrigin)},
+		{"chat message", "/api/v1/chat/message", `{"message":"hello"}`, hdHeaders("Authorization", "Bearer "+token, "Accept", "application/json")},
+		{"widget", "/api/v1/n8n/chat", `{"action":"sendMessage","sessionId":"widget-data-0001","chatInput":"hello"}`, hdHeaders("Origin", hdOrigin, "Accept", "application/json")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e.logs.TakeAll()
+			hdWantError(t, e.do(t, "POST", tc.path, tc.body, tc.headers), http.StatusBadRequest, "invalid_request")
+			e.hdNoErrorLogs(t)
+			for _, l := range e.logs.FilterMessage("chat exchange").AllUntimed() {
+				if out := l.ContextMap()["outcome"]; out == metrics.OutcomeError {
+					t.Errorf("exchange outcome %v", out)
+				}
+			}
+		})
 	}
 }

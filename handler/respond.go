@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
 // apiError is the JSON error body: {"error": code, "message": text}.
@@ -41,9 +42,17 @@ func (h *Handler) writeError(w http.ResponseWriter, r *http.Request, status int,
 	return writeJSON(w, status, apiError{Error: code, Message: message})
 }
 
-// internalError logs err and answers 503 when the store failed: the request
-// can be retried, and nothing it asked for was half done.
+// storeError answers a failed store call. Data the store cannot hold
+// (sessions.ErrInvalidData) is the request's fault: 400. Anything else is
+// logged and answered 503: the request can be retried, and nothing it
+// asked for was half done.
 func (h *Handler) storeError(w http.ResponseWriter, r *http.Request, what string, err error) error {
+	if errors.Is(err, sessions.ErrInvalidData) {
+		// The store refused what this request carried (PostgreSQL's class
+		// 22): the client's mistake, not an outage to page anyone about.
+		h.cfg.Logger.Info("store refused the request's data", zap.String("operation", what), zap.Error(err))
+		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "the request holds a value the session store cannot keep")
+	}
 	h.cfg.Logger.Error("store unavailable", zap.String("operation", what), zap.Error(err))
 	h.healthState.invalidate() // /health checks again rather than answer a cached "ok"
 	w.Header().Set("Retry-After", "5")
