@@ -12,7 +12,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,22 +20,24 @@ import (
 )
 
 // The webhook path is a secret: tests check it never shows in errors.
-const secretPath = "/webhook/6f1e-secret-webhook-id/chat"
+const secretPath = testkit.WebhookPath
 
 const testSecret = "0123456789abcdef0123456789abcdef-session"
 
-// fakeN8N is an httptest server standing in for n8n. Each test gives it a
-// handler; it counts hits and records what it received.
+// fakeN8N is the shared fake n8n (testkit.N8n) running one handler, under
+// the names these tests use.
 type fakeN8N struct {
+	*testkit.N8n
 	srv     *httptest.Server
-	hits    atomic.Int32
-	newConn atomic.Int32
-	closed  atomic.Int32
-
-	mu      sync.Mutex
-	handler http.HandlerFunc
-	reqs    []recorded
+	hits    counter // requests
+	newConn counter // connections opened
+	closed  counter // connections closed
 }
+
+// counter reads one of the fake's counts.
+type counter func() int
+
+func (c counter) Load() int32 { return int32(c()) }
 
 type recorded struct {
 	header http.Header
@@ -46,60 +47,26 @@ type recorded struct {
 
 func newFake(t *testing.T, h http.HandlerFunc) *fakeN8N {
 	t.Helper()
-	f := &fakeN8N{handler: h}
-	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
-	f.srv.Config.ConnState = f.connState
-	f.srv.Start()
-	t.Cleanup(f.close)
-	return f
+	return wrapFake(testkit.NewN8n(t, testkit.Handler(h)))
 }
 
 // newTLSFake is newFake over TLS with HTTP/2 enabled.
 func newTLSFake(t *testing.T, h http.HandlerFunc) *fakeN8N {
 	t.Helper()
-	f := &fakeN8N{handler: h}
-	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
-	f.srv.EnableHTTP2 = true
-	f.srv.StartTLS()
-	t.Cleanup(f.close)
-	return f
+	return wrapFake(testkit.NewN8nTLS(t, testkit.Handler(h)))
 }
 
-func (f *fakeN8N) close() {
-	f.srv.CloseClientConnections()
-	f.srv.Close()
-}
-
-func (f *fakeN8N) connState(_ net.Conn, s http.ConnState) {
-	switch s {
-	case http.StateNew:
-		f.newConn.Add(1)
-	case http.StateClosed:
-		f.closed.Add(1)
-	}
-}
-
-func (f *fakeN8N) serve(w http.ResponseWriter, r *http.Request) {
-	f.hits.Add(1)
-	body, _ := io.ReadAll(r.Body)
-	f.mu.Lock()
-	f.reqs = append(f.reqs, recorded{header: r.Header.Clone(), body: body, proto: r.ProtoMajor})
-	h := f.handler
-	f.mu.Unlock()
-	h(w, r)
+func wrapFake(f *testkit.N8n) *fakeN8N {
+	return &fakeN8N{N8n: f, srv: f.Server(), hits: f.Hits, newConn: f.Conns, closed: f.Closed}
 }
 
 func (f *fakeN8N) lastRequest(t *testing.T) recorded {
 	t.Helper()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if len(f.reqs) == 0 {
-		t.Fatal("n8n got no request")
-	}
-	return f.reqs[len(f.reqs)-1]
+	c := f.Last(t)
+	return recorded{header: c.Header, body: c.Raw, proto: c.Proto}
 }
 
-func (f *fakeN8N) url() string { return f.srv.URL + secretPath }
+func (f *fakeN8N) url() string { return f.URL() }
 
 // testConfig is a fast configuration for tests against f.
 func testConfig(f *fakeN8N) Config {

@@ -9,7 +9,6 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -75,13 +74,13 @@ func (s *multipartStandIn) handle(w http.ResponseWriter, r *http.Request) {
 	_, _ = io.WriteString(w, `{"output":"got your files"}`)
 }
 
-// newStandInClient starts s as n8n (without fakeN8N, which reads whole
-// bodies) and returns a client for it.
+// newStandInClient starts s as n8n (the shared fake, handing s each body
+// as it arrives) and returns a client for it.
 func newStandInClient(t *testing.T, s *multipartStandIn, edit func(*Config)) *Client {
 	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(s.handle))
-	t.Cleanup(srv.Close)
-	cfg := testConfig(&fakeN8N{srv: srv})
+	f := newFake(t, s.handle)
+	f.StreamBodies()
+	cfg := testConfig(f)
 	if edit != nil {
 		edit(&cfg)
 	}

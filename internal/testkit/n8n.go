@@ -1,6 +1,7 @@
 package testkit
 
 import (
+	"bytes"
 	"compress/gzip"
 	"encoding/json"
 	"fmt"
@@ -43,8 +44,11 @@ type N8n struct {
 	mu        sync.Mutex
 	script    Script
 	jwtSecret []byte // when set, requests are checked as n8n's JWT Auth does
-	calls     []*Call
-	arrived   chan *Call
+	// streamBodies hands the script the request body unread (and records
+	// no Raw or Body): for tests of how a body is sent, or of memory.
+	streamBodies bool
+	calls        []*Call
+	arrived      chan *Call
 }
 
 // Script answers one request to the fake n8n.
@@ -187,6 +191,15 @@ func (f *N8n) RequireJWT(secret string) {
 	}
 }
 
+// StreamBodies makes the fake hand scripts each request body unread, as
+// it arrives, instead of reading it whole first; Call.Raw and Call.Body
+// stay empty.
+func (f *N8n) StreamBodies() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.streamBodies = true
+}
+
 // Hits is how many requests reached the fake.
 func (f *N8n) Hits() int { return int(f.hits.Load()) }
 
@@ -230,7 +243,14 @@ func (f *N8n) serve(w http.ResponseWriter, r *http.Request) {
 	n := f.hits.Add(1)
 	f.active.Add(1)
 	defer f.active.Add(-1)
-	raw, _ := io.ReadAll(r.Body)
+	f.mu.Lock()
+	stream := f.streamBodies
+	f.mu.Unlock()
+	var raw []byte
+	if !stream {
+		raw, _ = io.ReadAll(r.Body)
+		r.Body = io.NopCloser(bytes.NewReader(raw)) // a script may read it again
+	}
 	c := &Call{
 		N: int(n), Proto: r.ProtoMajor, Method: r.Method, Path: r.URL.Path, Header: r.Header.Clone(), Raw: raw,
 		canceled: make(chan struct{}), finished: make(chan struct{}),
