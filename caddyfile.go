@@ -1,6 +1,9 @@
 package chatproxy
 
 import (
+	"errors"
+	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -9,8 +12,10 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/dustin/go-humanize"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 )
 
 func init() {
@@ -79,48 +84,47 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		var err error
 		switch option {
 		case "n8n_webhook":
-			cp.N8nWebhook, err = singleArg(d, option)
+			if cp.N8nWebhook, err = singleArg(d, option); err == nil && literal(cp.N8nWebhook) {
+				_, perr := parseWebhook(cp.N8nWebhook)
+				err = checked(perr)
+			}
 		case "jwt_secret":
-			cp.JWTSecret, err = singleArg(d, option)
+			if cp.JWTSecret, err = singleArg(d, option); err == nil && literal(cp.JWTSecret) {
+				err = checked(checkSecret(option, []byte(cp.JWTSecret)))
+			}
 		case "session_secret":
-			cp.SessionSecret, err = singleArg(d, option)
+			if cp.SessionSecret, err = singleArg(d, option); err == nil && literal(cp.SessionSecret) {
+				err = checked(checkSecret(option, []byte(cp.SessionSecret)))
+			}
 		case "database":
-			cp.Database, err = singleArg(d, option)
+			if cp.Database, err = singleArg(d, option); err == nil && literal(cp.Database) {
+				err = checked(checkDatabase(cp.Database))
+			}
 		case "path_prefix":
-			cp.PathPrefix, err = singleArg(d, option)
+			if cp.PathPrefix, err = singleArg(d, option); err == nil && literal(cp.PathPrefix) {
+				err = checked(checkPathPrefix(strings.TrimSuffix(cp.PathPrefix, "/")))
+			}
 		case "allowed_origins":
 			cp.AllowedOrigins = d.RemainingArgs()
 			if len(cp.AllowedOrigins) == 0 {
 				return d.Errf("chat_proxy: option '%s' needs at least one origin", option)
 			}
-			err = noBlock(d, option)
-		case "session_ttl":
-			var v string
-			if v, err = singleArg(d, option); err == nil {
-				var dur caddy.Duration
-				dur, err = parseDuration(d, option, v)
-				cp.SessionTTL = dur
-			}
-		case "max_body_size":
-			var v string
-			if v, err = singleArg(d, option); err == nil {
-				size, perr := humanize.ParseBytes(v)
-				if perr != nil || size == 0 || size > 1<<30 {
-					return d.Errf("chat_proxy: option '%s': invalid size %q (use e.g. 64KiB, at most 1GiB)", option, v)
+			for _, o := range cp.AllowedOrigins {
+				if literal(o) {
+					if err := checkOrigins([]string{o}); err != nil {
+						return d.Errf("chat_proxy: %v", err)
+					}
 				}
-				cp.MaxBodySize = int64(size)
 			}
-		case "cookie":
-			err = cp.unmarshalCookie(d)
-		case "redis":
-			cp.Redis, err = singleArg(d, option)
-		case "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration",
+			err = noBlock(d, option)
+		case "session_ttl", "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration",
 			"history_retention", "purge_interval":
 			var v string
 			if v, err = singleArg(d, option); err == nil {
 				var dur caddy.Duration
 				if dur, err = parseDuration(d, option, v); err == nil {
 					*map[string]*caddy.Duration{
+						"session_ttl":         &cp.SessionTTL,
 						"n8n_token_ttl":       &cp.N8nTokenTTL,
 						"upstream_timeout":    &cp.UpstreamTimeout,
 						"stream_idle_timeout": &cp.StreamIdleTimeout,
@@ -128,7 +132,24 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						"history_retention":   &cp.HistoryRetention,
 						"purge_interval":      &cp.PurgeInterval,
 					}[option] = dur
+					err = checked(checkMinDuration(option, dur, minDurations[option]))
 				}
+			}
+		case "max_body_size":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				size, perr := humanize.ParseBytes(v)
+				if perr != nil || size > math.MaxInt64 {
+					return d.Errf("chat_proxy: option '%s': invalid size %q (use e.g. 64KiB, at most 1GiB)", option, v)
+				}
+				cp.MaxBodySize = int64(size)
+				err = checked(checkBodySize(cp.MaxBodySize))
+			}
+		case "cookie":
+			err = cp.unmarshalCookie(d)
+		case "redis":
+			if cp.Redis, err = singleArg(d, option); err == nil && literal(cp.Redis) {
+				err = checked(checkRedis(cp.Redis))
 			}
 		case "upstream_auth":
 			err = cp.unmarshalUpstreamAuth(d)
@@ -142,15 +163,12 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				cp.MaxMessageLength = n
 			}
 		case "on_client_disconnect":
-			if cp.OnClientDisconnect, err = singleArg(d, option); err == nil &&
-				cp.OnClientDisconnect != "cancel" && cp.OnClientDisconnect != "finish" {
-				return d.Errf("chat_proxy: option '%s' must be cancel or finish, got %q", option, cp.OnClientDisconnect)
+			if cp.OnClientDisconnect, err = singleArg(d, option); err == nil {
+				err = checked(checkOnClientDisconnect(cp.OnClientDisconnect))
 			}
 		case "bot_detection":
 			if cp.BotDetection, err = singleArg(d, option); err == nil {
-				if _, _, perr := guard.ParseBotDetection(cp.BotDetection); perr != nil {
-					return d.Errf("chat_proxy: option '%s': %v", option, perr)
-				}
+				err = checked(checkBotDetection(cp.BotDetection))
 			}
 		case "rate_limit":
 			err = cp.unmarshalRateLimit(d)
@@ -185,13 +203,103 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 		default:
-			return d.Errf("chat_proxy: unrecognized option '%s'", option)
+			return d.Errf("chat_proxy: unrecognized option '%s'%s", option, didYouMean(option, caddyfileOptions))
+		}
+		var bad badValue
+		if errors.As(err, &bad) {
+			return d.Errf("chat_proxy: %v", bad.error)
 		}
 		if err != nil {
 			return err
 		}
 	}
+	if literal(cp.JWTSecret) && cp.JWTSecret != "" && cp.JWTSecret == cp.SessionSecret {
+		return d.Errf("chat_proxy: session_secret: must differ from jwt_secret")
+	}
 	return nil
+}
+
+// badValue marks an error of the checks that Validate shares, which the
+// parser reports with the option's line.
+type badValue struct{ error }
+
+func checked(err error) error {
+	if err == nil {
+		return nil
+	}
+	return badValue{err}
+}
+
+// caddyfileOptions are the options of the chat_proxy block, for "did you
+// mean" suggestions.
+var caddyfileOptions = []string{
+	"n8n_webhook", "jwt_secret", "session_secret", "database", "allowed_origins", "path_prefix",
+	"session_ttl", "max_body_size", "cookie", "n8n_token_ttl", "upstream_auth", "upstream_timeout",
+	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
+	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",
+	"log_content", "history_retention", "purge_interval",
+}
+
+// cookieOptions are the options of the cookie block.
+var cookieOptions = []string{"name", "same_site", "domain", "secure"}
+
+// minDurations are the least values of the duration options.
+var minDurations = map[string]time.Duration{
+	"session_ttl": time.Minute, "n8n_token_ttl": time.Second, "upstream_timeout": time.Second,
+	"stream_idle_timeout": time.Second, "max_stream_duration": time.Second,
+	"history_retention": time.Hour, "purge_interval": time.Minute,
+}
+
+// literal reports whether a value holds no placeholder, so it can be
+// checked now rather than when it is resolved at provision time.
+func literal(v string) bool { return !strings.Contains(v, "{") }
+
+// didYouMean suggests the known option nearest to an unknown one, as
+// ` (did you mean 'x'?)`, or nothing when none is close: at most two edits
+// away (a third of the name for long names), or the only option that has
+// the unknown name as one of its _-separated parts.
+func didYouMean(unknown string, known []string) string {
+	best, bestDist := "", len(unknown)
+	for _, k := range known {
+		if dist := editDistance(unknown, k); dist < bestDist {
+			best, bestDist = k, dist
+		}
+	}
+	if best != "" && bestDist <= max(2, len(unknown)/3) {
+		return " (did you mean '" + best + "'?)"
+	}
+	var parts []string
+	for _, k := range known {
+		if len(unknown) >= 4 && slices.Contains(strings.Split(k, "_"), unknown) {
+			parts = append(parts, k)
+		}
+	}
+	if len(parts) == 1 {
+		return " (did you mean '" + parts[0] + "'?)"
+	}
+	return ""
+}
+
+// editDistance is the Levenshtein distance between a and b, in bytes (the
+// option names are ASCII).
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 func (cp *ChatProxy) unmarshalCookie(d *caddyfile.Dispenser) error {
@@ -236,7 +344,19 @@ func (cp *ChatProxy) unmarshalCookie(d *caddyfile.Dispenser) error {
 			}
 			cp.Cookie.Secure = &on
 		default:
-			return d.Errf("chat_proxy: unrecognized cookie option '%s'", option)
+			return d.Errf("chat_proxy: unrecognized cookie option '%s'%s", option, didYouMean(option, cookieOptions))
+		}
+	}
+	c := *cp.Cookie
+	if literal(c.Name) && literal(c.Domain) {
+		if c.Name == "" {
+			c.Name = DefaultCookieName
+		}
+		if c.SameSite == "" {
+			c.SameSite = "lax"
+		}
+		if _, err := buildCookie(c); err != nil {
+			return d.Errf("chat_proxy: %v", err)
 		}
 	}
 	return nil
@@ -290,24 +410,21 @@ func (cp *ChatProxy) unmarshalRateLimit(d *caddyfile.Dispenser) error {
 	if _, dup := cp.RateLimits[string(tier)]; dup {
 		return d.Errf("chat_proxy: duplicate option 'rate_limit %s'", tier)
 	}
-	rates := args[1:]
-	if len(rates) == 1 && rates[0] == "off" {
-		rates = []string{}
-	} else {
-		windows := make(map[time.Duration]bool)
-		for _, r := range rates {
+	rates := []guard.Rate{}
+	if len(args) != 2 || args[1] != "off" {
+		for _, r := range args[1:] {
 			l, err := guard.ParseRate(r)
 			if err != nil {
-				return d.Errf("chat_proxy: option 'rate_limit %s': %v", tier, err)
+				return d.Errf("chat_proxy: rate_limit %s: %v", tier, err)
 			}
-			if windows[l.Period] {
-				return d.Errf("chat_proxy: option 'rate_limit %s': two rates with the window %s", tier, guard.FormatWindow(l.Period))
-			}
-			windows[l.Period] = true
+			rates = append(rates, guard.RateOf(l))
+		}
+		if err := guard.CheckRates(rates); err != nil {
+			return d.Errf("chat_proxy: rate_limit %s: %v", tier, err)
 		}
 	}
 	if cp.RateLimits == nil {
-		cp.RateLimits = make(map[string][]string)
+		cp.RateLimits = make(map[string][]guard.Rate)
 	}
 	cp.RateLimits[string(tier)] = rates
 	return noBlock(d, "rate_limit")
@@ -351,8 +468,8 @@ func (cp *ChatProxy) unmarshalMetricsAllow(d *caddyfile.Dispenser) error {
 		if strings.Contains(a, "{") {
 			continue
 		}
-		if _, err := parseNetwork(a); err != nil {
-			return d.Errf("chat_proxy: option 'metrics_allow': invalid network %q (use a CIDR such as 10.0.0.0/8, or an IP address)", a)
+		if _, err := metrics.ParseNetwork(a); err != nil {
+			return d.Errf("chat_proxy: option 'metrics_allow': %v", err)
 		}
 	}
 	cp.MetricsAllow = args

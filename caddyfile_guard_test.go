@@ -9,6 +9,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
 )
 
 // The Caddyfile options of the guard and the upstream (issue 4), parsed.
@@ -22,8 +24,8 @@ func TestUnmarshalCaddyfileGuardOptions(t *testing.T) {
 		{
 			name:  "ip tier with two windows",
 			input: "chat_proxy {\n\trate_limit ip 60/1m 1000/1h\n}",
-			want:  ChatProxy{RateLimits: map[string][]string{"ip": {"60/1m", "1000/1h"}}},
-			json:  `{"rate_limits":{"ip":["60/1m","1000/1h"]}}`,
+			want:  ChatProxy{RateLimits: testRates(map[string][]string{"ip": {"60/1m", "1000/1h"}})},
+			json:  `{"rate_limits":{"ip":[{"events":60,"window":"1m"},{"events":1000,"window":"1h"}]}}`,
 		},
 		{
 			name:  "circuit breaker",
@@ -46,7 +48,7 @@ func TestUnmarshalCaddyfileGuardOptions(t *testing.T) {
 		{
 			name:  "a tier turned off",
 			input: "chat_proxy {\n\trate_limit create off\n}",
-			want:  ChatProxy{RateLimits: map[string][]string{"create": {}}},
+			want:  ChatProxy{RateLimits: map[string][]guard.Rate{"create": {}}},
 			json:  `{"rate_limits":{"create":[]}}`,
 		},
 		{
@@ -57,9 +59,9 @@ func TestUnmarshalCaddyfileGuardOptions(t *testing.T) {
 				rate_limit domain  1000/1m
 				rate_limit create  10/1m 100/1h
 			}`,
-			want: ChatProxy{RateLimits: map[string][]string{
+			want: ChatProxy{RateLimits: testRates(map[string][]string{
 				"ip": {"120/1m", "5000/1d"}, "session": {"5/30s"}, "domain": {"1000/1m"}, "create": {"10/1m", "100/1h"},
-			}},
+			})},
 		},
 		{
 			name:  "bot_detection off",
@@ -191,29 +193,29 @@ func TestUnmarshalCaddyfileGuardErrors(t *testing.T) {
 		{"bare rate_limit", "chat_proxy {\n\trate_limit\n}",
 			"chat_proxy: option 'rate_limit' needs a tier and at least one rate, as in: rate_limit ip 60/1m 1000/1h, at Testfile:2"},
 		{"rate without window", "chat_proxy {\n\trate_limit ip 60\n}",
-			`chat_proxy: option 'rate_limit ip': rate "60": want <N>/<window>, such as 60/1m, at Testfile:2`},
+			`chat_proxy: rate_limit ip: rate "60": want <N>/<window>, such as 60/1m, at Testfile:2`},
 		{"rate of zero", "chat_proxy {\n\trate_limit ip 0/1m\n}",
-			`chat_proxy: option 'rate_limit ip': rate "0/1m": the count must be a whole number from 1 to 1000000, at Testfile:2`},
+			`chat_proxy: rate_limit ip: rate "0/1m": the count must be a whole number from 1 to 1000000, at Testfile:2`},
 		{"negative rate", "chat_proxy {\n\trate_limit ip -5/1m\n}",
-			`chat_proxy: option 'rate_limit ip': rate "-5/1m": the count must be a whole number from 1 to 1000000, at Testfile:2`},
+			`chat_proxy: rate_limit ip: rate "-5/1m": the count must be a whole number from 1 to 1000000, at Testfile:2`},
 		{"zero window", "chat_proxy {\n\trate_limit session 60/0s\n}",
-			`chat_proxy: option 'rate_limit session': rate "60/0s": the window must be at least 1s, at Testfile:2`},
+			`chat_proxy: rate_limit session: rate "60/0s": the window must be at least 1s, at Testfile:2`},
 		{"unknown window unit", "chat_proxy {\n\trate_limit domain 60/fortnight\n}",
-			`chat_proxy: option 'rate_limit domain': rate "60/fortnight": invalid window "fortnight" (use a duration such as 30s, 1m, 1h or 1d), at Testfile:2`},
+			`chat_proxy: rate_limit domain: rate "60/fortnight": invalid window "fortnight" (use a duration such as 30s, 1m, 1h or 1d), at Testfile:2`},
 		{"window too long", "chat_proxy {\n\trate_limit ip 60/31d\n}",
-			`chat_proxy: option 'rate_limit ip': rate "60/31d": the window must be at most 30d, at Testfile:2`},
+			`chat_proxy: rate_limit ip: rate "60/31d": the window must be at most 30d, at Testfile:2`},
 		{"off with a rate", "chat_proxy {\n\trate_limit create off 10/1m\n}",
-			`chat_proxy: option 'rate_limit create': rate "off": want <N>/<window>, such as 60/1m, at Testfile:2`},
+			`chat_proxy: rate_limit create: rate "off": want <N>/<window>, such as 60/1m, at Testfile:2`},
 		{"rate_limit with a block", "chat_proxy {\n\trate_limit ip 60/1m {\n\t\tburst 5\n\t}\n}",
 			"chat_proxy: option 'rate_limit' does not take a block, at Testfile:2"},
 		{"bot_detection 0", "chat_proxy {\n\tbot_detection 0\n}",
-			`chat_proxy: option 'bot_detection': got "0", want off or a threshold from 1 to 99, at Testfile:2`},
+			`chat_proxy: bot_detection: got "0", want off or a threshold from 1 to 99, at Testfile:2`},
 		{"bot_detection 100", "chat_proxy {\n\tbot_detection 100\n}",
-			`chat_proxy: option 'bot_detection': got "100", want off or a threshold from 1 to 99, at Testfile:2`},
+			`chat_proxy: bot_detection: got "100", want off or a threshold from 1 to 99, at Testfile:2`},
 		{"bot_detection x", "chat_proxy {\n\tbot_detection x\n}",
-			`chat_proxy: option 'bot_detection': got "x", want off or a threshold from 1 to 99, at Testfile:2`},
+			`chat_proxy: bot_detection: got "x", want off or a threshold from 1 to 99, at Testfile:2`},
 		{"bot_detection on", "chat_proxy {\n\tbot_detection on\n}",
-			`chat_proxy: option 'bot_detection': got "on", want off or a threshold from 1 to 99, at Testfile:2`},
+			`chat_proxy: bot_detection: got "on", want off or a threshold from 1 to 99, at Testfile:2`},
 		{"bot_detection without value", "chat_proxy {\n\tbot_detection\n}",
 			"chat_proxy: option 'bot_detection' needs a value, at Testfile:2"},
 		{"duplicate bot_detection", "chat_proxy {\n\tbot_detection 30\n\tbot_detection off\n}",
@@ -231,7 +233,7 @@ func TestUnmarshalCaddyfileGuardErrors(t *testing.T) {
 		{"max_message_length with a unit", "chat_proxy {\n\tmax_message_length 4k\n}",
 			`chat_proxy: option 'max_message_length': must be a whole number from 1 to 100000, got "4k", at Testfile:2`},
 		{"on_client_disconnect unknown", "chat_proxy {\n\ton_client_disconnect later\n}",
-			`chat_proxy: option 'on_client_disconnect' must be cancel or finish, got "later", at Testfile:2`},
+			`chat_proxy: on_client_disconnect: must be cancel or finish, got "later", at Testfile:2`},
 		{"on_client_disconnect without value", "chat_proxy {\n\ton_client_disconnect\n}",
 			"chat_proxy: option 'on_client_disconnect' needs a value, at Testfile:2"},
 		{"upstream_auth unknown mode", "chat_proxy {\n\tupstream_auth bad\n}",
@@ -271,7 +273,7 @@ func TestProvisionGuardErrors(t *testing.T) {
 		want   string // the whole error
 	}{
 		{"redis other scheme", func(c *ChatProxy) { c.Redis = "http://u:" + mtLeak + "@redis.internal:6379/0" },
-			"redis: invalid URL scheme: http"},
+			`redis: "http://****@redis.internal:6379/0" is not a redis:// or rediss:// URL`},
 		{"redis bad port", func(c *ChatProxy) { c.Redis = "redis://u:" + mtLeak + "@redis.internal:port/0" },
 			`redis: invalid port ":port" after host`},
 		{"redis bad database number", func(c *ChatProxy) { c.Redis = "redis://:" + mtLeak + "@redis.internal:6379/zero" },
@@ -282,11 +284,16 @@ func TestProvisionGuardErrors(t *testing.T) {
 			"redis: net/url: invalid control character in URL"},
 		{"redis from an unset env", func(c *ChatProxy) { c.Redis = "{env.CHATPROXY_MT_UNSET_VAR}" },
 			"redis: evaluated placeholder {env.CHATPROXY_MT_UNSET_VAR} is empty"},
-		{"unknown tier", func(c *ChatProxy) { c.RateLimits = map[string][]string{"ipv6": {"60/1m"}} },
+		{"unknown tier", func(c *ChatProxy) { c.RateLimits = testRates(map[string][]string{"ipv6": {"60/1m"}}) },
 			`rate_limit: unknown rate limit tier "ipv6" (want ip, session, domain or create)`},
-		{"bad rate", func(c *ChatProxy) { c.RateLimits = map[string][]string{"ip": {"sixty"}} },
-			`rate_limit ip: rate "sixty": want <N>/<window>, such as 60/1m`},
-		{"two rates with one window", func(c *ChatProxy) { c.RateLimits = map[string][]string{"session": {"30/1m", "100/60s"}} },
+		{"rate out of bounds", func(c *ChatProxy) {
+			c.RateLimits = map[string][]guard.Rate{"ip": {{Events: 0, Window: caddy.Duration(time.Minute)}}}
+		},
+			`rate_limit ip: rate 0/1m: the count must be from 1 to 1000000`},
+		{"rate window too short", func(c *ChatProxy) {
+			c.RateLimits = map[string][]guard.Rate{"ip": {{Events: 5, Window: caddy.Duration(time.Millisecond)}}}
+		}, `rate_limit ip: rate 5/1ms: the window must be at least 1s`},
+		{"two rates with one window", func(c *ChatProxy) { c.RateLimits = testRates(map[string][]string{"session": {"30/1m", "100/60s"}}) },
 			"rate_limit session: two rates with the window 1m"},
 		{"bot_detection 100", func(c *ChatProxy) { c.BotDetection = "100" },
 			`bot_detection: got "100", want off or a threshold from 1 to 99`},
@@ -326,8 +333,8 @@ func TestProvisionGuardErrors(t *testing.T) {
 					t.Errorf("error %q leaks %q", err, secret)
 				}
 			}
-			if cp.storeKey != "" || cp.redisKey != "" {
-				t.Errorf("a failed provision still holds store %q / redis %q", cp.storeKey, cp.redisKey)
+			if storeKeyOf(cp) != "" || redisKeyOf(cp) != "" {
+				t.Errorf("a failed provision still holds store %q / redis %q", storeKeyOf(cp), redisKeyOf(cp))
 			}
 		})
 	}

@@ -3,6 +3,7 @@ package chatproxy
 import (
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -72,8 +73,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		},
 		{
 			name:  "quoted braces are values",
-			input: "chat_proxy {\n jwt_secret \"}\"\n session_secret \"{\"\n}",
-			want:  ChatProxy{JWTSecret: "}", SessionSecret: "{"},
+			input: "chat_proxy {\n jwt_secret \"}0123456789abcdef0123456789abcdef\"\n session_secret \"{\"\n}",
+			want:  ChatProxy{JWTSecret: "}0123456789abcdef0123456789abcdef", SessionSecret: "{"},
 		},
 		{
 			name:  "one origin",
@@ -182,12 +183,12 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{
 			name:  "unknown option",
 			input: "chat_proxy {\n\tn8n_webhook http://n8n/x\n\twebhook http://n8n/x\n}",
-			want:  "chat_proxy: unrecognized option 'webhook', at Testfile:3",
+			want:  "chat_proxy: unrecognized option 'webhook' (did you mean 'n8n_webhook'?), at Testfile:3",
 		},
 		{
 			name:  "unknown option with a block",
 			input: "chat_proxy {\n\trate_limiter {\n\t\tip 1/1m\n\t}\n}",
-			want:  "chat_proxy: unrecognized option 'rate_limiter', at Testfile:2",
+			want:  "chat_proxy: unrecognized option 'rate_limiter' (did you mean 'rate_limit'?), at Testfile:2",
 		},
 		{
 			name:  "duplicate option",
@@ -297,7 +298,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{
 			name:  "zero size",
 			input: "chat_proxy {\n\tmax_body_size 0\n}",
-			want:  `chat_proxy: option 'max_body_size': invalid size "0" (use e.g. 64KiB, at most 1GiB), at Testfile:2`,
+			want:  `chat_proxy: max_body_size: must be at least 1KiB, got 0 bytes, at Testfile:2`,
 		},
 		{
 			name:  "negative size",
@@ -307,7 +308,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{
 			name:  "size too large",
 			input: "chat_proxy {\n\tmax_body_size 2GiB\n}",
-			want:  `chat_proxy: option 'max_body_size': invalid size "2GiB" (use e.g. 64KiB, at most 1GiB), at Testfile:2`,
+			want:  `chat_proxy: max_body_size: must be at most 1GiB, got 2147483648 bytes, at Testfile:2`,
 		},
 		{
 			name:  "size missing value",
@@ -375,5 +376,155 @@ func wantCaddyfileError(t *testing.T, input, want string) {
 	}
 	if err.Error() != want {
 		t.Fatalf("error\n got  %q\n want %q", err, want)
+	}
+}
+
+// The parser checks each literal value as it reads it, with the checks
+// Validate runs, so a bad value is reported with its file and line rather
+// than at provision time without one. Placeholders are checked once
+// resolved.
+func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
+	for _, tc := range []struct {
+		name, option, want string
+	}{
+		{"webhook without scheme", "n8n_webhook n8n.internal:5678/webhook/chat", "n8n_webhook: must be an absolute http or https URL"},
+		{"webhook with a bad port, password hidden", "n8n_webhook http://u:hunter2@n8n:port/x", "n8n_webhook: not a valid URL"},
+		{"short literal secret", "jwt_secret too-short", "jwt_secret: must be at least 32 bytes, got 9"},
+		{"short literal session secret", "session_secret 0123456789abcdef0123456789abcde", "session_secret: must be at least 32 bytes, got 31"},
+		{"database mysql", "database mysql://chat:hunter2@db/chat", "database: must be a postgres:// or postgresql:// URL, or sqlite:<path>"},
+		{"database sqlite without a path", "database sqlite:", "database: sqlite: needs a file path, as in sqlite:/var/lib/caddy/chat.db"},
+		{"path_prefix without a slash", "path_prefix api/v1", `path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got "api/v1"`},
+		{"origin with a path", "allowed_origins https://a.example.com https://shop.example.com/chat",
+			`allowed_origins: allowed origin "https://shop.example.com/chat": an origin has no user, path, query or fragment`},
+		{"origin star", "allowed_origins *", `allowed_origins: allowed origin "*": not an origin`},
+		{"session_ttl too short", "session_ttl 30s", "session_ttl: must be at least 1m, got 30s"},
+		{"upstream_timeout under a second", "upstream_timeout 500ms", "upstream_timeout: must be at least 1s, got 500ms"},
+		{"history_retention too short", "history_retention 30m", "history_retention: must be at least 1h, got 30m0s"},
+		{"purge_interval too short", "purge_interval 10s", "purge_interval: must be at least 1m, got 10s"},
+		{"max_body_size too small", "max_body_size 100", "max_body_size: must be at least 1KiB, got 100 bytes"},
+		{"redis without a scheme", "redis localhost:6379", `redis: "localhost:6379" is not a redis:// or rediss:// URL; write redis://localhost:6379`},
+		{"redis without a scheme, password hidden", "redis :hunter2@cache:6379",
+			`redis: "****@cache:6379" is not a redis:// or rediss:// URL; write redis://****@cache:6379`},
+		{"redis other scheme", "redis http://cache:6379", `redis: "http://cache:6379" is not a redis:// or rediss:// URL`},
+		{"redis bad database", "redis redis://cache:6379/zero", `redis: invalid database number: "zero"`},
+		{"on_client_disconnect", "on_client_disconnect later", `on_client_disconnect: must be cancel or finish, got "later"`},
+		{"bot_detection", "bot_detection on", `bot_detection: got "on", want off or a threshold from 1 to 99`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			wantCaddyfileError(t, "chat_proxy {\n\tlog_content off\n\t"+tc.option+"\n}", "chat_proxy: "+tc.want+", at Testfile:3")
+		})
+	}
+	// Cookie values are checked at the end of the block, at its last line.
+	wantCaddyfileError(t, "chat_proxy {\n\tcookie {\n\t\tname \"chat session\"\n\t}\n}", `chat_proxy: cookie: invalid name "chat session", at Testfile:4`)
+	wantCaddyfileError(t, "chat_proxy {\n\tcookie {\n\t\tsame_site none\n\t\tsecure off\n\t}\n}", "chat_proxy: cookie: same_site none needs a secure cookie, at Testfile:5")
+	// Two literal secrets must differ.
+	same := "0123456789abcdef0123456789abcdef"
+	wantCaddyfileError(t, "chat_proxy {\n\tjwt_secret "+same+"\n\tsession_secret "+same+"\n}", "chat_proxy: session_secret: must differ from jwt_secret, at Testfile:4")
+
+	// Placeholders are left for provision time.
+	var cp ChatProxy
+	in := "chat_proxy {\n\tjwt_secret {env.JWT}\n\tsession_secret {file./run/s}\n\tn8n_webhook {env.N8N}\n\tdatabase {env.DB}\n" +
+		"\tredis {env.REDIS}\n\tallowed_origins {env.ORIGIN} https://ok.example.com\n\tpath_prefix {env.PREFIX}\n\tcookie {\n\t\tname {env.C}\n\t}\n}"
+	if err := cp.UnmarshalCaddyfile(caddyfile.NewTestDispenser(in)); err != nil {
+		t.Fatalf("placeholders: %v", err)
+	}
+}
+
+// One source of truth: a bad value written in the Caddyfile and the same
+// value given in JSON are refused with the same message, the Caddyfile's
+// with its line.
+func TestCaddyfileAndValidateAgree(t *testing.T) {
+	for _, tc := range []struct {
+		option string
+		mutate func(*ChatProxy)
+		want   string
+	}{
+		{"session_ttl 30s", func(c *ChatProxy) { c.SessionTTL = caddy.Duration(30 * time.Second) }, "session_ttl: must be at least 1m, got 30s"},
+		{"max_body_size 2GiB", func(c *ChatProxy) { c.MaxBodySize = 2 << 30 }, "max_body_size: must be at most 1GiB, got 2147483648 bytes"},
+		{"redis localhost:6379", func(c *ChatProxy) { c.Redis = "localhost:6379" },
+			`redis: "localhost:6379" is not a redis:// or rediss:// URL; write redis://localhost:6379`},
+		{"rate_limit ip 60/1m 30/60s", func(c *ChatProxy) { c.RateLimits = testRates(map[string][]string{"ip": {"60/1m", "30/60s"}}) },
+			"rate_limit ip: two rates with the window 1m"},
+		{"n8n_webhook /webhook/chat", func(c *ChatProxy) { c.N8nWebhook = "/webhook/chat" }, "n8n_webhook: must be an absolute http or https URL"},
+		{"path_prefix /api/*", func(c *ChatProxy) { c.PathPrefix = "/api/*" },
+			`path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got "/api/*"`},
+	} {
+		t.Run(tc.option, func(t *testing.T) {
+			var cp ChatProxy
+			err := cp.UnmarshalCaddyfile(caddyfile.NewTestDispenser("chat_proxy {\n\t" + tc.option + "\n}"))
+			if err == nil || !strings.HasPrefix(err.Error(), "chat_proxy: "+tc.want+", at Testfile:2") {
+				t.Errorf("Caddyfile: %v\n want chat_proxy: %s, at Testfile:2", err, tc.want)
+			}
+			err = mtProvision(t, mtConfig(t, tc.mutate))
+			if err == nil || err.Error() != tc.want {
+				t.Errorf("JSON: %v\n want %s", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestDidYouMean(t *testing.T) {
+	for unknown, want := range map[string]string{
+		"rate_limiter":    " (did you mean 'rate_limit'?)",
+		"allowed_origin":  " (did you mean 'allowed_origins'?)",
+		"jwt-secret":      " (did you mean 'jwt_secret'?)",
+		"sesion_secret":   " (did you mean 'session_secret'?)",
+		"webhook":         " (did you mean 'n8n_webhook'?)",
+		"history":         " (did you mean 'history_retention'?)",
+		"reddis":          " (did you mean 'redis'?)",
+		"secret":          "", // two options end in _secret: no guess
+		"listen":          "",
+		"reverse_proxy":   "",
+		"x":               "",
+		"timeout":         "",
+		"metrics":         " (did you mean 'metrics_allow'?)",
+		"purge_intervall": " (did you mean 'purge_interval'?)",
+	} {
+		if got := didYouMean(unknown, caddyfileOptions); got != want {
+			t.Errorf("didYouMean(%q) = %q, want %q", unknown, got, want)
+		}
+	}
+	if got := didYouMean("samesite", cookieOptions); got != " (did you mean 'same_site'?)" {
+		t.Errorf("cookie samesite: %q", got)
+	}
+	wantCaddyfileError(t, "chat_proxy {\n\tcookie {\n\t\tsamesite lax\n\t}\n}", "chat_proxy: unrecognized cookie option 'samesite' (did you mean 'same_site'?), at Testfile:3")
+}
+
+func TestEditDistance(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		want int
+	}{
+		{"", "", 0}, {"a", "", 1}, {"", "abc", 3}, {"kitten", "sitting", 3}, {"rate_limit", "rate_limiter", 2}, {"same", "same", 0},
+	} {
+		if got := editDistance(tc.a, tc.b); got != tc.want {
+			t.Errorf("editDistance(%q, %q) = %d, want %d", tc.a, tc.b, got, tc.want)
+		}
+	}
+}
+
+// A JSON config may give rates in the typed form or as the older strings;
+// a bad one fails the load naming the field.
+func TestRateLimitsJSONForms(t *testing.T) {
+	for _, tc := range []struct {
+		raw, want string
+	}{
+		{`{"ip":[{"events":60,"window":"1m"},{"events":1000,"window":"1h"}],"create":[]}`, ""},
+		{`{"ip":["60/1m","1000/1h"],"create":[]}`, ""},
+		{`{"ip":["sixty"]}`, `rate "sixty": want <N>/<window>, such as 60/1m`},
+		{`{"ip":[{"events":60}]}`, `rate: needs both "events" and "window"`},
+	} {
+		var cp ChatProxy
+		err := json.Unmarshal([]byte(`{"rate_limits":`+tc.raw+`}`), &cp)
+		if tc.want != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%s: %v, want %q", tc.raw, err, tc.want)
+			}
+			continue
+		}
+		want := testRates(map[string][]string{"ip": {"60/1m", "1000/1h"}, "create": {}})
+		if err != nil || !reflect.DeepEqual(cp.RateLimits, want) {
+			t.Errorf("%s: %+v, %v", tc.raw, cp.RateLimits, err)
+		}
 	}
 }

@@ -93,14 +93,14 @@ type migrator interface {
 }
 
 func openForCommand(database string) (migrator, error) {
-	kind, err := storeKind(database)
+	kind, err := sessions.StoreKind(database)
 	if err != nil {
 		return nil, err
 	}
-	if kind == "postgres" {
+	if kind == sessions.KindPostgres {
 		return sessions.OpenPostgres(database)
 	}
-	return sessions.OpenSQLite(sqlitePath(database))
+	return sessions.OpenSQLite(sessions.SQLitePath(database))
 }
 
 func runMigrate(ctx context.Context, t sessionsStoreCommand) error {
@@ -228,14 +228,14 @@ func walkHandlers(v any, fn func(map[string]any)) {
 
 // storeLabel names a store for output without its credentials.
 func storeLabel(database string) string {
-	kind, err := storeKind(database)
+	kind, err := sessions.StoreKind(database)
 	if err != nil {
 		return "store"
 	}
-	if kind == "postgres" {
+	if kind == sessions.KindPostgres {
 		return "postgres " + redactURL(database)
 	}
-	return "embedded " + sqlitePath(database)
+	return "embedded " + sessions.SQLitePath(database)
 }
 
 func redactURL(raw string) string {

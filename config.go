@@ -10,14 +10,18 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/go-redis/redis_rate/v10"
+
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
-	"github.com/go-redis/redis_rate/v10"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
-// resolve replaces placeholders in every string option and applies defaults.
-func (cp *ChatProxy) resolve() error {
+// load resolves the placeholders of every string option and fills in the
+// defaults. Values are checked by Validate.
+func (cp *ChatProxy) load() error {
 	repl := caddy.NewReplacer()
 	replace := func(option, value string, required bool) (string, error) {
 		if value == "" {
@@ -37,20 +41,22 @@ func (cp *ChatProxy) resolve() error {
 	}
 	var err error
 	var webhook, jwtSecret, sessionSecret string
-	if webhook, err = replace("n8n_webhook", cp.N8nWebhook, true); err != nil {
+	if webhook, err = replace("n8n_webhook", cp.N8nWebhook, false); err != nil {
 		return err
 	}
-	if jwtSecret, err = replace("jwt_secret", cp.JWTSecret, true); err != nil {
+	if jwtSecret, err = replace("jwt_secret", cp.JWTSecret, false); err != nil {
 		return err
 	}
-	if sessionSecret, err = replace("session_secret", cp.SessionSecret, true); err != nil {
+	if sessionSecret, err = replace("session_secret", cp.SessionSecret, false); err != nil {
 		return err
 	}
 	// Secrets and the database URL (which may hold a password) live only
 	// in unexported fields once resolved.
 	cp.jwtSecret, cp.sessionSecret = []byte(jwtSecret), []byte(sessionSecret)
-	if cp.webhook, err = parseWebhook(webhook); err != nil {
-		return err
+	if webhook != "" {
+		if cp.webhook, err = parseWebhook(webhook); err != nil {
+			return err
+		}
 	}
 	if cp.database, err = replace("database", cp.Database, false); err != nil {
 		return err
@@ -97,8 +103,8 @@ func (cp *ChatProxy) resolve() error {
 			return err
 		}
 	}
-	if cp.metricsAllow, err = parseMetricsAllow(allow); err != nil {
-		return err
+	if cp.metricsAllow, err = metrics.ParseAllow(allow); err != nil {
+		return fmt.Errorf("metrics_allow: %w", err)
 	}
 	if cp.UpstreamAuth == nil {
 		cp.UpstreamAuth = &UpstreamAuth{Mode: string(n8n.AuthJWT)}
@@ -142,10 +148,10 @@ func (cp *ChatProxy) resolve() error {
 		cp.BotDetection = strconv.Itoa(DefaultBotThreshold)
 	}
 	if cp.HistoryRetention == 0 {
-		cp.HistoryRetention = caddy.Duration(DefaultHistoryRetention)
+		cp.HistoryRetention = caddy.Duration(sessions.DefaultHistoryRetention)
 	}
 	if cp.PurgeInterval == 0 {
-		cp.PurgeInterval = caddy.Duration(DefaultPurgeInterval)
+		cp.PurgeInterval = caddy.Duration(sessions.DefaultPurgeInterval)
 	}
 	return nil
 }
@@ -153,8 +159,12 @@ func (cp *ChatProxy) resolve() error {
 // upstreamConfig is the n8n client configuration.
 func (cp *ChatProxy) upstreamConfig() n8n.Config {
 	ua := cp.UpstreamAuth
+	webhook := ""
+	if cp.webhook != nil {
+		webhook = cp.webhook.String()
+	}
 	return n8n.Config{
-		WebhookURL:    cp.webhook.String(),
+		WebhookURL:    webhook,
 		SessionSecret: string(cp.sessionSecret),
 		TokenTTL:      time.Duration(cp.N8nTokenTTL),
 		Auth: n8n.Auth{
@@ -174,30 +184,18 @@ func (cp *ChatProxy) upstreamConfig() n8n.Config {
 	}
 }
 
-// rateLimits merges the configured tiers over the defaults.
-func (cp *ChatProxy) rateLimits() (map[guard.Tier][]redis_rate.Limit, error) {
+// rateLimits merges the configured tiers over the defaults; Validate has
+// checked them.
+func (cp *ChatProxy) rateLimits() map[guard.Tier][]redis_rate.Limit {
 	limits := guard.DefaultLimits()
 	for name, rates := range cp.RateLimits {
-		tier, err := guard.ParseTier(name)
-		if err != nil {
-			return nil, fmt.Errorf("rate_limit: %w", err)
-		}
 		parsed := make([]redis_rate.Limit, 0, len(rates))
 		for _, r := range rates {
-			l, err := guard.ParseRate(r)
-			if err != nil {
-				return nil, fmt.Errorf("rate_limit %s: %w", name, err)
-			}
-			for _, prev := range parsed {
-				if prev.Period == l.Period {
-					return nil, fmt.Errorf("rate_limit %s: two rates with the window %s", name, guard.FormatWindow(l.Period))
-				}
-			}
-			parsed = append(parsed, l)
+			parsed = append(parsed, r.Limit())
 		}
-		limits[tier] = parsed
+		limits[guard.Tier(name)] = parsed
 	}
-	return limits, nil
+	return limits
 }
 
 func parseWebhook(raw string) (*url.URL, error) {
@@ -212,92 +210,182 @@ func parseWebhook(raw string) (*url.URL, error) {
 	return u, nil
 }
 
-// Validate checks the provisioned configuration.
+// Validate checks the configuration, for Caddyfile and JSON users alike
+// (the Caddyfile parser also runs the same checks on each literal value,
+// so that its errors carry the file and line). It has no side effects.
+// Caddy calls it after Provision, which resolved placeholders and filled
+// in defaults; Provision calls it too, before it takes any resource.
 func (cp *ChatProxy) Validate() error {
-	return cp.validateResolved()
+	checks := []func() error{
+		func() error { return checkSecret("jwt_secret", cp.jwtSecret) },
+		func() error { return checkSecret("session_secret", cp.sessionSecret) },
+		func() error {
+			if string(cp.jwtSecret) == string(cp.sessionSecret) {
+				return errors.New("session_secret: must differ from jwt_secret")
+			}
+			return nil
+		},
+		func() error {
+			if cp.webhook == nil {
+				return errors.New("n8n_webhook: required")
+			}
+			return nil
+		},
+		func() error { return checkPathPrefix(cp.PathPrefix) },
+		func() error { return checkMinDuration("session_ttl", cp.SessionTTL, time.Minute) },
+		func() error { return checkBodySize(cp.MaxBodySize) },
+		func() error { return checkDatabase(cp.database) },
+		func() error { return checkOrigins(cp.AllowedOrigins) },
+		func() error { return checkOnClientDisconnect(cp.OnClientDisconnect) },
+		func() error { return checkMessageLength(cp.MaxMessageLength) },
+		func() error { return checkMinDuration("n8n_token_ttl", cp.N8nTokenTTL, time.Second) },
+		func() error { return checkMinDuration("upstream_timeout", cp.UpstreamTimeout, time.Second) },
+		func() error { return checkMinDuration("stream_idle_timeout", cp.StreamIdleTimeout, time.Second) },
+		func() error { return checkMinDuration("max_stream_duration", cp.MaxStreamDuration, time.Second) },
+		func() error { return checkCircuitBreaker(cp.CircuitBreakerFailures, cp.CircuitBreakerOpen) },
+		func() error { return checkMinDuration("history_retention", cp.HistoryRetention, time.Hour) },
+		func() error { return checkMinDuration("purge_interval", cp.PurgeInterval, time.Minute) },
+		func() error { return checkBlockFor(cp.BlockFor) },
+		func() error { return checkBotDetection(cp.BotDetection) },
+		func() error { return checkRateLimits(cp.RateLimits) },
+		func() error { return checkRedis(cp.redisURL) },
+		func() error {
+			// The n8n client's own checks (auth mode and fields, token
+			// secret), without building one.
+			if err := cp.upstreamConfig().Validate(); err != nil {
+				return fmt.Errorf("upstream: %w", err)
+			}
+			return nil
+		},
+		func() error { _, err := cp.cookie(); return err },
+	}
+	for _, check := range checks {
+		if err := check(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-func (cp *ChatProxy) validateResolved() error {
+// The checks of single values. Validate runs them on the loaded
+// configuration; the Caddyfile parser runs them on each literal value.
+
+func checkSecret(option string, secret []byte) error {
 	switch {
-	case len(cp.jwtSecret) < minSecretLength:
-		return fmt.Errorf("jwt_secret: must be at least %d bytes, got %d", minSecretLength, len(cp.jwtSecret))
-	case len(cp.sessionSecret) < minSecretLength:
-		return fmt.Errorf("session_secret: must be at least %d bytes, got %d", minSecretLength, len(cp.sessionSecret))
-	case string(cp.jwtSecret) == string(cp.sessionSecret):
-		return errors.New("session_secret: must differ from jwt_secret")
-	case cp.webhook == nil:
-		return errors.New("n8n_webhook: required")
-	case !validPathPrefix(cp.PathPrefix):
-		return fmt.Errorf("path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got %q", cp.PathPrefix)
-	case cp.SessionTTL < caddy.Duration(time.Minute):
-		return fmt.Errorf("session_ttl: must be at least 1m, got %s", time.Duration(cp.SessionTTL))
-	case cp.MaxBodySize < 1024:
-		return fmt.Errorf("max_body_size: must be at least 1KiB, got %d bytes", cp.MaxBodySize)
+	case len(secret) == 0:
+		return fmt.Errorf("%s: required", option)
+	case len(secret) < minSecretLength:
+		return fmt.Errorf("%s: must be at least %d bytes, got %d", option, minSecretLength, len(secret))
 	}
-	if _, err := storeKind(cp.database); err != nil {
-		return err
+	return nil
+}
+
+func checkPathPrefix(p string) error {
+	if !validPathPrefix(p) {
+		return fmt.Errorf("path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got %q", p)
 	}
-	if _, err := guard.ParseOrigins(cp.AllowedOrigins); err != nil {
-		return fmt.Errorf("allowed_origins: %w", err)
+	return nil
+}
+
+func checkMinDuration(option string, d caddy.Duration, least time.Duration) error {
+	if d < caddy.Duration(least) {
+		return fmt.Errorf("%s: must be at least %s, got %s", option, guard.FormatWindow(least), time.Duration(d))
 	}
-	switch cp.OnClientDisconnect {
-	case "cancel", "finish":
-	default:
-		return fmt.Errorf("on_client_disconnect: must be cancel or finish, got %q", cp.OnClientDisconnect)
+	return nil
+}
+
+// maxBodySizeCap is the largest max_body_size accepted.
+const maxBodySizeCap = 1 << 30
+
+func checkBodySize(n int64) error {
+	switch {
+	case n < 1024:
+		return fmt.Errorf("max_body_size: must be at least 1KiB, got %d bytes", n)
+	case n > maxBodySizeCap:
+		return fmt.Errorf("max_body_size: must be at most 1GiB, got %d bytes", n)
 	}
-	if cp.MaxMessageLength < 1 || cp.MaxMessageLength > maxMessageLengthCap {
-		return fmt.Errorf("max_message_length: must be between 1 and %d, got %d", maxMessageLengthCap, cp.MaxMessageLength)
-	}
-	for option, d := range map[string]caddy.Duration{
-		"n8n_token_ttl": cp.N8nTokenTTL, "upstream_timeout": cp.UpstreamTimeout,
-		"stream_idle_timeout": cp.StreamIdleTimeout, "max_stream_duration": cp.MaxStreamDuration,
-	} {
-		if d < caddy.Duration(time.Second) {
-			return fmt.Errorf("%s: must be at least 1s, got %s", option, time.Duration(d))
-		}
-	}
-	if cp.CircuitBreakerFailures < 0 || cp.CircuitBreakerFailures > 1000 {
-		return fmt.Errorf("circuit_breaker: failures must be between 1 and 1000, got %d", cp.CircuitBreakerFailures)
-	}
-	if cp.CircuitBreakerOpen < 0 {
-		return fmt.Errorf("circuit_breaker: open time must not be negative, got %s", time.Duration(cp.CircuitBreakerOpen))
-	}
-	if cp.HistoryRetention < caddy.Duration(time.Hour) {
-		return fmt.Errorf("history_retention: must be at least 1h, got %s", time.Duration(cp.HistoryRetention))
-	}
-	if cp.PurgeInterval < caddy.Duration(time.Minute) {
-		return fmt.Errorf("purge_interval: must be at least 1m, got %s", time.Duration(cp.PurgeInterval))
-	}
-	if cp.BlockFor < 0 {
-		return fmt.Errorf("block_for: must not be negative, got %s", time.Duration(cp.BlockFor))
-	}
-	if _, _, err := guard.ParseBotDetection(cp.BotDetection); err != nil {
-		return fmt.Errorf("bot_detection: %w", err)
-	}
-	if _, err := cp.rateLimits(); err != nil {
-		return err
-	}
-	if cp.redisURL != "" {
-		if _, err := guard.RedisOptions(cp.redisURL); err != nil {
-			return fmt.Errorf("redis: %w", err)
-		}
-	}
-	// The n8n client checks the upstream settings it owns (auth mode and
-	// fields, token secret); New does no I/O.
-	if cp.webhook != nil {
-		c, err := n8n.New(cp.upstreamConfig())
-		if err != nil {
-			return fmt.Errorf("upstream: %w", err)
-		}
-		_ = c.Close()
-	}
-	_, err := cp.cookie()
+	return nil
+}
+
+func checkDatabase(database string) error {
+	_, err := sessions.StoreKind(database)
 	return err
 }
 
-func (cp *ChatProxy) cookie() (handler.Cookie, error) {
-	c := handler.Cookie{Name: cp.Cookie.Name, Domain: cp.Cookie.Domain, Secure: cp.Cookie.Secure}
-	switch strings.ToLower(cp.Cookie.SameSite) {
+func checkOrigins(origins []string) error {
+	if _, err := guard.ParseOrigins(origins); err != nil {
+		return fmt.Errorf("allowed_origins: %w", err)
+	}
+	return nil
+}
+
+func checkOnClientDisconnect(v string) error {
+	if v != "cancel" && v != "finish" {
+		return fmt.Errorf("on_client_disconnect: must be cancel or finish, got %q", v)
+	}
+	return nil
+}
+
+func checkMessageLength(n int) error {
+	if n < 1 || n > maxMessageLengthCap {
+		return fmt.Errorf("max_message_length: must be between 1 and %d, got %d", maxMessageLengthCap, n)
+	}
+	return nil
+}
+
+func checkCircuitBreaker(failures int, open caddy.Duration) error {
+	if failures < 0 || failures > 1000 {
+		return fmt.Errorf("circuit_breaker: failures must be between 1 and 1000, got %d", failures)
+	}
+	if open < 0 {
+		return fmt.Errorf("circuit_breaker: open time must not be negative, got %s", time.Duration(open))
+	}
+	return nil
+}
+
+func checkBlockFor(d caddy.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("block_for: must not be negative, got %s", time.Duration(d))
+	}
+	return nil
+}
+
+func checkBotDetection(v string) error {
+	if _, _, err := guard.ParseBotDetection(v); err != nil {
+		return fmt.Errorf("bot_detection: %w", err)
+	}
+	return nil
+}
+
+func checkRateLimits(tiers map[string][]guard.Rate) error {
+	for name, rates := range tiers {
+		if _, err := guard.ParseTier(name); err != nil {
+			return fmt.Errorf("rate_limit: %w", err)
+		}
+		if err := guard.CheckRates(rates); err != nil {
+			return fmt.Errorf("rate_limit %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func checkRedis(rawURL string) error {
+	if rawURL == "" {
+		return nil
+	}
+	if _, err := guard.RedisOptions(rawURL); err != nil {
+		return fmt.Errorf("redis: %w", err)
+	}
+	return nil
+}
+
+func (cp *ChatProxy) cookie() (handler.Cookie, error) { return buildCookie(*cp.Cookie) }
+
+// buildCookie checks a cookie configuration whose defaults are filled in
+// and turns it into the handler's form.
+func buildCookie(cc CookieConfig) (handler.Cookie, error) {
+	c := handler.Cookie{Name: cc.Name, Domain: cc.Domain, Secure: cc.Secure}
+	switch strings.ToLower(cc.SameSite) {
 	case "lax":
 		c.SameSite = http.SameSiteLaxMode
 	case "strict":
@@ -310,7 +398,7 @@ func (cp *ChatProxy) cookie() (handler.Cookie, error) {
 		c.Secure = &t
 		c.SameSite = http.SameSiteNoneMode
 	default:
-		return c, fmt.Errorf("cookie: same_site must be lax, strict or none, got %q", cp.Cookie.SameSite)
+		return c, fmt.Errorf("cookie: same_site must be lax, strict or none, got %q", cc.SameSite)
 	}
 	if c.Name == "" || strings.ContainsAny(c.Name, " \t;,=\"") {
 		return c, fmt.Errorf("cookie: invalid name %q", c.Name)

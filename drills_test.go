@@ -144,8 +144,8 @@ type drillSession struct {
 // storeDSN is the database/sql driver and source that reach cp's store
 // directly (not through the module).
 func storeDSN(cp *ChatProxy) (driver, dsn string) {
-	if kind, _ := storeKind(cp.Database); kind == "sqlite" {
-		return "sqlite", sqlitePath(cp.Database) + "?_pragma=query_only(1)"
+	if kind, _ := sessions.StoreKind(cp.Database); kind == "sqlite" {
+		return "sqlite", sessions.SQLitePath(cp.Database) + "?_pragma=query_only(1)"
 	}
 	return "pgx", cp.Database
 }

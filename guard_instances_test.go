@@ -27,6 +27,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 )
@@ -73,9 +74,9 @@ func grProxy(t *testing.T, n8nURL string, mutate func(*ChatProxy)) *ChatProxy {
 }
 
 // limits returns generous limits with the given tiers replaced.
-func grLimits(tiers map[string][]string) map[string][]string {
+func grLimits(tiers map[string][]string) map[string][]guard.Rate {
 	l := generousLimits()
-	for k, v := range tiers {
+	for k, v := range testRates(tiers) {
 		l[k] = v
 	}
 	return l

@@ -23,6 +23,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
 
+	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -65,8 +66,8 @@ func newTestProxy(t *testing.T, kind string, mutate func(*ChatProxy)) *ChatProxy
 	return cp
 }
 
-func generousLimits() map[string][]string {
-	return map[string][]string{"ip": {"100000/1m"}, "session": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}}
+func generousLimits() map[string][]guard.Rate {
+	return testRates(map[string][]string{"ip": {"100000/1m"}, "session": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}})
 }
 
 func provision(t *testing.T, cp *ChatProxy) {
@@ -611,16 +612,10 @@ func awaitSignal(t *testing.T, ch <-chan struct{}, what string) {
 
 // handlerStore exposes the provisioned store to tests.
 func (cp *ChatProxy) handlerStore() sessions.Store {
-	v, ok := storePool.References(cp.storeKey)
-	if !ok || v == 0 {
+	if cp.store == nil {
 		panic("store not acquired")
 	}
-	s, _, err := acquireStore(cp.database)
-	if err != nil {
-		panic(err)
-	}
-	_, _ = storePool.Delete(cp.storeKey)
-	return s
+	return cp.store.Store
 }
 
 type historyBody struct {

@@ -55,9 +55,9 @@ func TestTwoInstancesShareHistoryAndLimits(t *testing.T) {
 			AllowedOrigins: []string{allowedOrigin},
 			Database:       withQuery(t, pg, "application_name", "chatproxy-"+name),
 			Redis:          withQuery(t, rdb, "client_name", "chatproxy-"+name),
-			RateLimits: map[string][]string{
+			RateLimits: testRates(map[string][]string{
 				"session": {"3/1m"}, "ip": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"},
-			},
+			}),
 			// The budget is counted exactly: no in-process fallback on a
 			// slow answer from a loaded machine's Redis.
 			redisTimeout: 5 * time.Second,
@@ -74,7 +74,7 @@ func TestTwoInstancesShareHistoryAndLimits(t *testing.T) {
 		return cp
 	}
 	a, b2 := instance("a"), instance("b")
-	if a.storeKey == b2.storeKey || a.redisKey == b2.redisKey {
+	if storeKeyOf(a) == storeKeyOf(b2) || redisKeyOf(a) == redisKeyOf(b2) {
 		t.Fatal("the instances share a pool in process; they would not be two instances")
 	}
 

@@ -476,7 +476,7 @@ func TestMetricsLabelsHoldNoIdentifiers(t *testing.T) {
 func TestMetricsPools(t *testing.T) {
 	redisURL := testenv.RedisURL(t)
 	cp := newTestProxy(t, "postgres", func(cp *ChatProxy) { cp.Redis = redisURL })
-	db, rd := poolLabel(cp.storeKey), poolLabel(cp.redisKey)
+	db, rd := metrics.PoolLabel(storeKeyOf(cp)), metrics.PoolLabel(redisKeyOf(cp))
 	if !strings.HasPrefix(db, "postgres-") || len(db) != len("postgres-")+8 || !strings.HasPrefix(rd, "redis-") {
 		t.Fatalf("pool labels %q %q", db, rd)
 	}
@@ -599,4 +599,9 @@ func TestProvisionMetricsAllow(t *testing.T) {
 	if rec := grServe(t, cp, grReq{method: "GET", path: "/metrics", ip: "192.0.2.44"}); rec.Code != 200 {
 		t.Fatalf("from the resolved network: %d", rec.Code)
 	}
+}
+
+// upstreamLabel is the upstream label of cp's metrics.
+func (cp *ChatProxy) upstreamLabel() string {
+	return metrics.UpstreamLabel(cp.jwtSecret, cp.webhook.String())
 }

@@ -4,6 +4,8 @@
 package chatproxy
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/http"
@@ -14,11 +16,12 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/redis/go-redis/v9"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
@@ -137,11 +140,12 @@ type ChatProxy struct {
 	Redis string `json:"redis,omitempty"`
 
 	// Rate limits per tier (`ip`, `session`, `domain`, `create`), each a
-	// list of `N/window` rates such as `60/1m`; N requests may come in a
-	// burst and the budget refills over the window. Tiers not given keep
+	// list of rates such as `{"events": 60, "window": "1m"}` (the string
+	// `"60/1m"` is read too); the events may come in a burst and the budget
+	// refills over the window. Tiers not given keep
 	// their defaults: ip 60/1m and 1000/1h, session 30/1m, domain 1000/1m,
 	// create 10/1m. A tier set to an empty list is not limited.
-	RateLimits map[string][]string `json:"rate_limits,omitempty"`
+	RateLimits map[string][]guard.Rate `json:"rate_limits,omitempty"`
 
 	// Repeat offenders: a client (IP, session) refused this many times
 	// within a minute is refused outright for block_for. Default: 10
@@ -193,15 +197,17 @@ type ChatProxy struct {
 	// for tests of a database that stays down.
 	replyStoreTimeout time.Duration
 	webhook           *url.URL
-	storeKey          string
-	redisKey          string
-	upstream          *n8n.Client
-	handler           *handler.Handler
-	logger            *zap.Logger
-	drain             *handler.Drain
-	purger            *purger
 	metricsAllow      []netip.Prefix
-	untrackPools      []func()
+	logger            *zap.Logger
+
+	// What Provision took, for Cleanup to give back.
+	store        *sessions.Shared
+	redis        *guard.SharedRedis
+	purger       *sessions.Purger
+	upstream     *n8n.Client
+	drain        *handler.Drain
+	untrackPools []func()
+	handler      *handler.Handler
 }
 
 // CookieConfig configures the session cookie.
@@ -244,110 +250,59 @@ func (ChatProxy) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves placeholders, fills in defaults and sets up the
-// handler. It does no blocking network I/O: database connections are made
-// on first use, so `caddy validate` works without a reachable database.
+// Provision loads the configuration (placeholders resolved, defaults
+// filled in), checks it with Validate before taking anything, and then
+// sets the handler up in the order a request meets its parts: sessions,
+// guard, upstream, streaming, store. It does no blocking network I/O:
+// database and Redis connections are made on first use, so `caddy
+// validate` works without them.
 func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 	cp.logger = ctx.Logger()
-	if err := cp.resolve(); err != nil {
+	if err := cp.load(); err != nil {
 		return err
 	}
-	if err := cp.validateResolved(); err != nil {
+	if err := cp.Validate(); err != nil {
 		return err
 	}
-
-	pooled, key, err := acquirePooledStore(cp.database)
-	if err != nil {
-		return err
+	if err := metrics.Register(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
 	}
-	cp.storeKey = key
-	store := pooled.Store
-	cp.startPurger(ctx, pooled)
-	cp.setupDrain(ctx)
-
-	var rdb *redis.Client
-	if cp.redisURL != "" {
-		if rdb, cp.redisKey, err = acquireRedis(cp.redisURL); err != nil {
+	upstreamLabel := metrics.UpstreamLabel(cp.jwtSecret, cp.webhook.String())
+	cp.logger.Debug("metrics labels", zap.String("upstream", upstreamLabel), zap.Strings("sites", cp.AllowedOrigins))
+	hc := &handler.Config{
+		Prefix:      cp.PathPrefix,
+		MaxBodySize: cp.MaxBodySize,
+		Logger:      cp.logger,
+		Metrics:     metrics.NewRecorder(upstreamLabel, cp.AllowedOrigins),
+		LogContent:  cp.LogContent,
+	}
+	for _, step := range []func(caddy.Context, *handler.Config) error{
+		cp.provisionSessions,
+		cp.provisionGuard,
+		cp.provisionUpstream,
+		cp.provisionStreaming,
+		cp.provisionStore,
+	} {
+		if err := step(ctx, hc); err != nil {
 			return err
 		}
 	}
-	limits, err := cp.rateLimits()
-	if err != nil {
-		return err
-	}
-	limiterCfg := guard.LimiterConfig{
-		Limits: limits,
-		// Every instance of a site shares jwt_secret, so all of them name
-		// a client's keys alike, while the names reveal no IP.
-		HashKey:      deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
-		BlockAfter:   cp.BlockAfter,
-		RedisTimeout: cp.redisTimeout,
-		BlockFor:     time.Duration(cp.BlockFor),
-		Logger:       cp.logger.Named("ratelimit"),
-	}
-	if rdb != nil {
-		limiterCfg.Redis = rdb
-	}
-	limiter, err := guard.NewLimiter(limiterCfg)
-	if err != nil {
-		return fmt.Errorf("rate_limit: %w", err)
-	}
-	var bots *guard.BotScorer
-	if enabled, threshold, _ := guard.ParseBotDetection(cp.BotDetection); enabled {
-		if bots, err = guard.NewBotScorer(guard.BotConfig{Threshold: threshold, Repeats: limiter}); err != nil {
-			return fmt.Errorf("bot_detection: %w", err)
-		}
-	}
+	cp.handler = handler.New(*hc)
+	return nil
+}
 
-	rec, err := cp.provisionMetrics(ctx, store, rdb)
-	if err != nil {
-		return err
-	}
-	upstreamCfg := cp.upstreamConfig()
-	upstreamLog := cp.logger.Named("n8n")
-	upstreamCfg.OnStateChange = func(from, to n8n.BreakerState) {
-		rec.SetCircuitState(string(to))
-		upstreamLog.Warn("n8n circuit breaker changed state", zap.String("from", string(from)), zap.String("to", string(to)))
-	}
-	if cp.upstream, err = n8n.New(upstreamCfg); err != nil {
-		return fmt.Errorf("n8n_webhook: %w", err)
-	}
-
-	origins, err := guard.ParseOrigins(cp.AllowedOrigins)
-	if err != nil {
-		return fmt.Errorf("allowed_origins: %w", err)
-	}
+// provisionSessions sets up visitor sessions: their tokens, lifetime and
+// cookie. The store is added by provisionStore.
+func (cp *ChatProxy) provisionSessions(_ caddy.Context, hc *handler.Config) error {
 	cookie, err := cp.cookie()
 	if err != nil {
 		return err
 	}
-	hc := handler.Config{
-		Prefix:  cp.PathPrefix,
-		Origins: origins,
-		Sessions: &sessions.Manager{
-			Store:  store,
-			Tokens: sessions.NewTokensFor(cp.jwtSecret, cp.tokenAudience(), nil),
-			TTL:    time.Duration(cp.SessionTTL),
-		},
-		Store:              store,
-		Cookie:             cookie,
-		MaxBodySize:        cp.MaxBodySize,
-		Logger:             cp.logger,
-		Limiter:            limiter,
-		Bots:               bots,
-		Upstream:           cp.upstream,
-		MaxMessageLength:   cp.MaxMessageLength,
-		FinishOnDisconnect: cp.OnClientDisconnect == "finish",
-		Drain:              cp.drain,
-		ReplyStoreTimeout:  cp.replyStoreTimeout,
-		Metrics:            rec,
-		MetricsAllow:       cp.metricsAllow,
-		LogContent:         cp.LogContent,
+	hc.Cookie = cookie
+	hc.Sessions = &sessions.Manager{
+		Tokens: sessions.NewTokensFor(cp.jwtSecret, cp.tokenAudience(), nil),
+		TTL:    time.Duration(cp.SessionTTL),
 	}
-	if rdb != nil {
-		hc.Redis = rdb
-	}
-	cp.handler = handler.New(hc)
 	return nil
 }
 
@@ -358,38 +313,160 @@ func (cp *ChatProxy) tokenAudience() string {
 	return sessions.BlockAudience(cp.webhook.String())
 }
 
-// ServeHTTP implements caddyhttp.MiddlewareHandler.
+// provisionGuard sets up what decides whether a request may go on:
+// allowed origins, rate limits (with the shared Redis client, if any), bot
+// scoring, message length and who may read /metrics.
+func (cp *ChatProxy) provisionGuard(_ caddy.Context, hc *handler.Config) error {
+	origins, err := guard.ParseOrigins(cp.AllowedOrigins)
+	if err != nil {
+		return fmt.Errorf("allowed_origins: %w", err)
+	}
+	hc.Origins = origins
+	hc.MaxMessageLength = cp.MaxMessageLength
+	hc.MetricsAllow = cp.metricsAllow
+	limiterCfg := guard.LimiterConfig{
+		Limits: cp.rateLimits(),
+		// Every instance of a site shares jwt_secret, so all of them name
+		// a client's keys alike, while the names reveal no IP.
+		HashKey:      deriveKey(cp.jwtSecret, "chatproxy rate-limit keys"),
+		BlockAfter:   cp.BlockAfter,
+		RedisTimeout: cp.redisTimeout,
+		BlockFor:     time.Duration(cp.BlockFor),
+		Logger:       cp.logger.Named("ratelimit"),
+	}
+	if cp.redisURL != "" {
+		if cp.redis, err = guard.AcquireRedis(cp.redisURL); err != nil {
+			return err
+		}
+		limiterCfg.Redis = cp.redis.Client
+		hc.Redis = cp.redis.Client
+		cp.untrackPools = append(cp.untrackPools, metrics.TrackRedisPool(metrics.PoolLabel(cp.redis.Key), cp.redis.Client))
+	}
+	if hc.Limiter, err = guard.NewLimiter(limiterCfg); err != nil {
+		return fmt.Errorf("rate_limit: %w", err)
+	}
+	if enabled, threshold, _ := guard.ParseBotDetection(cp.BotDetection); enabled {
+		if hc.Bots, err = guard.NewBotScorer(guard.BotConfig{Threshold: threshold, Repeats: hc.Limiter}); err != nil {
+			return fmt.Errorf("bot_detection: %w", err)
+		}
+	}
+	return nil
+}
+
+// provisionUpstream sets up the n8n client, whose circuit breaker reports
+// its state to the metrics and the log.
+func (cp *ChatProxy) provisionUpstream(_ caddy.Context, hc *handler.Config) error {
+	cfg := cp.upstreamConfig()
+	log := cp.logger.Named("n8n")
+	rec := hc.Metrics
+	cfg.OnStateChange = func(from, to n8n.BreakerState) {
+		rec.SetCircuitState(string(to))
+		log.Warn("n8n circuit breaker changed state", zap.String("from", string(from)), zap.String("to", string(to)))
+	}
+	var err error
+	if cp.upstream, err = n8n.New(cfg); err != nil {
+		return fmt.Errorf("n8n_webhook: %w", err)
+	}
+	hc.Upstream = cp.upstream
+	return nil
+}
+
+// provisionStreaming sets up how replies are relayed and how they end:
+// when the visitor leaves, and when Caddy exits (see handler.Drain).
+func (cp *ChatProxy) provisionStreaming(ctx caddy.Context, hc *handler.Config) error {
+	hc.FinishOnDisconnect = cp.OnClientDisconnect == "finish"
+	cp.drain = handler.NewDrain()
+	cp.drain.HookServer(ctx, cp.logger)
+	hc.Drain = cp.drain
+	return nil
+}
+
+// provisionStore takes a reference to the shared store and starts this
+// handler's history purge, which ends with ctx.
+func (cp *ChatProxy) provisionStore(ctx caddy.Context, hc *handler.Config) error {
+	var err error
+	if cp.store, err = sessions.AcquireShared(cp.database); err != nil {
+		return err
+	}
+	hc.Store = cp.store.Store
+	hc.Sessions.Store = cp.store.Store
+	hc.ReplyStoreTimeout = cp.replyStoreTimeout
+	if pg, ok := cp.store.Store.(interface{ Pool() *pgxpool.Pool }); ok {
+		cp.untrackPools = append(cp.untrackPools, metrics.TrackDBPool(metrics.PoolLabel(cp.store.Key), pg.Pool()))
+	}
+	cp.purger = &sessions.Purger{
+		Store:      cp.store.Store,
+		State:      cp.store.Purge,
+		Retention:  time.Duration(cp.HistoryRetention),
+		Interval:   time.Duration(cp.PurgeInterval),
+		FirstDelay: sessions.PurgeFirstDelay,
+		Logger:     cp.logger.Named("purge"),
+		Now:        time.Now,
+	}
+	go cp.purger.Run(ctx)
+	return nil
+}
+
+// ServeHTTP answers the module's routes and passes every other request to
+// next. A chat message goes through these stages, in this order:
+//
+//  1. route, security headers and the origin check (the site's own origin
+//     is always allowed): handler/handler.go ServeHTTP, handler/cors.go
+//  2. the exchange pipeline, (*handler.Handler).runExchange in
+//     handler/pipeline.go, with per-route adapters for parsing the request
+//     and the reply format (handler/chat.go: SSE and JSON;
+//     handler/widget.go: the @n8n/chat widget's NDJSON):
+//     a. authenticate the session (handler/sessions.go)
+//     b. validate the input (guard/input.go)
+//     c. rate-limit (guard/ratelimit.go)
+//     d. score for bots and spam (guard/bot.go)
+//     e. store the user message (sessions/)
+//     f. send it to n8n (n8n/)
+//     g. relay the reply (streaming/, handler/exchange.go)
+//     h. store the reply (handler/exchange.go, sessions/)
+//
+// Sessions, history, /health and /metrics are in handler/sessions.go,
+// handler/history.go, handler/health.go and handler/metrics.go.
 func (cp *ChatProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	return cp.handler.ServeHTTP(w, r, next)
 }
 
-// Cleanup releases what Provision took: the store and Redis references and
-// the n8n client. It is safe after a partial Provision and when called more
-// than once.
+// Cleanup releases what Provision took: the metrics of its pools, the
+// streams still running when Caddy exits, the n8n client and the Redis
+// and store references. It is safe after a partial Provision and when
+// called more than once. The purge goroutine ends with the config's
+// context, which Caddy cancels before calling Cleanup.
 func (cp *ChatProxy) Cleanup() error {
 	var errs []error
-	cp.cleanupMetrics()
+	for _, untrack := range cp.untrackPools {
+		untrack()
+	}
+	cp.untrackPools = nil
 	// Before the store is released: streams cut short by an exiting Caddy
 	// store their partial replies.
-	cp.finishDrain()
+	cp.drain.Finish()
 	if cp.upstream != nil {
 		// Streams still running finish on their own connections.
 		errs = append(errs, cp.upstream.Close())
 		cp.upstream = nil
 	}
-	if cp.redisKey != "" {
-		if _, err := redisPool.Delete(cp.redisKey); err != nil {
-			errs = append(errs, fmt.Errorf("releasing redis client: %w", err))
-		}
-		cp.redisKey = ""
+	if cp.redis != nil {
+		errs = append(errs, cp.redis.Release())
+		cp.redis = nil
 	}
-	if cp.storeKey != "" {
-		if _, err := storePool.Delete(cp.storeKey); err != nil {
-			errs = append(errs, fmt.Errorf("releasing store: %w", err))
-		}
-		cp.storeKey = ""
+	if cp.store != nil {
+		errs = append(errs, cp.store.Release())
+		cp.store = nil
 	}
 	return errors.Join(errs...)
+}
+
+// deriveKey derives a purpose-bound key from a configured secret, so one
+// secret never serves two purposes directly.
+func deriveKey(secret []byte, purpose string) []byte {
+	mac := hmac.New(sha256.New, secret)
+	mac.Write([]byte(purpose))
+	return mac.Sum(nil)
 }
 
 // Interface guards

@@ -10,6 +10,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -168,8 +169,8 @@ func TestProvisionErrors(t *testing.T) {
 					t.Errorf("error %q leaks %q", err, secret)
 				}
 			}
-			if cp.storeKey != "" {
-				t.Errorf("a failed provision still holds store %s", cp.storeKey)
+			if storeKeyOf(cp) != "" {
+				t.Errorf("a failed provision still holds store %s", storeKeyOf(cp))
 			}
 		})
 	}
@@ -204,21 +205,21 @@ func TestProvisionGood(t *testing.T) {
 	if cp.handler == nil {
 		t.Error("no handler")
 	}
-	if n, ok := storePool.References(cp.storeKey); !ok || n != 1 {
+	if n, ok := sessions.SharedReferences(storeKeyOf(cp)); !ok || n != 1 {
 		t.Errorf("store references = %d, %v; want 1", n, ok)
 	}
 	if err := cp.Validate(); err != nil {
 		t.Errorf("Validate after Provision: %v", err)
 	}
 
-	key := cp.storeKey
+	key := storeKeyOf(cp)
 	if err := cp.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
 	if err := cp.Cleanup(); err != nil {
 		t.Fatalf("second Cleanup: %v", err)
 	}
-	if n, ok := storePool.References(key); ok || n != 0 {
+	if n, ok := sessions.SharedReferences(key); ok || n != 0 {
 		t.Errorf("after Cleanup the store has %d references", n)
 	}
 }
@@ -297,60 +298,67 @@ func TestProvisionSharesStore(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if a.storeKey == "" || a.storeKey != b.storeKey {
-		t.Fatalf("store keys %q and %q, want one shared key", a.storeKey, b.storeKey)
+	if storeKeyOf(a) == "" || storeKeyOf(a) != storeKeyOf(b) {
+		t.Fatalf("store keys %q and %q, want one shared key", storeKeyOf(a), storeKeyOf(b))
 	}
-	if other.storeKey == a.storeKey {
-		t.Fatalf("another database shares key %q", a.storeKey)
+	if storeKeyOf(other) == storeKeyOf(a) {
+		t.Fatalf("another database shares key %q", storeKeyOf(a))
 	}
-	if !strings.HasPrefix(a.storeKey, "sqlite:") || strings.Contains(a.storeKey, "x.db") {
-		t.Errorf("store key %q, want sqlite:<hash>", a.storeKey)
+	if !strings.HasPrefix(storeKeyOf(a), "sqlite:") || strings.Contains(storeKeyOf(a), "x.db") {
+		t.Errorf("store key %q, want sqlite:<hash>", storeKeyOf(a))
 	}
-	key := a.storeKey
-	if n, ok := storePool.References(key); !ok || n != 2 {
+	key := storeKeyOf(a)
+	if n, ok := sessions.SharedReferences(key); !ok || n != 2 {
 		t.Fatalf("references = %d, %v; want 2", n, ok)
 	}
 	if err := a.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
-	if n, ok := storePool.References(key); !ok || n != 1 {
+	if n, ok := sessions.SharedReferences(key); !ok || n != 1 {
 		t.Fatalf("after one Cleanup: references = %d, %v; want 1", n, ok)
 	}
 	// The remaining handler's store is still open…
-	store := mtPooledStore(t, key)
+	store := mtPooledStore(t, b)
 	if err := store.Ping(t.Context()); err != nil {
 		t.Fatalf("shared store after one Cleanup: %v", err)
 	}
 	if err := b.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
-	if n, ok := storePool.References(key); ok || n != 0 {
+	if n, ok := sessions.SharedReferences(key); ok || n != 0 {
 		t.Fatalf("after both Cleanups: references = %d, %v; want none", n, ok)
 	}
 	// …and closed with the last reference.
 	if err := store.Ping(t.Context()); err == nil {
 		t.Error("store still usable after the last Cleanup")
 	}
-	if n, ok := storePool.References(other.storeKey); !ok || n != 1 {
+	if n, ok := sessions.SharedReferences(storeKeyOf(other)); !ok || n != 1 {
 		t.Errorf("the other store: references = %d, %v; want 1", n, ok)
 	}
 }
 
-// mtPooledStore is the store shared under key.
-func mtPooledStore(t *testing.T, key string) sessions.Store {
+// mtPooledStore is the shared store cp holds.
+func mtPooledStore(t *testing.T, cp *ChatProxy) sessions.Store {
 	t.Helper()
-	var store sessions.Store
-	storePool.Range(func(k, v any) bool {
-		if k == key {
-			store = v.(pooledStore).Store
-			return false
-		}
-		return true
-	})
-	if store == nil {
-		t.Fatalf("no store under %s", key)
+	if cp.store == nil {
+		t.Fatal("no store held")
 	}
-	return store
+	return cp.store.Store
+}
+
+// storeKeyOf and redisKeyOf are the pool keys cp holds, or "".
+func storeKeyOf(cp *ChatProxy) string {
+	if cp.store == nil {
+		return ""
+	}
+	return cp.store.Key
+}
+
+func redisKeyOf(cp *ChatProxy) string {
+	if cp.redis == nil {
+		return ""
+	}
+	return cp.redis.Key
 }
 
 // The same database spelled differently (relative path, sqlite://) is
@@ -375,19 +383,19 @@ func TestProvisionStoreKeys(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("provisioning took %v: blocking I/O?", d)
 	}
-	if a.storeKey != b.storeKey || a.storeKey != c.storeKey {
-		t.Errorf("keys %q, %q, %q; want one", a.storeKey, b.storeKey, c.storeKey)
+	if storeKeyOf(a) != storeKeyOf(b) || storeKeyOf(a) != storeKeyOf(c) {
+		t.Errorf("keys %q, %q, %q; want one", storeKeyOf(a), storeKeyOf(b), storeKeyOf(c))
 	}
-	if n, _ := storePool.References(a.storeKey); n != 3 {
+	if n, _ := sessions.SharedReferences(storeKeyOf(a)); n != 3 {
 		t.Errorf("sqlite references %d, want 3", n)
 	}
-	if p1.storeKey != p2.storeKey || !strings.HasPrefix(p1.storeKey, "postgres:") {
-		t.Errorf("postgres keys %q, %q", p1.storeKey, p2.storeKey)
+	if storeKeyOf(p1) != storeKeyOf(p2) || !strings.HasPrefix(storeKeyOf(p1), "postgres:") {
+		t.Errorf("postgres keys %q, %q", storeKeyOf(p1), storeKeyOf(p2))
 	}
-	if strings.Contains(p1.storeKey, mtLeak) || strings.Contains(p1.storeKey, "127.0.0.1") {
-		t.Errorf("postgres key %q shows the URL", p1.storeKey)
+	if strings.Contains(storeKeyOf(p1), mtLeak) || strings.Contains(storeKeyOf(p1), "127.0.0.1") {
+		t.Errorf("postgres key %q shows the URL", storeKeyOf(p1))
 	}
-	if n, _ := storePool.References(p1.storeKey); n != 2 {
+	if n, _ := sessions.SharedReferences(storeKeyOf(p1)); n != 2 {
 		t.Errorf("postgres references %d, want 2", n)
 	}
 }
@@ -424,12 +432,12 @@ func TestLoadModuleFromJSON(t *testing.T) {
 	if string(cp.jwtSecret) != mtJWT {
 		t.Errorf("jwt secret %q", cp.jwtSecret)
 	}
-	key := cp.storeKey
-	if n, _ := storePool.References(key); n != 1 {
+	key := storeKeyOf(cp)
+	if n, _ := sessions.SharedReferences(key); n != 1 {
 		t.Fatalf("references %d, want 1", n)
 	}
 	cancel()
-	if n, ok := storePool.References(key); ok || n != 0 {
+	if n, ok := sessions.SharedReferences(key); ok || n != 0 {
 		t.Errorf("after cancel: references %d, want none", n)
 	}
 
@@ -445,7 +453,24 @@ func TestLoadModuleFromJSON(t *testing.T) {
 		!strings.Contains(err.Error(), `allowed_origins: allowed origin "null": not an origin`) {
 		t.Errorf("load of a bad config: %v", err)
 	}
-	if n, ok := storePool.References(key); ok || n != 0 {
+	if n, ok := sessions.SharedReferences(key); ok || n != 0 {
 		t.Errorf("after a failed load: references %d, want none", n)
 	}
+}
+
+// testRates turns rates written as in the Caddyfile into the typed form,
+// as the Caddyfile parser does; a bad rate fails the test binary.
+func testRates(tiers map[string][]string) map[string][]guard.Rate {
+	out := make(map[string][]guard.Rate, len(tiers))
+	for tier, rates := range tiers {
+		out[tier] = []guard.Rate{}
+		for _, r := range rates {
+			l, err := guard.ParseRate(r)
+			if err != nil {
+				panic(err)
+			}
+			out[tier] = append(out[tier], guard.RateOf(l))
+		}
+	}
+	return out
 }

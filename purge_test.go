@@ -2,175 +2,19 @@ package chatproxy
 
 import (
 	"bytes"
-	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
-
-// countingStore wraps a Store and reports each Purge call; panicFirst
-// makes the first call panic.
-type countingStore struct {
-	sessions.Store
-	mu         sync.Mutex
-	calls      [][2]time.Time // expiredBefore, messagesBefore
-	panicFirst bool
-	err        error
-	called     chan struct{}
-}
-
-func (s *countingStore) Purge(ctx context.Context, exp, old time.Time) (int64, int64, error) {
-	s.mu.Lock()
-	s.calls = append(s.calls, [2]time.Time{exp, old})
-	n, err := len(s.calls), s.err
-	s.mu.Unlock()
-	defer func() {
-		select {
-		case s.called <- struct{}{}:
-		default:
-		}
-	}()
-	if s.panicFirst && n == 1 {
-		panic("purge exploded")
-	}
-	if err != nil {
-		return 0, 0, err
-	}
-	return s.Store.Purge(ctx, exp, old)
-}
-
-func (s *countingStore) Calls() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.calls)
-}
-
-func newCountingStore(t *testing.T) *countingStore {
-	t.Helper()
-	st, err := sessions.OpenSQLite(filepath.Join(t.TempDir(), "chat.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = st.Close() })
-	return &countingStore{Store: st, called: make(chan struct{}, 16)}
-}
-
-func testPurger(store sessions.Store, state *purgeState, retention, interval time.Duration) *purger {
-	return &purger{
-		store: store, state: state, retention: retention, interval: interval,
-		firstDelay: 10 * time.Millisecond, logger: zap.NewNop(), now: time.Now,
-	}
-}
-
-// The purge goroutine runs shortly after start and then periodically,
-// with the right cut-offs; a panicking purge is logged and the loop goes
-// on; the goroutine ends when the provision context is cancelled.
-func TestPurgerLoop(t *testing.T) {
-	store := newCountingStore(t)
-	store.panicFirst = true
-	p := testPurger(store, newPurgeState(), 48*time.Hour, 40*time.Millisecond)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	start := time.Now()
-	go func() {
-		defer close(done)
-		p.run(ctx)
-	}()
-	for i := range 3 {
-		select {
-		case <-store.called:
-		case <-time.After(5 * time.Second):
-			t.Fatalf("purge #%d did not run", i+1)
-		}
-	}
-	cancel()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the purge goroutine did not end with its context")
-	}
-	n := store.Calls()
-	time.Sleep(100 * time.Millisecond)
-	if store.Calls() != n {
-		t.Error("purges ran after the context was cancelled")
-	}
-	store.mu.Lock()
-	defer store.mu.Unlock()
-	first := store.calls[0]
-	if first[0].Before(start) || first[0].Sub(first[1]) != 48*time.Hour {
-		t.Errorf("cut-offs %v / %v: want now and now-48h", first[0], first[1])
-	}
-}
-
-// Handlers sharing a store share its purge: a second run within half an
-// interval is skipped unless its retention is shorter, since the first
-// already deleted all it would; errors and the lock held elsewhere are
-// not recorded as purges.
-func TestPurgerSharedStore(t *testing.T) {
-	store := newCountingStore(t)
-	state := newPurgeState()
-	a := testPurger(store, state, 30*24*time.Hour, time.Hour)
-	b := testPurger(store, state, 30*24*time.Hour, time.Hour)
-	short := testPurger(store, state, 7*24*time.Hour, time.Hour)
-	ctx := t.Context()
-	for _, step := range []struct {
-		p    *purger
-		want string
-	}{
-		{a, purgeDone}, {b, purgeSkipped}, {a, purgeSkipped}, {short, purgeDone}, {a, purgeSkipped}, {short, purgeSkipped},
-	} {
-		if got := step.p.once(ctx); got != step.want {
-			t.Fatalf("once = %s, want %s", got, step.want)
-		}
-	}
-	if store.Calls() != 2 {
-		t.Fatalf("%d purges reached the store, want 2", store.Calls())
-	}
-	// Half an interval later the next run purges again.
-	later := time.Now().Add(31 * time.Minute)
-	b.now = func() time.Time { return later }
-	if got := b.once(ctx); got != purgeDone {
-		t.Fatalf("once after half an interval = %s, want %s", got, purgeDone)
-	}
-
-	fresh := newPurgeState()
-	store.err = fmt.Errorf("purging: %w", sessions.ErrBusy)
-	if got := a.withState(fresh).once(ctx); got != purgeBusy {
-		t.Fatalf("once while another instance purges = %s, want %s", got, purgeBusy)
-	}
-	store.err = errors.New("database on fire")
-	if got := a.withState(fresh).once(ctx); got != purgeFailed {
-		t.Fatalf("once on a failing store = %s, want %s", got, purgeFailed)
-	}
-	store.err = nil
-	if got := a.withState(fresh).once(ctx); got != purgeDone {
-		t.Fatalf("once after a failure = %s, want %s (failures are not recorded as purges)", got, purgeDone)
-	}
-	cancelled, cancel := context.WithCancel(ctx)
-	cancel()
-	if got := a.withState(newPurgeState()).once(cancelled); got != purgeCanceled {
-		t.Fatalf("once with a cancelled context = %s, want %s", got, purgeCanceled)
-	}
-}
-
-func (p *purger) withState(s *purgeState) *purger {
-	q := *p
-	q.state = s
-	return &q
-}
 
 // A provisioned handler purges exactly what is past its history_retention
 // and expired sessions, and keeps message_count equal to the history the
@@ -181,8 +25,8 @@ func TestPurgeRemovesExactlyPastRetention(t *testing.T) {
 			cp := newTestProxy(t, kind, func(cp *ChatProxy) {
 				cp.HistoryRetention = caddy.Duration(48 * time.Hour)
 			})
-			if cp.purger == nil || cp.purger.retention != 48*time.Hour || cp.purger.interval != DefaultPurgeInterval ||
-				cp.purger.firstDelay < time.Minute {
+			if cp.purger == nil || cp.purger.Retention != 48*time.Hour || cp.purger.Interval != sessions.DefaultPurgeInterval ||
+				cp.purger.FirstDelay < time.Minute {
 				t.Fatalf("purger = %+v", cp.purger)
 			}
 			store := cp.handlerStore()
@@ -213,7 +57,7 @@ func TestPurgeRemovesExactlyPastRetention(t *testing.T) {
 			if st, err := store.Stats(ctx); err != nil || st.Sessions != 3 || st.Messages != 7 {
 				t.Fatalf("before the purge: %+v, %v (Provision must not purge)", st, err)
 			}
-			if got := cp.purger.once(ctx); got != purgeDone {
+			if got := cp.purger.Once(ctx); got != sessions.PurgeDone {
 				t.Fatalf("purge: %s", got)
 			}
 			st, err := store.Stats(ctx)

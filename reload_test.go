@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
 // reloadServer serves like a Caddy server across a reload: each request
@@ -112,8 +113,8 @@ func TestReloadDuringStream(t *testing.T) {
 			}
 			old, stopOld := mk(nil)
 			defer stopOld()
-			key := old.storeKey
-			if n, _ := storePool.References(key); n != 1 {
+			key := storeKeyOf(old)
+			if n, _ := sessions.SharedReferences(key); n != 1 {
 				t.Fatalf("references before the reload = %d, want 1", n)
 			}
 			rs := newReloadServer(t, old)
@@ -130,19 +131,19 @@ func TestReloadDuringStream(t *testing.T) {
 				cp.AllowedOrigins = []string{"https://new.example.com"}
 			})
 			defer stopFresh()
-			if fresh.storeKey != key {
-				t.Fatalf("the new config got another store: %s", fresh.storeKey)
+			if storeKeyOf(fresh) != key {
+				t.Fatalf("the new config got another store: %s", storeKeyOf(fresh))
 			}
-			if n, _ := storePool.References(key); n != 2 {
+			if n, _ := sessions.SharedReferences(key); n != 2 {
 				t.Fatalf("references during the reload = %d, want 2", n)
 			}
-			store := mtPooledStore(t, key)
+			store := mtPooledStore(t, fresh)
 			rs.cur.Store(fresh)
 			stopOld()
-			if n, _ := storePool.References(key); n != 1 {
+			if n, _ := sessions.SharedReferences(key); n != 1 {
 				t.Fatalf("references after the old config was cleaned up = %d, want 1", n)
 			}
-			if mtPooledStore(t, key) != store {
+			if mtPooledStore(t, fresh) != store {
 				t.Fatal("the pooled store changed")
 			}
 

@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
 func TestEmbeddedStoreKeepsSessionsAcrossRestart(t *testing.T) {
@@ -14,7 +16,7 @@ func TestEmbeddedStoreKeepsSessionsAcrossRestart(t *testing.T) {
 	if err := first.Cleanup(); err != nil { // the last reference: the store is closed
 		t.Fatal(err)
 	}
-	if n, _ := storePool.References(first.storeKey); n != 0 {
+	if n, _ := sessions.SharedReferences(storeKeyOf(first)); n != 0 {
 		t.Fatalf("store still referenced after cleanup: %d", n)
 	}
 	second := &ChatProxy{N8nWebhook: "http://127.0.0.1:9/w", JWTSecret: testJWTSecret, SessionSecret: testSessionSecret, Database: db, RateLimits: generousLimits()}

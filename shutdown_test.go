@@ -17,17 +17,14 @@ import (
 )
 
 // These tests drive the hooks Caddy calls when it shuts a server down
-// (serverShutdown, the callback registered with RegisterOnShutdown) and
-// unloads a config (Cleanup), with caddy.Exiting replaced: it can only
+// (Drain.ServerShutdown, the callback registered with RegisterOnShutdown) and
+// unloads a config (Cleanup), with Drain.Exiting replaced: it can only
 // become true in a process that is about to exit. The same path runs for
 // real in integration.TestShutdownEndsStreams, which stops a Caddy child
 // process.
 
-func exiting(t *testing.T, v bool) {
-	t.Helper()
-	old := processExiting
-	processExiting = func() bool { return v }
-	t.Cleanup(func() { processExiting = old })
+func exiting(cp *ChatProxy, v bool) {
+	cp.drain.Exiting = func() bool { return v }
 }
 
 // A stream still running when the grace period is about to end gets an
@@ -35,11 +32,11 @@ func exiting(t *testing.T, v bool) {
 // protocols, and what it relayed is stored as a partial reply; the stream
 // ran on until shortly before the grace period ended.
 func TestShutdownDrainsStreams(t *testing.T) {
-	exiting(t, true)
 	const grace = 400 * time.Millisecond
 	for _, route := range []string{"sse", "ndjson"} {
 		t.Run(route, func(t *testing.T) {
 			e := newChatEnv(t, chatEnvOpts{})
+			exiting(e.cp, true)
 			never := make(chan struct{})
 			e.fake.setScript(e.fake.fakeThen("Partial words ", never, func(http.ResponseWriter, *http.Request) {}))
 			s := e.newSession(t)
@@ -61,7 +58,7 @@ func TestShutdownDrainsStreams(t *testing.T) {
 				}
 			}
 			start := time.Now()
-			e.cp.serverShutdown(grace)
+			e.cp.drain.ServerShutdown(grace)
 			if route == "sse" {
 				ev := eventJSON(t, nextSSE(t, br))
 				if ev.Type != "error" || ev.Error != handler.CodeServerShutdown || ev.Message == "" {
@@ -78,7 +75,7 @@ func TestShutdownDrainsStreams(t *testing.T) {
 				}
 			}
 			wantStreamEnd(t, br) // a clean end, not a cut connection
-			if d := time.Since(start); d < grace-drainMargin(grace)-50*time.Millisecond || d > grace {
+			if d := time.Since(start); d < grace-handler.DrainMargin(grace)-50*time.Millisecond || d > grace {
 				t.Errorf("the stream ended %v after the shutdown began; want just before the %v grace period ends", d, grace)
 			}
 			awaitSignal(t, e.fake.last(t).Canceled(), "n8n to see its request cancelled")
@@ -90,7 +87,7 @@ func TestShutdownDrainsStreams(t *testing.T) {
 				if len(msgs) != 2 {
 					t.Fatalf("widget history: %+v", msgs)
 				}
-				wantStoredReply(t, sqlitePath(e.cp.Database), "Partial words ", sessions.StatusPartial)
+				wantStoredReply(t, sessions.SQLitePath(e.cp.Database), "Partial words ", sessions.StatusPartial)
 			}
 		})
 	}
@@ -128,8 +125,8 @@ func TestShutdownLeavesStreamsThatFinish(t *testing.T) {
 		{"reload", false, time.Nanosecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			exiting(t, tc.exiting)
 			e := newChatEnv(t, chatEnvOpts{})
+			exiting(e.cp, tc.exiting)
 			g := newStreamGate()
 			e.fake.setScript(e.fake.fakeGated(g, false, "one ", "two ", "three"))
 			s := e.newSession(t)
@@ -138,7 +135,7 @@ func TestShutdownLeavesStreamsThatFinish(t *testing.T) {
 			if got := itemOf(t, nextSSE(t, br)); got != "one " {
 				t.Fatalf("first item %q", got)
 			}
-			e.cp.serverShutdown(tc.grace)
+			e.cp.drain.ServerShutdown(tc.grace)
 			time.Sleep(20 * time.Millisecond) // a drain would have started by now for the 1ns grace
 			for _, want := range []string{"two ", "three"} {
 				g.next(t)
@@ -164,8 +161,8 @@ func TestShutdownLeavesStreamsThatFinish(t *testing.T) {
 // releases the store that the process exit would otherwise close under
 // them.
 func TestCleanupOnExitStoresPartialReplies(t *testing.T) {
-	exiting(t, true)
 	e := newChatEnv(t, chatEnvOpts{})
+	exiting(e.cp, true)
 	never := make(chan struct{})
 	e.fake.setScript(e.fake.fakeThen("Half a reply", never, func(http.ResponseWriter, *http.Request) {}))
 	s := e.newSession(t)
@@ -174,7 +171,7 @@ func TestCleanupOnExitStoresPartialReplies(t *testing.T) {
 	if got := itemOf(t, nextSSE(t, br)); got != "Half a reply" {
 		t.Fatalf("first event %q", got)
 	}
-	path := sqlitePath(e.cp.Database)
+	path := sessions.SQLitePath(e.cp.Database)
 	if err := e.cp.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
@@ -201,7 +198,7 @@ func TestCleanupOnExitStoresPartialReplies(t *testing.T) {
 
 // Provision registers the shutdown hook with the caddyhttp.Server it is
 // provisioned under (Caddy puts it in the context while it provisions the
-// server's routes); without an HTTP app the grace period counts as eternal.
+// server's routes).
 func TestProvisionHooksServerShutdown(t *testing.T) {
 	srv := new(caddyhttp.Server)
 	base, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
@@ -219,8 +216,5 @@ func TestProvisionHooksServerShutdown(t *testing.T) {
 	defer cp.Cleanup()
 	if hooks() != 1 {
 		t.Fatalf("%d shutdown hooks registered, want 1", hooks())
-	}
-	if got := httpGracePeriod(ctx); got != 0 {
-		t.Fatalf("grace period without an HTTP app = %v", got)
 	}
 }

@@ -235,6 +235,9 @@ func (l *Limiter) CountRepeat(ctx context.Context, sessionID, text string, windo
 // read and write timeouts are 1s unless the URL sets them, so that an
 // unreachable Redis is noticed quickly.
 func RedisOptions(rawURL string) (*redis.Options, error) {
+	if err := checkRedisScheme(rawURL); err != nil {
+		return nil, err
+	}
 	opt, err := redis.ParseURL(rawURL)
 	if err != nil {
 		var ue *url.Error
@@ -268,4 +271,26 @@ func RedisOptions(rawURL string) (*redis.Options, error) {
 	}
 	opt.DialerRetries = 1
 	return opt, nil
+}
+
+// checkRedisScheme refuses a value that is not a redis://, rediss:// (or
+// unix://) URL, saying what to write instead. A password in the value is
+// shown as "****". Other mistakes are left to redis.ParseURL.
+func checkRedisScheme(raw string) error {
+	scheme, _, hasScheme := strings.Cut(raw, "://")
+	if hasScheme && (scheme == "redis" || scheme == "rediss" || scheme == "unix") {
+		return nil
+	}
+	shown := raw
+	if at := strings.LastIndex(raw, "@"); at >= 0 {
+		prefix := ""
+		if hasScheme {
+			prefix = scheme + "://"
+		}
+		shown = prefix + "****" + raw[at:]
+	}
+	if hasScheme {
+		return fmt.Errorf("%q is not a redis:// or rediss:// URL", shown)
+	}
+	return fmt.Errorf("%q is not a redis:// or rediss:// URL; write redis://%s", shown, shown)
 }

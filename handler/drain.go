@@ -5,6 +5,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 )
 
@@ -24,12 +26,17 @@ type Drain struct {
 	ctx    context.Context
 	start  context.CancelFunc
 	active atomic.Int64 // streams running
+
+	// Exiting reports whether the process is exiting rather than
+	// reloading; nil means caddy.Exiting. Tests replace it.
+	Exiting func() bool
+	logger  *zap.Logger
 }
 
 // NewDrain returns a Drain that has not started.
 func NewDrain() *Drain {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Drain{ctx: ctx, start: cancel}
+	return &Drain{ctx: ctx, start: cancel, logger: zap.NewNop()}
 }
 
 // Start tells every running stream, and any that starts later, to end now.

@@ -144,6 +144,14 @@ const (
 	MinSecretBytes = 32
 )
 
+// Validate checks c as New would, without building a client: it has no
+// side effects. Errors name the setting but never echo a secret or the
+// URL.
+func (c Config) Validate() error {
+	_, _, err := c.withDefaults()
+	return err
+}
+
 // withDefaults validates c and fills in the defaults. Errors name the
 // setting but never echo a secret or the URL.
 func (c Config) withDefaults() (Config, *url.URL, error) {
