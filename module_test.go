@@ -2,6 +2,8 @@ package chatproxy
 
 import (
 	"encoding/json"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -473,4 +476,58 @@ func testRates(tiers map[string][]string) map[string][]guard.Rate {
 		}
 	}
 	return out
+}
+
+// mtServe sends one request through a provisioned module, addressed to
+// http://host, with a browser's User-Agent.
+func mtServe(t *testing.T, cp *ChatProxy, method, host, path string, headers map[string]string) *httptest.ResponseRecorder {
+	t.Helper()
+	r := httptest.NewRequest(method, "http://"+host+path, nil)
+	r.Header.Set("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36")
+	for k, v := range headers {
+		r.Header.Set(k, v)
+	}
+	rec := httptest.NewRecorder()
+	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
+	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.9")
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(http.StatusTeapot)
+		return nil
+	})
+	if err := cp.ServeHTTP(rec, r, next); err != nil {
+		t.Fatalf("ServeHTTP: %v", err)
+	}
+	return rec
+}
+
+// A site that serves its own page and leaves out allowed_origins works:
+// the page's requests (Origin: the site's own origin) create a session
+// and pass the cookie CSRF check; a look-alike origin is refused.
+func TestSiteOwnPageWorksWithoutAllowedOrigins(t *testing.T) {
+	cp := mtConfig(t, func(c *ChatProxy) { c.AllowedOrigins = nil })
+	if err := mtProvision(t, cp); err != nil {
+		t.Fatal(err)
+	}
+	const host = "localhost:8080"
+	own := map[string]string{"Origin": "http://" + host}
+	rec := mtServe(t, cp, "POST", host, "/api/v1/session/create", own)
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("create from the site's own page: %d %s", rec.Code, rec.Body)
+	}
+	cookie := rec.Result().Cookies()
+	if len(cookie) != 1 {
+		t.Fatalf("cookies %v", cookie)
+	}
+	withCookie := func(origin string) map[string]string {
+		return map[string]string{"Origin": origin, "Cookie": cookie[0].Name + "=" + cookie[0].Value}
+	}
+	if rec := mtServe(t, cp, "GET", host, "/api/v1/session/validate", withCookie("http://"+host)); rec.Code != http.StatusOK {
+		t.Fatalf("cookie validate from the site's own page: %d %s", rec.Code, rec.Body)
+	}
+	for _, lookalike := range []string{"http://localhost:8081", "https://" + host, "http://localhost"} {
+		if rec := mtServe(t, cp, "GET", host, "/api/v1/session/validate", withCookie(lookalike)); rec.Code != http.StatusForbidden ||
+			!strings.Contains(rec.Body.String(), `"origin_not_allowed"`) {
+			t.Errorf("%s: %d %s, want 403 origin_not_allowed", lookalike, rec.Code, rec.Body)
+		}
+	}
 }

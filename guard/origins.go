@@ -73,6 +73,31 @@ func (o *Origins) Allowed(origin string) bool {
 	return false
 }
 
+// Empty reports whether no origin is configured.
+func (o *Origins) Empty() bool {
+	return o == nil || len(o.exact) == 0 && len(o.wildcards) == 0
+}
+
+// SameOrigin reports whether origin is the request's own origin: the
+// scheme the request came in with and its Host (host[:port]), compared
+// as origins are (case, default ports). A page served by the same site
+// sends exactly that; other ports, schemes and malformed values do not
+// match.
+func SameOrigin(origin, scheme, host string) bool {
+	if host == "" {
+		return false
+	}
+	s1, h1, p1, err := splitOrigin(origin)
+	if err != nil || strings.Contains(h1, "*") {
+		return false
+	}
+	s2, h2, p2, err := splitOrigin(scheme + "://" + host)
+	if err != nil {
+		return false
+	}
+	return s1 == s2 && h1 == h2 && p1 == p2
+}
+
 // OriginHost returns the host[:port] of a well-formed origin, lowercased,
 // IPv6 in brackets and without the scheme's default port: the "site" a
 // session belongs to, spelled as in a Host header.

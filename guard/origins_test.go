@@ -377,3 +377,55 @@ func mustParseOriginsF(f *testing.F, entries ...string) *Origins {
 	}
 	return o
 }
+
+func TestSameOrigin(t *testing.T) {
+	for _, tc := range []struct {
+		origin, scheme, host string
+		want                 bool
+	}{
+		{"https://shop.example.com", "https", "shop.example.com", true},
+		{"https://shop.example.com", "https", "shop.example.com:443", true},
+		{"https://Shop.Example.com:443", "https", "shop.example.com", true},
+		{"http://localhost:8080", "http", "localhost:8080", true},
+		{"http://[::1]:8080", "http", "[::1]:8080", true},
+		{"http://shop.example.com", "https", "shop.example.com", false},       // other scheme
+		{"https://shop.example.com:8443", "https", "shop.example.com", false}, // other port
+		{"http://localhost:8081", "http", "localhost:8080", false},
+		{"https://shop.example.com.evil.net", "https", "shop.example.com", false},
+		{"https://evil.net", "https", "shop.example.com", false},
+		{"null", "https", "shop.example.com", false},
+		{"https://*.example.com", "https", "*.example.com", false},
+		{"https://shop.example.com", "https", "", false},
+		{"https://shop.example.com/path", "https", "shop.example.com", false},
+	} {
+		if got := SameOrigin(tc.origin, tc.scheme, tc.host); got != tc.want {
+			t.Errorf("SameOrigin(%q, %q, %q) = %v, want %v", tc.origin, tc.scheme, tc.host, got, tc.want)
+		}
+	}
+	if o, _ := ParseOrigins(nil); !o.Empty() {
+		t.Error("no entries: not Empty")
+	}
+	if o, _ := ParseOrigins([]string{"https://*.example.com"}); o.Empty() {
+		t.Error("a wildcard entry: Empty")
+	}
+}
+
+func FuzzSameOrigin(f *testing.F) {
+	for _, s := range []string{"https://shop.example.com", "http://[::1]:8080", "null", "https://a.com:443"} {
+		f.Add(s, "shop.example.com")
+	}
+	f.Fuzz(func(t *testing.T, origin, host string) {
+		for _, scheme := range []string{"http", "https"} {
+			if !SameOrigin(origin, scheme, host) {
+				continue
+			}
+			// A match is a well-formed origin of that scheme whose host is the
+			// request's, spelled as a Host header.
+			got, ok := OriginHost(origin)
+			want, ok2 := OriginHost(scheme + "://" + host)
+			if !ok || !ok2 || got != want || !strings.HasPrefix(strings.ToLower(origin), scheme+"://") {
+				t.Fatalf("SameOrigin(%q, %s, %q) but hosts %q / %q", origin, scheme, host, got, want)
+			}
+		}
+	})
+}

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -83,6 +84,9 @@ type Handler struct {
 	cfg         Config
 	routes      []route
 	healthState healthState
+	// noOriginsWarned is set once the refusal of a cross-origin request
+	// without allowed_origins has been logged.
+	noOriginsWarned atomic.Bool
 }
 
 // route is one API path and what each allowed method does there.

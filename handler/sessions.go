@@ -137,7 +137,7 @@ func (h *Handler) authenticateWith(w http.ResponseWriter, r *http.Request,
 		_ = h.writeError(w, r, http.StatusUnauthorized, "unauthorized", "a session token is required (Authorization: Bearer, or the session cookie)")
 		return nil, nil, false
 	}
-	if fromCookie && !h.cfg.Origins.CookieRequestAllowed(r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site")) {
+	if fromCookie && !h.cookieRequestAllowed(r) {
 		h.cfg.Metrics.GuardRefused(metrics.RefusalCSRF)
 		_ = h.writeError(w, r, http.StatusForbidden, "csrf_refused", "cookie-authenticated requests must come from an allowed origin; other clients use the bearer token")
 		return nil, nil, false

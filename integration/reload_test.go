@@ -58,7 +58,7 @@ func TestReloadWhileStreaming(t *testing.T) {
 	db := withParams(t, base, map[string]string{"application_name": appName, "pool_max_conns": "1"})
 	n8n := newSlowN8n(t, "one ", "two ", "three")
 	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(reloadCaddyfile, "/api/v1", "http://localhost:9080", n8n.URL(), db), "caddyfile")
+	tester.InitServer(fmt.Sprintf(reloadCaddyfile, "/api/v1", "https://old.example.com", n8n.URL(), db), "caddyfile")
 	if t.Failed() {
 		t.FailNow()
 	}
@@ -88,7 +88,7 @@ func TestReloadWhileStreaming(t *testing.T) {
 	if status, _, _ := c.do("POST", "http://localhost:9080/api/v2/session/create", "", map[string]string{"Origin": "https://new.example.com"}); status != 201 {
 		t.Fatalf("create from the new origin: %d", status)
 	}
-	if status, _, _ := c.do("POST", "http://localhost:9080/api/v2/session/create", "", map[string]string{"Origin": "http://localhost:9080"}); status != 403 {
+	if status, _, _ := c.do("POST", "http://localhost:9080/api/v2/session/create", "", map[string]string{"Origin": "https://old.example.com"}); status != 403 {
 		t.Fatalf("create from the old origin: %d, want 403", status)
 	}
 	if status, _, body := c.do("POST", "http://localhost:9080/api/v1/session/create", "", nil); status == 201 || strings.Contains(body, "session_id") {
