@@ -408,25 +408,30 @@ func (cp *ChatProxy) provisionStore(ctx caddy.Context, hc *handler.Config) error
 }
 
 // ServeHTTP answers the module's routes and passes every other request to
-// next. A chat message goes through these stages, in this order:
+// next. A chat message goes through these stages, in this order; from the
+// second on they are (*handler.Handler).runExchange in handler/pipeline.go,
+// whose doc comment is the authority on them. The chat API
+// (handler/chat.go) and the @n8n/chat route (handler/widget.go) supply
+// only how a request is read and how the reply goes back.
 //
-//  1. route, security headers and the origin check (the site's own origin
-//     is always allowed): handler/handler.go ServeHTTP, handler/cors.go
-//  2. the exchange pipeline, (*handler.Handler).runExchange in
-//     handler/pipeline.go, with per-route adapters for parsing the request
-//     and the reply format (handler/chat.go: SSE and JSON;
-//     handler/widget.go: the @n8n/chat widget's NDJSON):
-//     a. authenticate the session (handler/sessions.go)
-//     b. validate the input (guard/input.go)
-//     c. rate-limit (guard/ratelimit.go)
-//     d. score for bots and spam (guard/bot.go)
-//     e. store the user message (sessions/)
-//     f. send it to n8n (n8n/)
-//     g. relay the reply (streaming/, handler/exchange.go)
-//     h. store the reply (handler/exchange.go, sessions/)
+//  1. Route, security headers and the origin check; the site's own origin
+//     is always allowed (handler/handler.go, handler/cors.go).
+//  2. Identify the session from the token or sessionId, without the store
+//     (handler/sessions.go).
+//  3. Read and check the message, and spool its files (guard/input.go,
+//     handler/upload.go).
+//  4. Rate-limit, before any store access (guard/ratelimit.go).
+//  5. Load or create the session (sessions/).
+//  6. Score for bots and spam (guard/bot.go).
+//  7. Store the user message (sessions/).
+//  8. Send it to n8n (n8n/).
+//  9. Relay the reply as SSE, NDJSON or JSON (handler/relay.go,
+//     streaming/).
+//  10. Store the reply (handler/exchange.go, sessions/).
 //
-// Sessions, history, /health and /metrics are in handler/sessions.go,
-// handler/history.go, handler/health.go and handler/metrics.go.
+// Session, history, /health and /metrics routes are in handler/sessions.go,
+// handler/history.go, handler/health.go and handler/metrics.go; how streams
+// end when Caddy exits is in handler/shutdown.go.
 func (cp *ChatProxy) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	return cp.handler.ServeHTTP(w, r, next)
 }
