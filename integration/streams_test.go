@@ -8,86 +8,41 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 )
 
-// slowN8n is a stand-in n8n webhook that streams a reply as n8n does
-// (NDJSON: begin, items, end), one item at a time under the test's
+// slowN8n is the shared fake n8n (testkit.N8n) streaming a reply as n8n
+// does (NDJSON: begin, items, end), one item at a time under the test's
 // control: the first item at once, each further line only on next().
 type slowN8n struct {
-	srv      *httptest.Server
-	items    []string
-	proceed  chan struct{}
+	*testkit.N8n
+	gate     *testkit.StreamGate
 	canceled chan struct{} // closed when the proxy abandoned a request
-	hits     atomic.Int32
-	gone     atomic.Bool
 }
 
 func newSlowN8n(t *testing.T, items ...string) *slowN8n {
 	t.Helper()
-	f := &slowN8n{items: items, proceed: make(chan struct{}), canceled: make(chan struct{})}
-	quit := make(chan struct{})
-	f.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		f.hits.Add(1)
-		_, _ = io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/json; charset=utf-8")
-		w.WriteHeader(http.StatusOK)
-		write := func(typ, content string) {
-			m := map[string]any{"type": typ, "metadata": map[string]any{"nodeId": "agent", "nodeName": "AI Agent", "itemIndex": 0, "runIndex": 0}}
-			if typ == "item" {
-				m["content"] = content
-			}
-			b, _ := json.Marshal(m)
-			_, _ = w.Write(append(b, '\n'))
-			_ = http.NewResponseController(w).Flush()
+	f := &slowN8n{N8n: testkit.NewN8n(t, nil), gate: testkit.NewStreamGate(), canceled: make(chan struct{})}
+	gated := f.Gated(f.gate, false, items...)
+	var once sync.Once
+	f.SetScript(func(w http.ResponseWriter, r *http.Request, c *testkit.Call) {
+		gated(w, r, c)
+		if r.Context().Err() != nil {
+			once.Do(func() { close(f.canceled) })
 		}
-		wait := func() bool {
-			select {
-			case <-f.proceed:
-				return true
-			case <-r.Context().Done():
-				if f.gone.CompareAndSwap(false, true) {
-					close(f.canceled)
-				}
-			case <-quit:
-			case <-time.After(15 * time.Second):
-			}
-			return false
-		}
-		write("begin", "")
-		for i, it := range f.items {
-			if i > 0 && !wait() {
-				return
-			}
-			write("item", it)
-		}
-		if wait() {
-			write("end", "")
-		}
-	}))
-	t.Cleanup(func() {
-		close(quit)
-		f.srv.CloseClientConnections()
-		f.srv.Close()
 	})
 	return f
 }
 
-// URL is the webhook URL.
-func (f *slowN8n) URL() string { return f.srv.URL + "/webhook/slow/chat" }
-
 // next lets the stand-in write its next line.
 func (f *slowN8n) next(t *testing.T) {
 	t.Helper()
-	select {
-	case f.proceed <- struct{}{}:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the stand-in n8n did not wait for the go-ahead")
-	}
+	f.gate.Next(t)
 }
 
 // sseReader reads an event stream as the widget does.
