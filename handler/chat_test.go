@@ -368,12 +368,12 @@ func TestChatFailuresBeforeFirstByte(t *testing.T) {
 		{name: "500 error in workflow", script: func(*testkit.N8n) testkit.Script {
 			return testkit.Reply(500, "application/json; charset=utf-8", `{"message":"Error in workflow"}`)
 		}, status: 502, code: "upstream_error", hits: 1},
-		{name: "502 retried", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(502, "text/plain", "bad gateway") },
-			status: 502, code: "upstream_error", hits: 3},
-		{name: "503 retried", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(503, "text/plain", "busy") },
-			status: 503, code: "upstream_unavailable", hits: 3, retryAfter: true},
-		{name: "504 retried", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(504, "text/plain", "gateway timeout") },
-			status: 504, code: "upstream_timeout", hits: 3},
+		{name: "502 not re-sent", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(502, "text/plain", "bad gateway") },
+			status: 502, code: "upstream_error", hits: 1},
+		{name: "503 not re-sent", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(503, "text/plain", "busy") },
+			status: 503, code: "upstream_unavailable", hits: 1, retryAfter: true},
+		{name: "504 not re-sent", script: func(*testkit.N8n) testkit.Script { return testkit.Reply(504, "text/plain", "gateway timeout") },
+			status: 504, code: "upstream_timeout", hits: 1},
 		{name: "404 unknown webhook", script: func(*testkit.N8n) testkit.Script {
 			return testkit.Reply(404, "application/json", `{"code":404,"message":"The requested webhook is not registered."}`)
 		}, status: 502, code: "upstream_error", hits: 1},

@@ -1,7 +1,8 @@
 // Package n8n is the upstream client of the chat proxy: it builds the
 // request n8n receives (SPEC §5), authenticates it (jwt, basic, header or
 // none), sends it over one pooled transport per upstream with timeouts,
-// retries (only before any reply byte) and a circuit breaker, and turns
+// retries (only while the request has provably not reached n8n) and a
+// circuit breaker, and turns
 // n8n's reply, whatever its shape, into a stream of text chunks.
 //
 // Use:
@@ -30,16 +31,18 @@ package n8n
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
@@ -188,9 +191,9 @@ var (
 )
 
 // Send forwards req to n8n and returns once the first reply text (or the
-// whole non-streamed reply) is available; nothing has been handed to the
-// caller before, so failures up to then are retried where safe and end as
-// an *Error whose Status is what the route should answer (502, 503 with
+// whole non-streamed reply) is available. Failures up to then end as an
+// *Error (retried only while the request had not reached n8n, see
+// Config.MaxRetries) whose Status is what the route should answer (502, 503 with
 // Retry-After, 504; 499 when ctx ended). A malformed req (no SessionID,
 // Metadata not a JSON object) is a plain error: a bug in the caller.
 // The caller must Close the Reply.
@@ -266,11 +269,22 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 	return r, nil
 }
 
-// roundTrip sends the request, retrying connection errors and 502/503/504
-// (never once a response body has been handed on).
+// roundTrip sends the request. It is re-sent only when it provably never
+// reached n8n (see retryable): once it may have, whatever comes back (a
+// status, a dropped connection) is final, so a message never runs the
+// workflow twice.
 func (c *Client) roundTrip(ctx context.Context, body []byte, form *multipartBody, token string) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
-		hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(body))
+		// wrote is set as soon as the request's headers are handed to the
+		// connection (perhaps still in its write buffer): from then on
+		// n8n may have the request. For HTTP/2 the stream's writer runs
+		// apart from RoundTrip, and headers always precede the body.
+		var wrote atomic.Bool
+		tctx := httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+			WroteHeaders: func() { wrote.Store(true) },
+			WroteRequest: func(httptrace.WroteRequestInfo) { wrote.Store(true) },
+		})
+		hreq, err := http.NewRequestWithContext(tctx, http.MethodPost, c.url, bytes.NewReader(body))
 		if err != nil {
 			return nil, errors.New("building request failed") // the URL was checked in New
 		}
@@ -279,16 +293,12 @@ func (c *Client) roundTrip(ctx context.Context, body []byte, form *multipartBody
 			form.attach(hreq)
 		}
 		resp, err := c.http.Do(hreq)
-		if err != nil {
-			err = stripURL(err)
-			if attempt >= c.cfg.MaxRetries || !retryableErr(ctx, err) {
-				return nil, err
-			}
-		} else {
-			if !retryableStatus(resp.StatusCode) || attempt >= c.cfg.MaxRetries {
-				return resp, nil
-			}
-			drain(resp.Body)
+		if err == nil {
+			return resp, nil // any status is n8n's answer: never re-sent
+		}
+		err = stripURL(err)
+		if attempt >= c.cfg.MaxRetries || wrote.Load() || !retryable(ctx, err) {
+			return nil, err
 		}
 		if err := sleepCtx(ctx, c.backoff(attempt)); err != nil {
 			return nil, err
@@ -317,29 +327,25 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	}
 }
 
-func retryableStatus(code int) bool {
-	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
-}
-
-// retryableErr reports whether err means the request did not get an answer
-// because of the connection: refused, reset, closed before a response, DNS
-// failure, dial timeout. Not when ctx ended, nor TLS verification failures.
-func retryableErr(ctx context.Context, err error) bool {
+// retryable reports whether a request that failed before it was written
+// is worth sending again: the connection could not be made (refused, DNS,
+// timeout, TLS handshake) or broke before the request went out. Not when
+// ctx ended, nor when n8n's certificate was refused (a retry fails alike).
+// roundTrip asks only about requests whose headers were never written
+// (the HTTP/1 transport waits for its writer before it returns an error).
+func retryable(ctx context.Context, err error) bool {
 	if ctx.Err() != nil {
 		return false
 	}
-	var opErr *net.OpError
-	var dnsErr *net.DNSError
+	var certErr *tls.CertificateVerificationError
+	var unknownAuth x509.UnknownAuthorityError
+	var hostErr x509.HostnameError
+	var invalidErr x509.CertificateInvalidError
 	switch {
-	case errors.As(err, &dnsErr):
-		return true
-	case errors.As(err, &opErr) && opErr.Op == "dial":
-		return true
-	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
-		errors.Is(err, syscall.EPIPE), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-		return true
+	case errors.As(err, &certErr), errors.As(err, &unknownAuth), errors.As(err, &hostErr), errors.As(err, &invalidErr):
+		return false
 	}
-	return false
+	return true
 }
 
 // stripURL removes the *url.Error wrapper, whose message holds the URL.

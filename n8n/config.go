@@ -90,9 +90,13 @@ type Config struct {
 	MaxStreamDuration time.Duration
 	// DialTimeout bounds connecting to n8n (TCP and TLS). Default 10 s.
 	DialTimeout time.Duration
-	// MaxRetries is how many times a request is re-sent when it failed
-	// before n8n answered anything: connection errors, 502, 503 and 504.
-	// Never after any reply byte. Default 2; negative means none.
+	// MaxRetries is how many times a request is re-sent when it provably
+	// never reached n8n: the connection could not be made (refused, DNS,
+	// connect timeout, TLS handshake) or broke before the request was
+	// written. Once it may have reached n8n it is never re-sent, whatever
+	// comes back (502, 503, 504 or a dropped connection included), so a
+	// message never runs the workflow twice. Default 2; negative means
+	// none.
 	MaxRetries int
 	// RetryBackoff is the base delay before a retry; it doubles each time,
 	// with jitter (a random delay between half and all of it).

@@ -34,7 +34,7 @@ type Reason string
 // The reasons an Error can carry.
 const (
 	ReasonCircuitOpen       Reason = "circuit_open"       // the breaker rejected the request without calling n8n
-	ReasonConnect           Reason = "connect"            // no connection, or it broke before a response (after retries)
+	ReasonConnect           Reason = "connect"            // no connection, or it broke before a response (after any retries)
 	ReasonStatus            Reason = "status"             // n8n answered with a non-2xx status (see UpstreamStatus)
 	ReasonRedirect          Reason = "redirect"           // n8n answered with a redirect, which is not followed
 	ReasonHTML              Reason = "html"               // an HTML page (typically a proxy's error page)

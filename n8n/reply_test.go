@@ -72,11 +72,10 @@ func TestReplyKinds(t *testing.T) {
 		{name: "500 error in workflow", handler: reply(500, "application/json", `{"message":"Error in workflow"}`), reason: ReasonStatus, status: 502, code: CodeError, hits: 1},
 		{name: "404 not registered", handler: reply(404, "application/json", `{"code":404,"message":"not registered"}`), reason: ReasonStatus, status: 502, code: CodeError, hits: 1},
 		{name: "403 jwt", handler: reply(403, "text/plain", "invalid signature"), reason: ReasonStatus, status: 502, code: CodeError, hits: 1},
-		{name: "502 retried", handler: reply(502, "text/plain", "bad gateway"), reason: ReasonStatus, status: 502, code: CodeError, hits: 3},
-		{name: "503 retried", handler: reply(503, "text/plain", "unavailable"), reason: ReasonStatus, status: 503, code: CodeUnavailable, hits: 3},
-		{name: "504 retried", handler: reply(504, "text/plain", "gateway timeout"), reason: ReasonStatus, status: 504, code: CodeTimeout, hits: 3},
+		{name: "502 not re-sent", handler: reply(502, "text/plain", "bad gateway"), reason: ReasonStatus, status: 502, code: CodeError, hits: 1},
+		{name: "503 not re-sent", handler: reply(503, "text/plain", "unavailable"), reason: ReasonStatus, status: 503, code: CodeUnavailable, hits: 1},
+		{name: "504 not re-sent", handler: reply(504, "text/plain", "gateway timeout"), reason: ReasonStatus, status: 504, code: CodeTimeout, hits: 1},
 		{name: "429", handler: reply(429, "text/plain", "slow down"), reason: ReasonStatus, status: 503, code: CodeUnavailable, hits: 1},
-		{name: "no retries when disabled", handler: reply(503, "", ""), tweak: func(c *Config) { c.MaxRetries = -1 }, reason: ReasonStatus, status: 503, hits: 1},
 		{name: "redirect not followed", handler: func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/elsewhere" {
 				panic("redirect followed")
@@ -124,7 +123,7 @@ func TestReplyKinds(t *testing.T) {
 			_, _ = io.WriteString(w, b.String()[:b.Len()-6])
 		}, reason: ReasonInvalid, status: 502},
 		{name: "reset before any item", handler: hijackAfter(chunkLine("begin", "")), reason: ReasonRead, status: 502, hits: 1},
-		{name: "dropped before response retried", handler: dropConnection, reason: ReasonConnect, status: 503, code: CodeUnavailable, hits: 3},
+		{name: "dropped after delivery not re-sent", handler: dropConnection, reason: ReasonConnect, status: 503, code: CodeUnavailable, hits: 1},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

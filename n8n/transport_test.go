@@ -14,56 +14,6 @@ import (
 	"time"
 )
 
-// TestRetries: connection errors and 502/503/504 are retried before any
-// reply byte, with the configured count; other failures are not.
-func TestRetries(t *testing.T) {
-	tests := []struct {
-		name     string
-		failures int // first answers that fail
-		fail     http.HandlerFunc
-		retries  int
-		wantHits int32
-		wantOK   bool
-	}{
-		{"503 then ok", 2, reply(503, "", ""), 2, 3, true},
-		{"502 then ok", 1, reply(502, "", ""), 2, 2, true},
-		{"504 then ok", 1, reply(504, "", ""), 2, 2, true},
-		{"dropped then ok", 2, dropConnection, 2, 3, true},
-		{"503 beyond retries", 3, reply(503, "", ""), 2, 3, false},
-		{"one retry", 5, reply(502, "", ""), 1, 2, false},
-		{"500 not retried", 1, reply(500, "", ""), 2, 1, false},
-		{"reset mid-body not retried", 1, hijackAfter(chunkLine("begin", "")), 2, 1, false},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			var n atomic.Int32
-			f := newFake(t, func(w http.ResponseWriter, r *http.Request) {
-				if int(n.Add(1)) <= tc.failures {
-					tc.fail(w, r)
-					return
-				}
-				okHandler(w, r)
-			})
-			cfg := testConfig(f)
-			cfg.MaxRetries = tc.retries
-			c := newClient(t, cfg)
-			r, err := c.Send(t.Context(), testRequest())
-			if (err == nil) != tc.wantOK {
-				t.Fatalf("Send error %v, want ok %v", err, tc.wantOK)
-			}
-			if err == nil {
-				if got := readAll(t, r); got != "ok" {
-					t.Errorf("reply %q", got)
-				}
-				r.Close()
-			}
-			if h := f.hits.Load(); h != tc.wantHits {
-				t.Errorf("n8n hit %d times, want %d", h, tc.wantHits)
-			}
-		})
-	}
-}
-
 // TestRetryConnectionRefused counts dial attempts to a closed port.
 func TestRetryConnectionRefused(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
