@@ -116,13 +116,16 @@ type ChatProxy struct {
 	// The longest a whole exchange with n8n may take. Default: 10m.
 	MaxStreamDuration caddy.Duration `json:"max_stream_duration,omitempty"`
 
-	// How many n8n failures in a row (connection errors, 5xx, timeouts,
-	// broken streams) open the circuit breaker, which then answers 503 at
-	// once instead of calling n8n. Default: 5.
+	// How many failures in a row saying n8n is unreachable or overloaded
+	// (connection errors, timeouts, 502/503/504, a connection cut during
+	// the reply; never a workflow error or n8n's 500) open the circuit
+	// breaker, which then answers 503 at once instead of calling n8n.
+	// Default: 5.
 	CircuitBreakerFailures int `json:"circuit_breaker_failures,omitempty"`
 
-	// How long the circuit stays open before one probe request is let
-	// through; a good probe closes it. Default: 30s.
+	// The longest the circuit stays open before one probe request is let
+	// through: 1s the first time, doubled after each failed probe up to
+	// this; a good probe closes it. Default: 30s.
 	CircuitBreakerOpen caddy.Duration `json:"circuit_breaker_open,omitempty"`
 
 	// What happens when the visitor leaves mid-reply: `cancel` (default)

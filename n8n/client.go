@@ -41,33 +41,9 @@ import (
 	"net/http/httptrace"
 	"net/url"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/sony/gobreaker/v2"
 )
-
-// BreakerState is the state of the circuit breaker.
-type BreakerState string
-
-// The circuit breaker's states.
-const (
-	StateClosed   BreakerState = "closed"    // requests flow
-	StateHalfOpen BreakerState = "half-open" // a probe is let through
-	StateOpen     BreakerState = "open"      // requests fail at once with 503
-)
-
-func stateOf(s gobreaker.State) BreakerState {
-	switch s {
-	case gobreaker.StateOpen:
-		return StateOpen
-	case gobreaker.StateHalfOpen:
-		return StateHalfOpen
-	default:
-		return StateClosed
-	}
-}
 
 // Client talks to one n8n webhook. It is safe for concurrent use.
 type Client struct {
@@ -75,11 +51,8 @@ type Client struct {
 	url       string // never put into errors or logs
 	transport *http.Transport
 	http      *http.Client
-	breaker   *gobreaker.TwoStepCircuitBreaker[struct{}]
+	breaker   *breaker
 	closed    atomic.Bool
-
-	mu       sync.Mutex
-	openedAt time.Time // when the circuit last opened
 }
 
 // New validates cfg and returns a Client. It does no network I/O.
@@ -117,49 +90,12 @@ func New(cfg Config) (*Client, error) {
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
 	}
-	c.breaker = gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
-		Name:        "n8n",
-		MaxRequests: cfg.Breaker.HalfOpenProbes,
-		Timeout:     cfg.Breaker.OpenTimeout,
-		ReadyToTrip: func(counts gobreaker.Counts) bool {
-			return counts.ConsecutiveFailures >= cfg.Breaker.FailureThreshold
-		},
-		IsSuccessful: breakerSuccess,
-		IsExcluded:   breakerExcluded,
-		OnStateChange: func(_ string, from, to gobreaker.State) {
-			if to == gobreaker.StateOpen {
-				c.mu.Lock()
-				c.openedAt = time.Now()
-				c.mu.Unlock()
-			}
-			if cfg.OnStateChange != nil {
-				cfg.OnStateChange(stateOf(from), stateOf(to))
-			}
-		},
-	})
+	c.breaker = newBreaker(cfg.Breaker, cfg.OnStateChange)
 	return c, nil
 }
 
-// breakerSuccess says whether an outcome counts as a success: a complete
-// reply, or n8n answering 4xx (it is up; the request or the workflow's
-// configuration is wrong, which an open circuit would not fix).
-func breakerSuccess(err error) bool {
-	if err == nil {
-		return true
-	}
-	var e *Error
-	return errors.As(err, &e) && e.Reason == ReasonStatus && e.UpstreamStatus >= 400 && e.UpstreamStatus < 500
-}
-
-// breakerExcluded says whether an outcome does not count at all: the
-// caller cancelled or closed the reply; that says nothing about n8n.
-func breakerExcluded(err error) bool {
-	var e *Error
-	return errors.As(err, &e) && (e.Reason == ReasonCanceled || e.Reason == ReasonClosed)
-}
-
 // State returns the circuit breaker's state, for /health and metrics.
-func (c *Client) State() BreakerState { return stateOf(c.breaker.State()) }
+func (c *Client) State() BreakerState { return c.breaker.State() }
 
 // Close closes the idle pooled connections and makes later Sends fail.
 // Replies in progress are not interrupted.
@@ -167,18 +103,6 @@ func (c *Client) Close() error {
 	c.closed.Store(true)
 	c.transport.CloseIdleConnections()
 	return nil
-}
-
-// retryAfter is what an answer to a rejected request should carry in
-// Retry-After: the rest of the open period, at least a second.
-func (c *Client) retryAfter() time.Duration {
-	if c.State() != StateOpen {
-		return time.Second
-	}
-	c.mu.Lock()
-	opened := c.openedAt
-	c.mu.Unlock()
-	return max(c.cfg.Breaker.OpenTimeout-time.Since(opened), time.Second)
 }
 
 // Sentinel causes for the request context, to tell timeouts apart.
@@ -212,10 +136,10 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 			return nil, err
 		}
 	}
-	done, err := c.breaker.Allow()
+	done, err := c.breaker.allow()
 	if err != nil {
 		e := newError(ReasonCircuitOpen, err)
-		e.RetryAfter = c.retryAfter()
+		e.RetryAfter = c.breaker.retryAfter()
 		return nil, e
 	}
 
@@ -229,7 +153,7 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 		r.finish(e) // counts the outcome: the circuit may open now
 		if e.Status == http.StatusServiceUnavailable {
 			if c.State() == StateOpen {
-				e.RetryAfter = max(e.RetryAfter, c.retryAfter())
+				e.RetryAfter = max(e.RetryAfter, c.breaker.retryAfter())
 			} else if e.RetryAfter == 0 {
 				e.RetryAfter = time.Second
 			}

@@ -43,17 +43,25 @@ type Auth struct {
 	HeaderValue string
 }
 
-// BreakerConfig configures the circuit breaker in front of n8n.
+// BreakerConfig configures the circuit breaker in front of n8n. Only
+// outcomes that say n8n is unreachable or overloaded count as failures: no
+// connection, the upstream or idle timeout, 502, 503 or 504 (from n8n or
+// a proxy in front of it), a connection cut during the reply. A workflow
+// error, n8n's 500 "Error in workflow", an unusable reply (HTML with a 2xx
+// status included) or a 4xx means n8n is up, and counts as a success.
 type BreakerConfig struct {
 	// FailureThreshold is how many failures in a row open the circuit.
 	// Default 5.
 	FailureThreshold uint32
-	// OpenTimeout is how long the circuit stays open (every request fails
-	// at once with 503) before a probe is let through. Default 30 s.
+	// OpenTimeout is the longest the circuit stays open (every request
+	// fails at once with 503) before a probe is let through. It opens for
+	// 1 s first (or OpenTimeout, if shorter), and for twice as long after
+	// each failed probe, up to OpenTimeout; a good probe closes it and
+	// starts over at 1 s. Default 30 s.
 	OpenTimeout time.Duration
 	// HalfOpenProbes is how many requests may probe n8n while half-open;
-	// when that many succeed in a row the circuit closes, and any failure
-	// opens it again. Default 1.
+	// when that many succeed the circuit closes, and any failure opens it
+	// again. Default 1.
 	HalfOpenProbes uint32
 }
 

@@ -73,7 +73,7 @@ func TestCircuitBreaker(t *testing.T) {
 			okHandler(w, r)
 			return
 		}
-		w.WriteHeader(http.StatusInternalServerError)
+		w.WriteHeader(http.StatusServiceUnavailable) // n8n overloaded
 	})
 	var mu sync.Mutex
 	var transitions []string
@@ -153,9 +153,10 @@ func TestCircuitBreaker(t *testing.T) {
 	}
 }
 
-// TestBreakerCountsMidStreamFailures: a stream that breaks after its
-// first chunk is a failure, counted when the stream ends (not when the
-// headers arrived); 4xx answers and cancellations are not failures.
+// TestBreakerCountsMidStreamFailures: a stream whose connection breaks
+// after its first chunk is a failure, counted when the stream ends (not
+// when the headers arrived); workflow errors, 4xx answers and
+// cancellations are not failures.
 func TestBreakerCountsMidStreamFailures(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -164,7 +165,7 @@ func TestBreakerCountsMidStreamFailures(t *testing.T) {
 		want    BreakerState
 	}{
 		{"reset mid-stream", hijackAfter(chunkLine("item", "a")), false, StateOpen},
-		{"error chunk mid-stream", reply(200, "application/json", ndjson("a")+chunkLine("error", "boom")), false, StateOpen},
+		{"error chunk mid-stream: n8n is up", reply(200, "application/json", ndjson("a")+chunkLine("error", "boom")), false, StateClosed},
 		{"clean stream", reply(200, "application/json", ndjson("a", "b")), false, StateClosed},
 		{"cancelled mid-stream", func(w http.ResponseWriter, r *http.Request) {
 			streamHeaders(w)
