@@ -106,10 +106,27 @@ func FuzzSSEParser(f *testing.F) {
 	f.Add([]byte("event: error\ndata: x\n\n"), "é 👋")
 	f.Add([]byte("data:no space\ndata\n\nid: 3\nretry: 5\n\n"), "data: inner\n\nevent: x")
 	f.Add([]byte("data: \"quoted\"\n\ndata: {\"output\":\"o\"}\n\n"), ":comment")
+	f.Add([]byte("data: a\r\r\r\rdata: b\r\n\rdata: c\r"), "x\ny")
+	f.Add([]byte("\r\r\r\r\r\r\r\r\r\r\r\r\r\r\r\r\r\r\r\r\n"), "z")
 	f.Fuzz(func(t *testing.T, body []byte, s string) {
 		texts, format, err := decodeBody(body, "text/event-stream", 256, 4096)
 		checkDecoded(t, texts, err)
-		sameWithOtherBuffers(t, body, "text/event-stream", 256, 4096, decodedOf(texts, format, err))
+		want := decodedOf(texts, format, err)
+		sameWithOtherBuffers(t, body, "text/event-stream", 256, 4096, want)
+
+		// "\n", "\r\n" and a lone "\r" end lines alike.
+		if !bytes.ContainsRune(body, '\r') {
+			for _, end := range []string{"\r", "\r\n"} {
+				other := bytes.ReplaceAll(body, []byte("\n"), []byte(end))
+				if int64(len(other)) > 4096 {
+					continue // past the reply limit where body is not
+				}
+				got := decodedOf(decodeBody(other, "text/event-stream", 256, 4096))
+				if !got.equal(want) {
+					t.Fatalf("lines ended by %q: got %v (%q), want %v (%q)", end, got, got.texts, want, want.texts)
+				}
+			}
+		}
 
 		t0 := strings.TrimSpace(s)
 		if s == "" || strings.ContainsRune(s, '\r') || !utf8.ValidString(s) ||

@@ -50,7 +50,7 @@ func sniff(br *bufio.Reader, contentType string, maxLine int) (decoder, Format, 
 	case "text/html", "application/xhtml+xml":
 		return nil, "", htmlError(br)
 	case "text/event-stream":
-		return &sseDecoder{lr: lineReader{br: br, max: maxLine}, max: maxLine}, FormatSSE, nil
+		return &sseDecoder{br: br, max: maxLine}, FormatSSE, nil
 	}
 	if err := skipSpace(br); err != nil {
 		if err == io.EOF {
@@ -429,9 +429,10 @@ func unwrapItem(s string) string {
 
 // sseDecoder reads text/event-stream replies.
 type sseDecoder struct {
-	lr      lineReader
+	br      *bufio.Reader
 	max     int
-	queued  [][]byte // lines split off at a lone '\r'
+	line    []byte // a line longer than what br holds, joined
+	skipLF  bool   // the last line ended with '\r': a '\n' next belongs to it
 	data    []byte
 	hasData bool
 	event   string
@@ -482,26 +483,57 @@ func (d *sseDecoder) next() (string, error) {
 	}
 }
 
-// nextLine returns the next line; "\r\n", "\n" and a lone "\r" end lines.
+// nextLine returns the next line without its end: "\r\n", "\n" or a lone
+// "\r", as the event stream format says. The slice is valid until the next
+// call: most lines are returned straight from br's buffer, and only one
+// longer than the buffer is copied (into d.line), so a body of lone "\r"
+// costs no memory per line. Every line, whatever ends it, is bounded by
+// max.
 func (d *sseDecoder) nextLine() ([]byte, error) {
-	if len(d.queued) > 0 {
-		l := d.queued[0]
-		d.queued = d.queued[1:]
-		return l, nil
+	d.line = shrink(d.line)
+	if d.skipLF {
+		p, err := d.br.Peek(1)
+		if len(p) == 0 {
+			return nil, err
+		}
+		d.skipLF = false
+		if p[0] == '\n' {
+			_, _ = d.br.Discard(1)
+		}
 	}
-	line, err := d.lr.readLine()
-	if err != nil {
-		return nil, err
-	}
-	line = bytes.TrimSuffix(line, []byte("\r"))
-	if bytes.IndexByte(line, '\r') < 0 {
+	for {
+		n := d.br.Buffered()
+		if n == 0 {
+			if _, err := d.br.Peek(1); err != nil {
+				if err == io.EOF && len(d.line) > 0 {
+					return d.line, nil // the last line, without an end
+				}
+				return nil, err
+			}
+			n = d.br.Buffered()
+		}
+		buf, _ := d.br.Peek(n)
+		i := bytes.IndexAny(buf, "\r\n")
+		if i < 0 {
+			if len(d.line)+n > d.max {
+				return nil, perr(ReasonLineTooLong, fmt.Sprintf("reply line exceeds %d bytes", d.max))
+			}
+			d.line = appendFrag(d.line, buf)
+			_, _ = d.br.Discard(n)
+			continue
+		}
+		if len(d.line)+i > d.max {
+			return nil, perr(ReasonLineTooLong, fmt.Sprintf("reply line exceeds %d bytes", d.max))
+		}
+		line := buf[:i]
+		if len(d.line) > 0 {
+			d.line = appendFrag(d.line, line)
+			line = d.line
+		}
+		d.skipLF = buf[i] == '\r'
+		_, _ = d.br.Discard(i + 1)
 		return line, nil
 	}
-	parts := bytes.Split(line, []byte("\r"))
-	for _, p := range parts[1:] {
-		d.queued = append(d.queued, bytes.Clone(p))
-	}
-	return parts[0], nil
 }
 
 // dispatch ends the current event and returns its text ("" for none).
