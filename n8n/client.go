@@ -172,7 +172,7 @@ func (c *Client) Send(ctx context.Context, req *Request) (*Reply, error) {
 	if err := r.open(resp); err != nil {
 		return fail(err)
 	}
-	text, err := r.dec.next()
+	text, err := r.nextText()
 	if err == io.EOF {
 		err = perr(ReasonEmpty, "reply holds no text")
 		if sctx.Err() != nil {

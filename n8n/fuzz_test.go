@@ -9,6 +9,8 @@ import (
 	"testing"
 	"testing/iotest"
 	"unicode/utf8"
+
+	"github.com/chatproxy/caddy-chatproxy/internal/cleantext"
 )
 
 // checkDecoded asserts what must hold for any body: only parse errors (the
@@ -177,4 +179,60 @@ func FuzzTextChunks(f *testing.F) {
 			t.Fatalf("got %q, want %q", got.String(), s)
 		}
 	})
+}
+
+// FuzzCleanChunks splits a text into chunks at arbitrary points, as n8n's
+// stream may, and reads them as Reply does: every text handed out is
+// clean and not empty, and valid text comes out whole (without its NULs)
+// however its characters were split.
+func FuzzCleanChunks(f *testing.F) {
+	f.Add("héllo wörld 👋🏽 世界", []byte{1, 2, 3, 7})
+	f.Add("a\x00b\xffc\xe2\x82", []byte{2})
+	f.Add("\u20ac\u20ac\u20ac", []byte{1, 1, 1, 1, 1, 1, 1, 1})
+	f.Add("\x00\x00\xe2", []byte{1})
+	f.Fuzz(func(t *testing.T, s string, cuts []byte) {
+		var pieces []string
+		rest := s
+		for _, c := range cuts {
+			n := int(c) % (len(rest) + 1)
+			pieces = append(pieces, rest[:n])
+			rest = rest[n:]
+		}
+		pieces = append(pieces, rest)
+		r := &Reply{dec: &piecesDecoder{pieces: pieces}}
+		var got strings.Builder
+		for {
+			text, err := r.nextText()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if text == "" || !cleantext.Valid(text) {
+				t.Fatalf("text %q from pieces %q is not clean", text, pieces)
+			}
+			got.WriteString(text)
+		}
+		if want := strings.ReplaceAll(s, "\x00", ""); utf8.ValidString(s) && got.String() != want {
+			t.Fatalf("pieces %q gave %q, want %q", pieces, got.String(), want)
+		}
+		if !utf8.ValidString(s) && !strings.Contains(got.String(), "\uFFFD") {
+			t.Fatalf("invalid %q gave %q without a replacement character", s, got.String())
+		}
+	})
+}
+
+// piecesDecoder yields the given texts (skipping empty ones), then io.EOF.
+type piecesDecoder struct{ pieces []string }
+
+func (d *piecesDecoder) next() (string, error) {
+	for len(d.pieces) > 0 {
+		p := d.pieces[0]
+		d.pieces = d.pieces[1:]
+		if p != "" {
+			return p, nil
+		}
+	}
+	return "", io.EOF
 }

@@ -629,6 +629,19 @@ func completeUTF8(b []byte) int {
 	return len(b)
 }
 
+// completeUTF8String is completeUTF8 for a string.
+func completeUTF8String(s string) int {
+	for i := 1; i <= utf8.UTFMax-1 && i <= len(s); i++ {
+		if utf8.RuneStart(s[len(s)-i]) {
+			if !utf8.FullRuneInString(s[len(s)-i:]) {
+				return len(s) - i
+			}
+			break
+		}
+	}
+	return len(s)
+}
+
 // staticDecoder yields one text, then io.EOF.
 type staticDecoder struct {
 	text string

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/andybalholm/brotli"
+	"github.com/chatproxy/caddy-chatproxy/internal/cleantext"
 )
 
 // Reply is n8n's answer, read as a sequence of text chunks. Next must be
@@ -37,6 +38,7 @@ type Reply struct {
 	format Format
 
 	pending string // the first text, read by Send
+	carry   []byte // a UTF-8 sequence cut at the end of the last text
 	term    error  // io.EOF or the *Error that ended the reply
 	onWait  func() // see OnWait
 
@@ -58,7 +60,9 @@ func (r *Reply) StatusCode() int { return r.status }
 // first Next and runs on Next's goroutine.
 func (r *Reply) OnWait(f func()) { r.onWait = f }
 
-// Next returns the next piece of reply text (never empty). It returns
+// Next returns the next piece of reply text: never empty, valid UTF-8
+// without NUL (see cleantext.String), so it can be relayed and stored as
+// it is; a UTF-8 sequence n8n split between two chunks is joined. It returns
 // io.EOF at the clean end of the reply, or an *Error with MidStream set
 // when the reply broke off (connection lost, timeout, error chunk, limits,
 // the caller's context ended); the text handed out before stays valid.
@@ -72,7 +76,7 @@ func (r *Reply) Next() (string, error) {
 	if r.term != nil {
 		return "", r.term
 	}
-	text, err := r.dec.next()
+	text, err := r.nextText()
 	switch {
 	case err == nil:
 		return text, nil
@@ -87,6 +91,38 @@ func (r *Reply) Next() (string, error) {
 	r.term = e
 	r.finish(e)
 	return "", e
+}
+
+// nextText returns the decoder's next text made clean to relay and store:
+// invalid UTF-8 becomes U+FFFD and NUL is removed (PostgreSQL's text
+// refuses both). Incomplete UTF-8 at the end of a text is carried over to
+// the next one, so a character n8n split between two chunks survives;
+// left incomplete at the end of the reply, it becomes U+FFFD. Texts that
+// are empty once cleaned are skipped.
+func (r *Reply) nextText() (string, error) {
+	for {
+		text, err := r.dec.next()
+		final := false
+		if err == io.EOF && len(r.carry) > 0 {
+			text, err, final = "", nil, true
+		}
+		if err != nil {
+			return "", err
+		}
+		if len(r.carry) > 0 {
+			text = string(r.carry) + text
+			r.carry = r.carry[:0]
+		}
+		if !final {
+			if cut := completeUTF8String(text); cut < len(text) {
+				r.carry = append(r.carry, text[cut:]...)
+				text = text[:cut]
+			}
+		}
+		if text = cleantext.String(text); text != "" {
+			return text, nil
+		}
+	}
 }
 
 // ReadAll reads the rest of the reply and returns its text. On error it
