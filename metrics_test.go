@@ -406,7 +406,7 @@ func TestMetricsRefusals(t *testing.T) {
 	}
 	chat(s.Token, `{"message":"`+strings.Repeat("x", 5000)+`"}`, 400)
 	chat(s.Token, `{"message":"hi","website":"http://spam.example"}`, 200) // the honeypot
-	e.fake.setScript(fakeReply(502, "text/plain", "bad gateway")) // n8n unreachable behind its proxy: counts for the circuit
+	e.fake.setScript(fakeReply(502, "text/plain", "bad gateway"))          // n8n unreachable behind its proxy: counts for the circuit
 	chat(s.Token, `{"message":"fails"}`, 502)
 	chat(s.Token, `{"message":"circuit open now"}`, 429) // the session tier: 2/1m
 	chat(s2.Token, `{"message":"circuit open now"}`, 503)
