@@ -58,6 +58,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    log_content     on | off
 //	    history_retention <duration>
 //	    purge_interval  <duration>
+//	    chat_socket     <path> | off
+//	    n8n_socket_url  <url>
+//	    wait_timeout    <duration>
 //	    cookie {
 //	        name      <name>
 //	        same_site lax|strict|none
@@ -117,8 +120,14 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 			err = noBlock(d, option)
+		case "chat_socket":
+			if cp.ChatSocket, err = singleArg(d, option); err == nil && literal(cp.ChatSocket) {
+				err = checked(checkChatSocket(cp.ChatSocket, ""))
+			}
+		case "n8n_socket_url":
+			cp.N8nSocketURL, err = singleArg(d, option)
 		case "session_ttl", "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration",
-			"history_retention", "purge_interval":
+			"history_retention", "purge_interval", "wait_timeout":
 			var v string
 			if v, err = singleArg(d, option); err == nil {
 				var dur caddy.Duration
@@ -131,6 +140,7 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						"max_stream_duration": &cp.MaxStreamDuration,
 						"history_retention":   &cp.HistoryRetention,
 						"purge_interval":      &cp.PurgeInterval,
+						"wait_timeout":        &cp.WaitTimeout,
 					}[option] = dur
 					err = checked(checkMinDuration(option, dur, minDurations[option]))
 				}
@@ -237,7 +247,7 @@ var caddyfileOptions = []string{
 	"session_ttl", "max_body_size", "cookie", "n8n_token_ttl", "upstream_auth", "upstream_timeout",
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",
-	"log_content", "history_retention", "purge_interval",
+	"log_content", "history_retention", "purge_interval", "chat_socket", "n8n_socket_url", "wait_timeout",
 }
 
 // cookieOptions are the options of the cookie block.
@@ -247,7 +257,7 @@ var cookieOptions = []string{"name", "same_site", "domain", "secure"}
 var minDurations = map[string]time.Duration{
 	"session_ttl": time.Minute, "n8n_token_ttl": time.Second, "upstream_timeout": time.Second,
 	"stream_idle_timeout": time.Second, "max_stream_duration": time.Second,
-	"history_retention": time.Hour, "purge_interval": time.Minute,
+	"history_retention": time.Hour, "purge_interval": time.Minute, "wait_timeout": time.Second,
 }
 
 // literal reports whether a value holds no placeholder, so it can be

@@ -132,6 +132,16 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  ChatProxy{Cookie: &CookieConfig{Name: "{env.COOKIE}", Domain: "{env.COOKIE_DOMAIN}"}},
 		},
 		{
+			name:  "response nodes options",
+			input: "chat_proxy {\n chat_socket /chat\n n8n_socket_url ws://n8n-main:5678/chat\n wait_timeout 15m\n}",
+			want:  ChatProxy{ChatSocket: "/chat", N8nSocketURL: "ws://n8n-main:5678/chat", WaitTimeout: caddy.Duration(15 * time.Minute)},
+		},
+		{
+			name:  "chat socket off",
+			input: "chat_proxy {\n chat_socket off\n}",
+			want:  ChatProxy{ChatSocket: "off"},
+		},
+		{
 			name:  "options after the cookie block",
 			input: "chat_proxy {\n cookie {\n  name a\n }\n path_prefix /x\n}",
 			want:  ChatProxy{Cookie: &CookieConfig{Name: "a"}, PathPrefix: "/x"},

@@ -72,6 +72,12 @@ func (cp *ChatProxy) load() error {
 	if cp.PathPrefix == "" {
 		cp.PathPrefix = DefaultPathPrefix
 	}
+	if cp.ChatSocket, err = replace("chat_socket", cp.ChatSocket, false); err != nil {
+		return err
+	}
+	if cp.N8nSocketURL, err = replace("n8n_socket_url", cp.N8nSocketURL, false); err != nil {
+		return err
+	}
 	cp.PathPrefix = strings.TrimSuffix(cp.PathPrefix, "/")
 	if cp.SessionTTL == 0 {
 		cp.SessionTTL = caddy.Duration(DefaultSessionTTL)
@@ -138,6 +144,12 @@ func (cp *ChatProxy) load() error {
 	if cp.MaxStreamDuration == 0 {
 		cp.MaxStreamDuration = caddy.Duration(n8n.DefaultMaxStreamDuration)
 	}
+	if cp.ChatSocket == "" {
+		cp.ChatSocket = DefaultChatSocket
+	}
+	if cp.WaitTimeout == 0 {
+		cp.WaitTimeout = caddy.Duration(handler.DefaultWaitTimeout)
+	}
 	if cp.OnClientDisconnect == "" {
 		cp.OnClientDisconnect = "cancel"
 	}
@@ -181,6 +193,7 @@ func (cp *ChatProxy) upstreamConfig() n8n.Config {
 		UpstreamTimeout:   time.Duration(cp.UpstreamTimeout),
 		StreamIdleTimeout: time.Duration(cp.StreamIdleTimeout),
 		MaxStreamDuration: time.Duration(cp.MaxStreamDuration),
+		SocketURL:         cp.N8nSocketURL,
 	}
 }
 
@@ -245,6 +258,8 @@ func (cp *ChatProxy) Validate() error {
 		func() error { return checkCircuitBreaker(cp.CircuitBreakerFailures, cp.CircuitBreakerOpen) },
 		func() error { return checkMinDuration("history_retention", cp.HistoryRetention, time.Hour) },
 		func() error { return checkMinDuration("purge_interval", cp.PurgeInterval, time.Minute) },
+		func() error { return checkChatSocket(cp.ChatSocket, cp.PathPrefix) },
+		func() error { return checkMinDuration("wait_timeout", cp.WaitTimeout, time.Second) },
 		func() error { return checkBlockFor(cp.BlockFor) },
 		func() error { return checkBotDetection(cp.BotDetection) },
 		func() error { return checkRateLimits(cp.RateLimits) },
@@ -276,6 +291,19 @@ func checkSecret(option string, secret []byte) error {
 		return fmt.Errorf("%s: required", option)
 	case len(secret) < minSecretLength:
 		return fmt.Errorf("%s: must be at least %d bytes, got %d", option, minSecretLength, len(secret))
+	}
+	return nil
+}
+
+// checkChatSocket: off, or a path of its own at the site root (the API's
+// routes are below path_prefix; /health and /metrics are taken).
+func checkChatSocket(p, prefix string) error {
+	if p == "off" {
+		return nil
+	}
+	if !validPathPrefix(p) || p == "" || p == "/" || p == "/health" || p == "/metrics" ||
+		(prefix != "" && strings.HasPrefix(p, prefix+"/")) {
+		return fmt.Errorf("chat_socket: must be off or a path such as /chat, not below path_prefix, got %q", p)
 	}
 	return nil
 }

@@ -36,6 +36,8 @@ const (
 	DefaultSessionTTL  = 7 * 24 * time.Hour
 	DefaultMaxBodySize = 64 << 10
 	DefaultCookieName  = "chat_session"
+	// DefaultChatSocket is where the @n8n/chat widget opens its socket.
+	DefaultChatSocket = "/chat"
 	// DefaultMaxMessageLength is in runes, as the original design's limit.
 	DefaultMaxMessageLength = 4000
 	// DefaultBotThreshold refuses a message only on strong evidence: no
@@ -187,6 +189,25 @@ type ChatProxy struct {
 	// reply text. Default: off, since chat text is the visitors' personal
 	// data; turn it on only to debug a workflow.
 	LogContent bool `json:"log_content,omitempty"`
+
+	// The path, at the site root, of the WebSocket that the @n8n/chat
+	// widget opens when the workflow uses n8n's "Using Response Nodes"
+	// mode (the widget derives it from its webhookUrl's origin: always
+	// `/chat`). Only upgrades carrying the resume token the proxy gave
+	// that widget for that execution, from an allowed origin, reach n8n.
+	// `off` serves no socket; n8n's executionStarted answers are then
+	// refused with 502 as an unsupported mode. Default: `/chat`.
+	ChatSocket string `json:"chat_socket,omitempty"`
+
+	// n8n's chat WebSocket (ws, wss, http or https; path default `/chat`).
+	// Default: `/chat` on n8n_webhook's origin. In queue mode only the main
+	// instance serves it: point this there.
+	N8nSocketURL string `json:"n8n_socket_url,omitempty"`
+
+	// How long the proxy keeps a waiting execution alive after the
+	// visitor's socket closed, answering n8n's heartbeats so that n8n does
+	// not cancel it; then n8n's socket is closed. Default: 10m.
+	WaitTimeout caddy.Duration `json:"wait_timeout,omitempty"`
 
 	jwtSecret     []byte
 	sessionSecret []byte
@@ -381,6 +402,12 @@ func (cp *ChatProxy) provisionStreaming(ctx caddy.Context, hc *handler.Config) e
 	cp.drain = handler.NewDrain()
 	cp.drain.HookServer(ctx, cp.logger)
 	hc.Drain = cp.drain
+	// n8n's "Using Response Nodes" mode: the widget's chat socket.
+	hc.WaitTimeout = time.Duration(cp.WaitTimeout)
+	if cp.ChatSocket != "off" {
+		hc.ChatSocket = cp.ChatSocket
+		hc.SocketKey = deriveKey(cp.jwtSecret, "chatproxy chat socket tokens")
+	}
 	return nil
 }
 

@@ -67,6 +67,12 @@ func TestProvisionErrors(t *testing.T) {
 		want   string // the whole error, or a prefix ending in "…"
 	}{
 		{"missing n8n_webhook", func(c *ChatProxy) { c.N8nWebhook = "" }, "n8n_webhook: required"},
+		{"chat_socket under the API prefix", func(c *ChatProxy) { c.ChatSocket = "/api/v1/chat" },
+			`chat_socket: must be off or a path such as /chat, not below path_prefix, got "/api/v1/chat"`},
+		{"chat_socket not a path", func(c *ChatProxy) { c.ChatSocket = "chat" },
+			`chat_socket: must be off or a path such as /chat, not below path_prefix, got "chat"`},
+		{"short wait_timeout", func(c *ChatProxy) { c.WaitTimeout = caddy.Duration(time.Millisecond) }, "wait_timeout: must be at least 1s, got 1ms"},
+		{"n8n_socket_url not ws", func(c *ChatProxy) { c.N8nSocketURL = "ftp://n8n/chat" }, "upstream: n8n: socket URL must be ws, wss, http or https"},
 		{"missing jwt_secret", func(c *ChatProxy) { c.JWTSecret = "" }, "jwt_secret: required"},
 		{"missing session_secret", func(c *ChatProxy) { c.SessionSecret = "" }, "session_secret: required"},
 		{"short jwt_secret", func(c *ChatProxy) { c.JWTSecret = mtShort }, "jwt_secret: must be at least 32 bytes, got 31"},

@@ -66,6 +66,12 @@ func (d *Drain) Wait(timeout time.Duration) bool {
 // starts. The returned stop ends both; shutdown reports whether the drain
 // closed the reply. A nil Drain watches nothing.
 func (d *Drain) watch(reply *n8n.Reply) (shutdown func() bool, stop func()) {
+	return d.watchFunc(func() { _ = reply.Close() })
+}
+
+// watchFunc is watch for anything that ends by calling end (a chat
+// socket closes both of its sides).
+func (d *Drain) watchFunc(end func()) (shutdown func() bool, stop func()) {
 	if d == nil {
 		return func() bool { return false }, func() {}
 	}
@@ -73,7 +79,7 @@ func (d *Drain) watch(reply *n8n.Reply) (shutdown func() bool, stop func()) {
 	var fired atomic.Bool
 	cancel := context.AfterFunc(d.ctx, func() {
 		fired.Store(true)
-		_ = reply.Close()
+		end()
 	})
 	return fired.Load, func() {
 		cancel()

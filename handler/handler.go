@@ -66,6 +66,16 @@ type Config struct {
 	// MetricsAllow lists the client networks that may read /metrics;
 	// everyone else gets 404. Empty: nobody.
 	MetricsAllow []netip.Prefix
+	// ChatSocket is the path (at the site root) of the @n8n/chat widget's
+	// WebSocket for n8n's "Using Response Nodes" mode; empty: not served,
+	// and executionStarted replies are refused as before.
+	ChatSocket string
+	// SocketKey signs the resume tokens that open the chat socket;
+	// required with ChatSocket.
+	SocketKey []byte
+	// WaitTimeout is how long a waiting execution is kept alive after the
+	// visitor's socket went away; zero means DefaultWaitTimeout.
+	WaitTimeout time.Duration
 	// LogContent adds the message and reply text to each exchange's log
 	// line. Off by default: chat text is the visitor's personal data.
 	LogContent bool
@@ -156,6 +166,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if r.URL.Path == "/metrics" {
 		return h.serveMetrics(w, r)
+	}
+	if h.cfg.ChatSocket != "" && r.URL.Path == h.cfg.ChatSocket {
+		return h.chatSocket(w, r)
 	}
 	apiPath, ok := strings.CutPrefix(r.URL.Path, h.cfg.Prefix)
 	if !ok || !strings.HasPrefix(apiPath, "/") {

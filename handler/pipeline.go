@@ -93,6 +93,21 @@ type exchange struct {
 	newConversation  bool   // the session was created for this message
 
 	xl *exchangeLog // its metrics and log line
+
+	// responseNodes: the route carries on n8n's executionStarted answers
+	// (see responseNodesRoute).
+	responseNodes bool
+}
+
+// responseNodesRoute is a chat route that can carry on n8n's "Using
+// Response Nodes" mode: n8n answers {"executionStarted":true,…} and the
+// conversation goes on over a WebSocket.
+type responseNodesRoute interface {
+	// carriesResponseNodes reports whether the route does so under this
+	// configuration.
+	carriesResponseNodes() bool
+	// executionStarted answers the client for a started execution.
+	executionStarted(w http.ResponseWriter, r *http.Request, ex *exchange, st *n8n.ExecutionStarted) error
 }
 
 // runExchange carries one visitor message to n8n and n8n's reply back. The
@@ -154,11 +169,19 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 	if !h.storeUserMessage(w, r, ex) {
 		return nil
 	}
+	srt, responseNodes := rt.(responseNodesRoute)
+	ex.responseNodes = responseNodes && srt.carriesResponseNodes()
 	reply, err := h.send(r, ex)
 	if err != nil {
 		return h.upstreamFailed(w, r, ex, err)
 	}
 	defer reply.Close()
+	if st := reply.Started(); st != nil {
+		// The workflow's messages come over the chat socket, where they
+		// are stored; the POST's answer holds none.
+		h.noteReplyEnded(ex, "", sessions.StatusComplete)
+		return srt.executionStarted(w, r, ex, st)
+	}
 	res := format.relay(w, r, ex, reply)
 	h.storeReply(r, ex, res.text, res.status)
 	return res.finish()
@@ -302,15 +325,16 @@ func (h *Handler) send(r *http.Request, ex *exchange) (*n8n.Reply, error) {
 	}
 	start := time.Now()
 	reply, err := h.cfg.Upstream.Send(ctx, &n8n.Request{
-		SessionID:    ex.session.ID,
-		Message:      ex.message,
-		Metadata:     ex.metadata,
-		OriginDomain: ex.session.Site,
-		PageURL:      ex.pageURL,
-		ClientIP:     clientIP(r),
-		UserAgent:    r.Header.Get("User-Agent"),
-		MessageCount: ex.session.MessageCount, // counts the message just stored
-		Files:        upstreamFiles(ex.files),
+		SessionID:     ex.session.ID,
+		Message:       ex.message,
+		Metadata:      ex.metadata,
+		OriginDomain:  ex.session.Site,
+		PageURL:       ex.pageURL,
+		ClientIP:      clientIP(r),
+		UserAgent:     r.Header.Get("User-Agent"),
+		MessageCount:  ex.session.MessageCount, // counts the message just stored
+		Files:         upstreamFiles(ex.files),
+		ResponseNodes: ex.responseNodes,
 	})
 	h.noteSent(ex, start, reply, err)
 	return reply, err

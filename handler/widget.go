@@ -11,6 +11,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/upload"
 )
@@ -252,4 +253,27 @@ func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site
 		h.cfg.Metrics.SessionCreated(metrics.KindWidget, site)
 	}
 	return created, err
+}
+
+func (wx *widgetExchange) carriesResponseNodes() bool { return wx.h.cfg.ChatSocket != "" }
+
+// executionStarted answers n8n's executionStarted reply as n8n does (JSON,
+// in streaming mode too, where the widget then shows nothing), with the
+// proxy's resumeToken added: the widget appends it to its socket URL as
+// token=, and chatSocket opens the socket only with it. n8n's own
+// resumeToken travels inside it.
+func (wx *widgetExchange) executionStarted(w http.ResponseWriter, _ *http.Request, _ *exchange, st *n8n.ExecutionStarted) error {
+	h := wx.h
+	token := signSocketToken(h.cfg.SocketKey, socketClaims{
+		Site:        wx.site,
+		SessionID:   wx.req.SessionID,
+		ExecutionID: st.ExecutionID,
+		Expires:     h.now().Add(SocketTokenTTL).Unix(),
+		N8nToken:    st.ResumeToken,
+	})
+	return writeJSON(w, http.StatusOK, map[string]any{
+		"executionStarted": true,
+		"executionId":      st.ExecutionID,
+		"resumeToken":      token,
+	})
 }

@@ -128,6 +128,11 @@ type Config struct {
 	DisableCompression bool
 	// UserAgent is the User-Agent sent to n8n. Default "caddy-chatproxy".
 	UserAgent string
+	// SocketURL is n8n's chat WebSocket (ws, wss, http or https; the path
+	// defaults to /chat), where "Using Response Nodes" executions go on.
+	// Default: /chat on the webhook URL's origin. Queue-mode deployments
+	// set it to the main instance, the only one serving /chat.
+	SocketURL string
 	// OnStateChange, if set, is called when the circuit breaker changes
 	// state (for logs and metrics). It runs synchronously under the
 	// breaker's lock: keep it short and do not call the Client from it.
@@ -181,6 +186,9 @@ func (c Config) withDefaults() (Config, *url.URL, error) {
 		return c, nil, errors.New("n8n: webhook URL must not contain credentials; use basic upstream auth")
 	}
 	u.Fragment, u.RawFragment = "", ""
+	if c.SocketURL, err = socketURL(c.SocketURL, u); err != nil {
+		return c, nil, err
+	}
 
 	if c.Auth.Mode == "" {
 		c.Auth.Mode = AuthJWT

@@ -141,7 +141,7 @@ func clientMessage(r Reason) string {
 	case ReasonWorkflowError:
 		return "The chat workflow failed."
 	case ReasonExecutionStarted:
-		return "The chat workflow is set to n8n's WebSocket mode (\"Using Response Nodes\"), which this proxy does not support; use the Streaming, When Last Node Finishes or Respond to Webhook response mode."
+		return "The chat workflow is set to n8n's WebSocket mode (\"Using Response Nodes\"), which only the @n8n/chat route with its chat socket carries on; here use the Streaming, When Last Node Finishes or Respond to Webhook response mode."
 	case ReasonInvalid:
 		return "The chat service returned a reply that could not be read."
 	case ReasonLineTooLong:
@@ -209,6 +209,9 @@ type protoError struct {
 	reason Reason
 	msg    string // lowercase, for Error.Err
 	detail string // what n8n said, for Error.Detail
+	// started is n8n's executionStarted answer (ReasonExecutionStarted),
+	// which Send hands out as a Reply when the caller can carry it on.
+	started *ExecutionStarted
 }
 
 func (p *protoError) Error() string { return p.msg }

@@ -176,8 +176,14 @@ func textOf(v any, depth int) (string, error) {
 
 func textOfObject(obj map[string]any) (string, error) {
 	if started, _ := obj["executionStarted"].(bool); started {
-		return "", perr(ReasonExecutionStarted, "n8n answered executionStarted: the workflow uses the websocket (using response nodes) mode; "+
+		st, err := parseStarted(obj)
+		if err != nil {
+			return "", err
+		}
+		e := perr(ReasonExecutionStarted, "n8n answered executionStarted: the workflow uses the websocket (using response nodes) mode; "+
 			"set the chat trigger's response mode to streaming, when last node finishes, or respond to webhook node")
+		e.started = st
+		return "", e
 	}
 	for _, k := range replyFields() {
 		v, ok := obj[k]

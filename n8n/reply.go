@@ -37,10 +37,11 @@ type Reply struct {
 	dec    decoder
 	format Format
 
-	pending string // the first text, read by Send
-	carry   []byte // a UTF-8 sequence cut at the end of the last text
-	term    error  // io.EOF or the *Error that ended the reply
-	onWait  func() // see OnWait
+	pending string            // the first text, read by Send
+	started *ExecutionStarted // n8n's executionStarted answer, see Started
+	carry   []byte            // a UTF-8 sequence cut at the end of the last text
+	term    error             // io.EOF or the *Error that ended the reply
+	onWait  func()            // see OnWait
 
 	finishOnce sync.Once
 }

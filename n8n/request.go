@@ -36,6 +36,10 @@ type Request struct {
 	UserAgent string
 	// MessageCount is the session's message count.
 	MessageCount int
+	// ResponseNodes says the caller carries on n8n's "Using Response
+	// Nodes" executions over the chat WebSocket: an executionStarted answer
+	// is then a Reply whose Started is set, not an error.
+	ResponseNodes bool
 	// Files are sent with the message; with any, the request is
 	// multipart/form-data (see Attachment) instead of JSON.
 	Files []Attachment

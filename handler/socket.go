@@ -1,0 +1,338 @@
+package handler
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+)
+
+// DefaultWaitTimeout is how long the proxy keeps a waiting execution alive
+// (acking n8n's heartbeats) after the visitor's socket went away.
+const DefaultWaitTimeout = 10 * time.Minute
+
+// socketWriteTimeout bounds one frame written to either side: a peer that
+// stops reading must not stall the other direction.
+const socketWriteTimeout = 15 * time.Second
+
+// closeReasonMax is the longest close reason a frame can carry.
+const closeReasonMax = 123
+
+// isWebSocketUpgrade reports whether r asks for a WebSocket (RFC 6455
+// handshake over HTTP/1.1).
+func isWebSocketUpgrade(r *http.Request) bool {
+	return r.Method == http.MethodGet &&
+		httpguts.HeaderValuesContainsToken(r.Header["Connection"], "upgrade") &&
+		httpguts.HeaderValuesContainsToken(r.Header["Upgrade"], "websocket")
+}
+
+// chatSocket serves the @n8n/chat widget's WebSocket (chat_socket, /chat
+// by default), the one n8n's "Using Response Nodes" mode talks over. n8n's
+// own socket checks nothing, and execution ids are sequential, so the
+// proxy lets through only an upgrade that carries the resume token it gave
+// this widget for this (sessionId, executionId), from an allowed Origin,
+// while the token is fresh. Nothing of a refused request reaches n8n:
+//
+//   - not a WebSocket upgrade: 404 (n8n would answer 500 and leave the
+//     execution waiting forever);
+//   - no Origin, or one not allowed: 403;
+//   - no token, a forged, altered or expired one, or one for another
+//     session, execution or site: 403.
+func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
+	setSecurityHeaders(w.Header())
+	if !isWebSocketUpgrade(r) {
+		return h.writeError(w, r, http.StatusNotFound, "not_found", "the chat socket only accepts WebSocket upgrades")
+	}
+	if origin := r.Header.Get("Origin"); origin == "" || !h.cfg.Origins.Allowed(origin) {
+		h.cfg.Metrics.GuardRefused(metrics.RefusalOrigin)
+		return h.writeError(w, r, http.StatusForbidden, "origin_not_allowed", "this origin may not open the chat socket")
+	}
+	q := r.URL.Query()
+	c, err := parseSocketToken(h.cfg.SocketKey, q.Get("token"), h.now())
+	if err == nil && (c.Site != requestSite(r) || c.SessionID != q.Get("sessionId") || c.ExecutionID != q.Get("executionId")) {
+		err = errSocketTokenInvalid
+	}
+	if err != nil {
+		h.cfg.Metrics.GuardRefused(metrics.RefusalInput)
+		return h.writeError(w, r, http.StatusForbidden, "forbidden", err.Error())
+	}
+	storeID := widgetSessionID(c.Site, c.SessionID)
+	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: storeID}, {Tier: guard.TierDomain, ID: c.Site}}
+	if !h.rateLimit(w, r, keys[0]) {
+		return nil
+	}
+	// The Origin was checked above, against allowed_origins.
+	visitor, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
+	if err != nil {
+		h.cfg.Logger.Debug("chat socket handshake failed", zap.Error(err))
+		return nil
+	}
+	maxRunes := h.cfg.MaxMessageLength
+	if maxRunes <= 0 {
+		maxRunes = 4000 // the module's default
+	}
+	// A sendMessage frame: the message JSON-escaped (at most 6 bytes a
+	// rune) and the other fields.
+	visitor.SetReadLimit(int64(6*maxRunes + 4096))
+	rl := &socketRelay{
+		h: h, claims: c, storeID: storeID, keys: keys, maxRunes: maxRunes,
+		visitor: visitor, attached: true,
+		log: h.cfg.Logger.With(zap.String("session_id", storeID), zap.String("execution_id", c.ExecutionID)),
+	}
+	rl.run(context.WithoutCancel(r.Context()))
+	return nil
+}
+
+// socketRelay joins one widget socket to n8n's socket for the same
+// execution. Frames pass unchanged both ways; the proxy speaks only when
+// the visitor has gone (it acks n8n's heartbeats until wait_timeout, so
+// that n8n does not cancel the execution) and when it closes a side.
+type socketRelay struct {
+	h        *Handler
+	log      *zap.Logger
+	claims   socketClaims
+	storeID  string      // the widget conversation's session id
+	keys     []guard.Key // the visitor's rate-limit keys: ip, session, domain
+	maxRunes int
+	visitor  *websocket.Conn
+	up       *websocket.Conn
+
+	mu        sync.Mutex
+	attached  bool // the visitor's socket is open
+	ended     bool // n8n's side ended: nothing starts the wait any more
+	shutdown  bool // the server is exiting
+	waitTimer *time.Timer
+}
+
+// run dials n8n and relays until n8n's side ends: n8n closed it (the
+// execution finished or failed), the wait for a visitor who left ran out,
+// or the server is exiting. It returns once both sides are closed.
+func (rl *socketRelay) run(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	up, err := rl.h.cfg.Upstream.DialChat(ctx, rl.claims.SessionID, rl.claims.ExecutionID, rl.claims.N8nToken)
+	if err != nil {
+		rl.log.Warn("n8n chat socket unreachable", zap.Error(err))
+		_ = rl.visitor.Close(websocket.StatusInternalError, "the chat service cannot be reached")
+		return
+	}
+	rl.up = up
+	_, stopWatch := rl.h.cfg.Drain.watchFunc(rl.serverExiting)
+	defer stopWatch()
+	visitorDone := make(chan struct{})
+	go func() {
+		defer close(visitorDone)
+		rl.readVisitor(ctx)
+	}()
+	rl.readN8n(ctx)
+	rl.mu.Lock()
+	if rl.waitTimer != nil {
+		rl.waitTimer.Stop()
+	}
+	rl.mu.Unlock()
+	<-visitorDone
+}
+
+// readN8n relays n8n's frames to the visitor and stores its messages.
+func (rl *socketRelay) readN8n(ctx context.Context) {
+	for {
+		typ, data, err := rl.up.Read(ctx)
+		if err != nil {
+			rl.n8nEnded(err)
+			return
+		}
+		kind, text := n8nMessage, ""
+		if typ == websocket.MessageText {
+			kind, text = classifyN8nFrame(data)
+		}
+		if !rl.isAttached() {
+			switch kind {
+			case n8nHeartbeat:
+				rl.writeN8n(ctx, []byte(frameHeartbeatAck))
+			case n8nHeartbeatJSON:
+				rl.writeN8n(ctx, []byte(jsonHeartbeatAck))
+			}
+		}
+		if kind == n8nMessage && text != "" {
+			rl.store(sessions.RoleAssistant, text)
+		}
+		if rl.isAttached() {
+			wctx, cancel := context.WithTimeout(ctx, socketWriteTimeout)
+			err := rl.visitor.Write(wctx, typ, data)
+			cancel()
+			if err != nil {
+				rl.detach()
+			}
+		}
+	}
+}
+
+// n8nEnded passes n8n's close on to the visitor: a normal close (1005
+// after a successful execution, or 1000) as 1000; a dropped connection
+// (n8n terminates the socket of a failed or cancelled execution) as 1011;
+// n8n's other codes (1008 for an unknown execution) as they are.
+func (rl *socketRelay) n8nEnded(err error) {
+	code, reason := websocket.StatusInternalError, "the chat service ended the conversation"
+	var ce websocket.CloseError
+	switch {
+	case errors.As(err, &ce) && (ce.Code == websocket.StatusNoStatusRcvd || ce.Code == websocket.StatusNormalClosure):
+		code, reason = websocket.StatusNormalClosure, ""
+	case errors.As(err, &ce) && ce.Code != websocket.StatusAbnormalClosure && ce.Code != websocket.StatusTLSHandshake:
+		code, reason = ce.Code, ce.Reason
+	}
+	rl.mu.Lock()
+	rl.ended = true
+	attached, shutdown := rl.attached, rl.shutdown
+	rl.attached = false
+	rl.mu.Unlock()
+	_ = rl.up.CloseNow()
+	rl.log.Debug("n8n chat socket ended", zap.Int("n8n_close", int(websocket.CloseStatus(err))), zap.Bool("visitor_attached", attached))
+	switch {
+	case shutdown:
+		// serverExiting closes the visitor's side.
+	case attached:
+		_ = rl.visitor.Close(code, truncate(reason, closeReasonMax))
+	default:
+		_ = rl.visitor.CloseNow()
+	}
+}
+
+// readVisitor checks the visitor's frames and relays the valid ones; the
+// first invalid one closes the visitor's socket (1008) and is not sent.
+// When the visitor's socket ends, the proxy waits for it no more than
+// wait_timeout.
+func (rl *socketRelay) readVisitor(ctx context.Context) {
+	defer rl.detach()
+	for {
+		typ, data, err := rl.visitor.Read(ctx)
+		if err != nil {
+			return
+		}
+		if typ != websocket.MessageText {
+			rl.refuse(websocket.StatusUnsupportedData, "only text frames are accepted")
+			return
+		}
+		f, err := checkVisitorFrame(data, rl.claims.SessionID, rl.maxRunes)
+		if err != nil {
+			rl.h.cfg.Metrics.GuardRefused(metrics.RefusalInput)
+			rl.refuse(websocket.StatusPolicyViolation, err.Error())
+			return
+		}
+		if !f.ack {
+			d, err := rl.h.cfg.Limiter.Allow(ctx, rl.keys...)
+			if err == nil && !d.Allowed {
+				rl.h.cfg.Metrics.RateLimited(string(d.Tier))
+				rl.refuse(websocket.StatusTryAgainLater, "rate limit exceeded; try again later")
+				return
+			}
+			if err != nil {
+				rl.log.Error("rate limiter failed", zap.Error(err))
+			}
+			// Stored before n8n sees it, as every visitor message is.
+			if !rl.store(sessions.RoleUser, f.chatInput) {
+				rl.refuse(websocket.StatusInternalError, "the message could not be stored; try again")
+				return
+			}
+		}
+		if !rl.writeN8n(ctx, data) {
+			return
+		}
+	}
+}
+
+func (rl *socketRelay) writeN8n(ctx context.Context, data []byte) bool {
+	wctx, cancel := context.WithTimeout(ctx, socketWriteTimeout)
+	defer cancel()
+	return rl.up.Write(wctx, websocket.MessageText, data) == nil
+}
+
+// refuse closes the visitor's socket with code; n8n's side then waits as
+// for a visitor who left.
+func (rl *socketRelay) refuse(code websocket.StatusCode, reason string) {
+	rl.detach()
+	_ = rl.visitor.Close(code, truncate(reason, closeReasonMax))
+}
+
+func (rl *socketRelay) isAttached() bool {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	return rl.attached
+}
+
+// detach marks the visitor gone and gives the execution wait_timeout
+// before n8n's side is closed.
+func (rl *socketRelay) detach() {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if !rl.attached || rl.ended {
+		rl.attached = false
+		return
+	}
+	rl.attached = false
+	wait := rl.h.cfg.WaitTimeout
+	if wait <= 0 {
+		wait = DefaultWaitTimeout
+	}
+	rl.log.Debug("visitor left the chat socket; keeping the execution alive", zap.Duration("wait_timeout", wait))
+	rl.waitTimer = time.AfterFunc(wait, func() {
+		_ = rl.up.Close(websocket.StatusNormalClosure, "the visitor left")
+	})
+}
+
+// serverExiting ends both sides with a closing frame (1001) when Caddy
+// exits.
+func (rl *socketRelay) serverExiting() {
+	rl.mu.Lock()
+	rl.shutdown = true
+	attached := rl.attached
+	rl.attached = false
+	rl.mu.Unlock()
+	var wg sync.WaitGroup
+	if attached {
+		wg.Go(func() { _ = rl.visitor.Close(websocket.StatusGoingAway, "the server is shutting down") })
+	}
+	_ = rl.up.Close(websocket.StatusGoingAway, "the proxy is shutting down")
+	wg.Wait()
+}
+
+// store records a message of the conversation, detached from the
+// request; it reports whether the message was stored.
+func (rl *socketRelay) store(role, text string) bool {
+	h := rl.h
+	timeout := h.cfg.ReplyStoreTimeout
+	if timeout <= 0 {
+		timeout = DefaultReplyStoreTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var err error
+	if role == sessions.RoleUser {
+		_, err = h.cfg.Store.AppendUserMessage(ctx, &sessions.Message{
+			SessionID: rl.storeID, Content: text, Status: sessions.StatusComplete,
+		}, sessions.KindWidget)
+	} else {
+		id, idErr := uuid.NewV7()
+		if idErr != nil {
+			return false
+		}
+		err = h.cfg.Store.AppendMessage(ctx, &sessions.Message{
+			ID: id.String(), SessionID: rl.storeID, Role: sessions.RoleAssistant,
+			Content: text, Status: sessions.StatusComplete,
+		})
+	}
+	if err != nil {
+		rl.log.Error("storing a chat socket message", zap.String("role", role), zap.Error(err))
+		return false
+	}
+	return true
+}

@@ -1,0 +1,121 @@
+package handler
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+
+	"github.com/chatproxy/caddy-chatproxy/guard"
+)
+
+// The frames of n8n's chat WebSocket (n8n 2.8.4 sends the plain-text
+// variants, newer n8n the JSON ones; the widget handles both).
+const (
+	frameHeartbeat    = "n8n|heartbeat"
+	frameHeartbeatAck = "n8n|heartbeat-ack"
+	frameContinue     = "n8n|continue"
+	jsonHeartbeatAck  = `{"type":"heartbeat-ack"}`
+)
+
+// n8nFrame is what a frame from n8n is to the proxy.
+type n8nFrame int
+
+const (
+	n8nMessage       n8nFrame = iota // a bot message: relayed and stored
+	n8nHeartbeat                     // n8n|heartbeat
+	n8nHeartbeatJSON                 // {"type":"heartbeat"}
+	n8nContinue                      // n8n|continue or {"type":"continue"}
+	n8nError                         // {"type":"error",…}: relayed, not stored
+)
+
+// classifyN8nFrame tells heartbeats and continues from messages, and
+// returns the text a message is stored with: the text of n8n's JSON
+// messages (type message or with-buttons), else the frame as it is.
+func classifyN8nFrame(data []byte) (n8nFrame, string) {
+	switch string(data) {
+	case frameHeartbeat:
+		return n8nHeartbeat, ""
+	case frameContinue:
+		return n8nContinue, ""
+	}
+	if t := bytes.TrimSpace(data); len(t) > 0 && t[0] == '{' {
+		var m struct {
+			Type    *string `json:"type"`
+			Text    *string `json:"text"`
+			Message *string `json:"message"`
+		}
+		if json.Unmarshal(t, &m) == nil && m.Type != nil {
+			switch *m.Type {
+			case "heartbeat":
+				return n8nHeartbeatJSON, ""
+			case "continue":
+				return n8nContinue, ""
+			case "error":
+				return n8nError, ""
+			case "message", "with-buttons":
+				if m.Text != nil {
+					return n8nMessage, *m.Text
+				}
+			}
+		}
+	}
+	return n8nMessage, string(data)
+}
+
+// visitorFrame is a frame from the widget that may go on to n8n.
+type visitorFrame struct {
+	ack       bool   // a heartbeat ack (either variant)
+	chatInput string // a sendMessage answer's text, normalised for storing
+}
+
+// visitorMessage is the widget's answer over the socket (Input.vue
+// respondToChatNode): exactly these fields.
+type visitorMessage struct {
+	SessionID *string           `json:"sessionId"`
+	Action    *string           `json:"action"`
+	ChatInput *string           `json:"chatInput"`
+	Files     []json.RawMessage `json:"files"`
+}
+
+// checkVisitorFrame accepts only what the widget sends over the socket:
+// heartbeat acks, and sendMessage answers for the socket's own sessionId
+// with a valid message and no files (files over the socket are not
+// accepted). Anything else is refused with the reason the close carries.
+func checkVisitorFrame(data []byte, sessionID string, maxRunes int) (visitorFrame, error) {
+	if string(data) == frameHeartbeatAck {
+		return visitorFrame{ack: true}, nil
+	}
+	t := bytes.TrimSpace(data)
+	if len(t) == 0 || t[0] != '{' {
+		return visitorFrame{}, errors.New("unexpected frame")
+	}
+	var ack struct {
+		Type string `json:"type"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(t))
+	dec.DisallowUnknownFields()
+	if dec.Decode(&ack) == nil && ack.Type == "heartbeat-ack" && !dec.More() {
+		return visitorFrame{ack: true}, nil
+	}
+	var m visitorMessage
+	dec = json.NewDecoder(bytes.NewReader(t))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&m); err != nil || dec.More() {
+		return visitorFrame{}, errors.New("frame is not a sendMessage object")
+	}
+	switch {
+	case m.Action == nil || *m.Action != "sendMessage":
+		return visitorFrame{}, errors.New("action must be sendMessage")
+	case m.SessionID == nil || *m.SessionID != sessionID:
+		return visitorFrame{}, errors.New("sessionId does not match the socket's")
+	case m.ChatInput == nil:
+		return visitorFrame{}, errors.New("chatInput is required")
+	case len(m.Files) > 0:
+		return visitorFrame{}, errors.New("files are not accepted over the chat socket")
+	}
+	text, err := guard.NormalizeMessage(*m.ChatInput, maxRunes)
+	if err != nil {
+		return visitorFrame{}, guard.WithField(err, "chatInput")
+	}
+	return visitorFrame{chatInput: text}, nil
+}
