@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -29,7 +30,6 @@ const (
 	xtOrigin     = "https://shop.example.com"
 	xtJWTSecret  = "exchange-test-jwt-secret-0123456789abcdef"
 	xtN8nSecret  = "exchange-test-n8n-secret-0123456789abcdef"
-	xtWebhook    = "/webhook/9f1c-secret-webhook-id/chat"
 	xtClientIP   = "203.0.113.9"
 	xtBrowserUA  = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
 	xtSecretText = "my card number is 4111 1111 1111 1111"
@@ -38,20 +38,14 @@ const (
 // xtEnv is a handler built directly (as the module builds it) in front of
 // a scripted n8n, logging into an observer.
 type xtEnv struct {
-	h     *Handler
-	logs  *observer.ObservedLogs
-	n8n   *httptest.Server
-	reply func(w http.ResponseWriter) // what n8n answers
+	h    *Handler
+	logs *observer.ObservedLogs
+	n8n  *testkit.N8n // each test scripts what n8n answers
 }
 
 func newXTEnv(t *testing.T, logContent bool, limits map[guard.Tier][]redis_rate.Limit) *xtEnv {
 	t.Helper()
-	e := &xtEnv{}
-	e.n8n = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.Copy(io.Discard, r.Body)
-		e.reply(w)
-	}))
-	t.Cleanup(e.n8n.Close)
+	e := &xtEnv{n8n: testkit.NewN8n(t, nil)}
 
 	store, err := sessions.OpenSQLite(filepath.Join(t.TempDir(), "chat.db"))
 	if err != nil {
@@ -70,7 +64,7 @@ func newXTEnv(t *testing.T, logContent bool, limits map[guard.Tier][]redis_rate.
 		t.Fatal(err)
 	}
 	upstream, err := n8n.New(n8n.Config{
-		WebhookURL:    e.n8n.URL + xtWebhook,
+		WebhookURL:    e.n8n.URL(),
 		SessionSecret: xtN8nSecret,
 		Breaker:       n8n.BreakerConfig{FailureThreshold: 100},
 	})
@@ -149,21 +143,6 @@ func (e *xtEnv) session(t *testing.T) (id, token string) {
 	return c.SessionID, c.Token
 }
 
-// n8nStream answers as n8n's streaming mode does: NDJSON, one line a chunk.
-func n8nStream(items ...string) func(w http.ResponseWriter) {
-	return func(w http.ResponseWriter) {
-		w.Header().Set("Content-Type", "application/json; charset=utf-8")
-		w.WriteHeader(http.StatusOK)
-		_, _ = io.WriteString(w, `{"type":"begin","metadata":{"nodeId":"a","nodeName":"Agent","itemIndex":0,"runIndex":0}}`+"\n")
-		for _, it := range items {
-			b, _ := json.Marshal(map[string]any{"type": "item", "content": it, "metadata": map[string]any{"nodeId": "a"}})
-			_, _ = fmt.Fprintf(w, "%s\n", b)
-			_ = http.NewResponseController(w).Flush()
-		}
-		_, _ = io.WriteString(w, `{"type":"end","metadata":{"nodeId":"a"}}`+"\n")
-	}
-}
-
 // exchangeLines returns the "chat exchange" log entries.
 func (e *xtEnv) exchangeLines() []observer.LoggedEntry {
 	return e.logs.FilterMessage("chat exchange").AllUntimed()
@@ -194,7 +173,7 @@ func (e *xtEnv) noLeaks(t *testing.T, extra ...string) {
 	t.Helper()
 	for _, l := range e.logs.AllUntimed() {
 		text := l.Message + fmt.Sprint(l.ContextMap())
-		for _, leak := range append([]string{xtWebhook, "webhook", e.n8n.URL, xtJWTSecret, xtN8nSecret}, extra...) {
+		for _, leak := range append([]string{testkit.WebhookPath, "webhook", e.n8n.Server().URL, xtJWTSecret, xtN8nSecret}, extra...) {
 			if strings.Contains(text, leak) {
 				t.Errorf("log line %q leaks %q: %v", l.Message, leak, l.ContextMap())
 			}
@@ -204,7 +183,7 @@ func (e *xtEnv) noLeaks(t *testing.T, extra ...string) {
 
 func TestExchangeLogStream(t *testing.T) {
 	e := newXTEnv(t, false, nil)
-	e.reply = n8nStream("Hel", "lo ", "there")
+	e.n8n.SetScript(testkit.Stream("Hel", "lo ", "there"))
 	sid, token := e.session(t)
 	e.logs.TakeAll()
 
@@ -243,7 +222,7 @@ func TestExchangeLogStream(t *testing.T) {
 // With log_content on, the message and the reply are in the line.
 func TestExchangeLogContent(t *testing.T) {
 	e := newXTEnv(t, true, nil)
-	e.reply = n8nStream("Hi ", "you")
+	e.n8n.SetScript(testkit.Stream("Hi ", "you"))
 	_, token := e.session(t)
 	e.logs.TakeAll()
 	body, _ := json.Marshal(map[string]string{"message": xtSecretText})
@@ -265,11 +244,8 @@ func TestExchangeLogContent(t *testing.T) {
 // never n8n's URL.
 func TestExchangeLogUpstreamError(t *testing.T) {
 	e := newXTEnv(t, false, nil)
-	e.reply = func(w http.ResponseWriter) {
-		w.Header().Set("Content-Type", "text/plain")
-		w.WriteHeader(http.StatusInternalServerError)
-		_, _ = io.WriteString(w, "Error in workflow")
-	}
+	// n8n's answer when the workflow fails (research §2.5).
+	e.n8n.SetScript(testkit.Reply(http.StatusInternalServerError, "application/json; charset=utf-8", `{"message":"Error in workflow"}`))
 	sid, token := e.session(t)
 	e.logs.TakeAll()
 	body, _ := json.Marshal(map[string]string{"message": xtSecretText})
@@ -292,7 +268,7 @@ func TestExchangeLogUpstreamError(t *testing.T) {
 // Refusals are exchanges too: one Info line each, with the outcome.
 func TestExchangeLogRefusals(t *testing.T) {
 	e := newXTEnv(t, false, map[guard.Tier][]redis_rate.Limit{guard.TierSession: {redis_rate.PerMinute(1)}})
-	e.reply = n8nStream("ok")
+	e.n8n.SetScript(testkit.Stream("ok"))
 	_, token := e.session(t)
 	auth := map[string]string{"Authorization": "Bearer " + token}
 

@@ -19,14 +19,15 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
 // The hd* helpers build a Handler directly from a Config, as the module
-// does, over a real store and an in-process limiter, in front of an n8n
-// stand-in that answers every message with hdReply.
+// does, over a real store and an in-process limiter, in front of the shared
+// fake n8n (testkit.N8n), which answers every message with hdReply.
 
 const (
 	hdOrigin      = "https://shop.example.com"
@@ -68,15 +69,9 @@ func hdSQLite(t *testing.T) sessions.Store {
 // newHDEnv builds a handler over store; mutate adjusts its Config.
 func newHDEnv(t *testing.T, store sessions.Store, mutate func(*Config)) *hdEnv {
 	t.Helper()
-	upstreamSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, _ = io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/json; charset=utf-8")
-		b, _ := json.Marshal(map[string]string{"output": hdReply})
-		_, _ = w.Write(b)
-	}))
-	t.Cleanup(upstreamSrv.Close)
+	fake := testkit.NewN8n(t, testkit.Output(hdReply))
 	upstream, err := n8n.New(n8n.Config{
-		WebhookURL:    upstreamSrv.URL + "/webhook/hardening/chat",
+		WebhookURL:    fake.URL(),
 		SessionSecret: hdN8nSecret,
 		Breaker:       n8n.BreakerConfig{FailureThreshold: 100},
 	})

@@ -19,6 +19,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
@@ -112,8 +113,8 @@ func openStore(t *testing.T, kind string) sessions.Store {
 	return store
 }
 
-// countedEnv is a handler over a counting store, in front of an n8n that
-// answers {"output":"ok"}.
+// countedEnv is a handler over a counting store, in front of the shared
+// fake n8n answering {"output":"ok"}.
 type countedEnv struct {
 	h     *Handler
 	store *countingStore
@@ -121,17 +122,13 @@ type countedEnv struct {
 
 func newCountedEnv(t *testing.T, kind string, limits map[guard.Tier][]redis_rate.Limit, bots *guard.BotScorer) *countedEnv {
 	t.Helper()
-	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write([]byte(`{"output":"ok"}`))
-	}))
-	t.Cleanup(upstream.Close)
+	upstream := testkit.NewN8n(t, testkit.Output("ok"))
 	store := &countingStore{Store: openStore(t, kind), calls: map[string]int{}}
 	limiter, err := guard.NewLimiter(guard.LimiterConfig{Limits: limits})
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := n8n.New(n8n.Config{WebhookURL: upstream.URL + xtWebhook, SessionSecret: xtN8nSecret})
+	client, err := n8n.New(n8n.Config{WebhookURL: upstream.URL(), SessionSecret: xtN8nSecret})
 	if err != nil {
 		t.Fatal(err)
 	}
