@@ -86,7 +86,13 @@ func BenchmarkDecodeReply(b *testing.B) {
 }
 
 // benchServer answers every POST with body, one line per write, flushed,
-// as n8n streams.
+// as n8n streams. It is deliberately not the shared fake (testkit.N8n):
+// the fake records every call (headers cloned, body kept and decoded
+// twice, a goroutine watching for cancellation, a call list that grows
+// with b.N), and ReportAllocs counts the server's goroutines too. Measured
+// at 3000 iterations, the fake raised the client's figures from 28.5 KB,
+// 308 allocs to 36.1 KB, 371 allocs per message and raw-http's from 98 to
+// 162 allocs: the benchmark would measure the fake, not the client.
 func benchServer(b *testing.B, body []byte, contentType string) *httptest.Server {
 	lines := bytes.SplitAfter(body, []byte("\n"))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
