@@ -145,6 +145,13 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					err = checked(checkMinDuration(option, dur, minDurations[option]))
 				}
 			}
+		case "store_wait":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				if cp.StoreWait, err = parseDuration(d, option, v); err == nil {
+					err = checked(checkStoreWait(cp.StoreWait))
+				}
+			}
 		case "max_body_size":
 			var v string
 			if v, err = singleArg(d, option); err == nil {
@@ -248,6 +255,7 @@ var caddyfileOptions = []string{
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",
 	"log_content", "history_retention", "purge_interval", "chat_socket", "n8n_socket_url", "wait_timeout",
+	"store_wait",
 }
 
 // cookieOptions are the options of the cookie block.

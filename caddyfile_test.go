@@ -87,6 +87,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  ChatProxy{Database: "sqlite:/var/lib/caddy/chat.db"},
 		},
 		{
+			name:  "store_wait",
+			input: "chat_proxy {\n database sqlite:/var/lib/caddy/chat.db\n store_wait 10s\n}",
+			want:  ChatProxy{Database: "sqlite:/var/lib/caddy/chat.db", StoreWait: caddy.Duration(10 * time.Second)},
+		},
+		{
 			name:  "duration in minutes",
 			input: "chat_proxy {\n session_ttl 90m\n}",
 			want:  ChatProxy{SessionTTL: caddy.Duration(90 * time.Minute)},
@@ -411,6 +416,7 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 		{"upstream_timeout under a second", "upstream_timeout 500ms", "upstream_timeout: must be at least 1s, got 500ms"},
 		{"history_retention too short", "history_retention 30m", "history_retention: must be at least 1h, got 30m0s"},
 		{"purge_interval too short", "purge_interval 10s", "purge_interval: must be at least 1m, got 10s"},
+		{"store_wait too long", "store_wait 2m", "store_wait: must be between 0 (the default, 3s) and 1m, got 2m0s"},
 		{"max_body_size too small", "max_body_size 100", "max_body_size: must be at least 1KiB, got 100 bytes"},
 		{"redis without a scheme", "redis localhost:6379", `redis: "localhost:6379" is not a redis:// or rediss:// URL; write redis://localhost:6379`},
 		{"redis without a scheme, password hidden", "redis :hunter2@cache:6379",

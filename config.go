@@ -260,6 +260,7 @@ func (cp *ChatProxy) Validate() error {
 		func() error { return checkMinDuration("purge_interval", cp.PurgeInterval, time.Minute) },
 		func() error { return checkChatSocket(cp.ChatSocket, cp.PathPrefix) },
 		func() error { return checkMinDuration("wait_timeout", cp.WaitTimeout, time.Second) },
+		func() error { return checkStoreWait(cp.StoreWait) },
 		func() error { return checkBlockFor(cp.BlockFor) },
 		func() error { return checkBotDetection(cp.BotDetection) },
 		func() error { return checkRateLimits(cp.RateLimits) },
@@ -318,6 +319,15 @@ func checkPathPrefix(p string) error {
 func checkMinDuration(option string, d caddy.Duration, least time.Duration) error {
 	if d < caddy.Duration(least) {
 		return fmt.Errorf("%s: must be at least %s, got %s", option, guard.FormatWindow(least), time.Duration(d))
+	}
+	return nil
+}
+
+// checkStoreWait bounds store_wait: zero is the default (3s); a write
+// holding its request for minutes helps nobody.
+func checkStoreWait(d caddy.Duration) error {
+	if d < 0 || d > caddy.Duration(time.Minute) {
+		return fmt.Errorf("store_wait: must be between 0 (the default, 3s) and 1m, got %s", time.Duration(d))
 	}
 	return nil
 }

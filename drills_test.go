@@ -241,7 +241,10 @@ func sseReply(t *testing.T, body string) string {
 // and the tables hold exactly the exchanges that succeeded.
 func TestDrillPostgresUnreachable(t *testing.T) {
 	t.Parallel()
-	e, db := newPgDrillEnv(t)
+	// Writes wait store_wait for the database to come back, reads do not;
+	// this outage outlasts it.
+	const storeWait = time.Second
+	e, db := newPgDrillEnv(t, func(cp *ChatProxy) { cp.StoreWait = caddy.Duration(storeWait) })
 	e.fake.setScript(fakeStream("Hello ", "there."))
 	const reply = "Hello there."
 	user := func(s string) drillRow { return drillRow{"user", "complete", s} }
@@ -287,10 +290,13 @@ func TestDrillPostgresUnreachable(t *testing.T) {
 					t.Fatalf("error leaks %q: %s", leak, rec.Body)
 				}
 			}
-			// A refused connection fails at once; connect_timeout (1 s)
-			// bounds a silent one.
-			if took > 2*time.Second {
+			// A refused connection fails at once, a write after
+			// store_wait; connect_timeout (1 s) bounds a silent one.
+			if took > storeWait+2*time.Second {
 				t.Fatalf("took %v to fail", took)
+			}
+			if rq.name == "session create" && took < storeWait {
+				t.Fatalf("session create failed after %v, before store_wait (%v)", took, storeWait)
 			}
 		})
 	}

@@ -78,6 +78,13 @@ type ChatProxy struct {
 	// value share one connection pool, which survives config reloads.
 	Database string `json:"database,omitempty"`
 
+	// How long a write (a new session, a message, a reply) waits for an
+	// unreachable database to come back before the request fails with 503:
+	// a short outage or restart is ridden out, the writes committed when
+	// it is back. Handlers on the same database share one write queue and
+	// the value of the config loaded last. Default: 3s; at most 1m.
+	StoreWait caddy.Duration `json:"store_wait,omitempty"`
+
 	// Origins allowed to use the API: exact origins such as
 	// `https://shop.example.com` and wildcards such as
 	// `https://*.example.com` (subdomains only). A request carrying any
@@ -417,6 +424,9 @@ func (cp *ChatProxy) provisionStore(ctx caddy.Context, hc *handler.Config) error
 	var err error
 	if cp.store, err = sessions.AcquireShared(cp.database); err != nil {
 		return err
+	}
+	if sw, ok := cp.store.Store.(interface{ SetStoreWait(time.Duration) }); ok {
+		sw.SetStoreWait(time.Duration(cp.StoreWait))
 	}
 	hc.Store = cp.store.Store
 	hc.Sessions.Store = cp.store.Store

@@ -53,6 +53,13 @@ func (h *Handler) storeError(w http.ResponseWriter, r *http.Request, what string
 		h.cfg.Logger.Info("store refused the request's data", zap.String("operation", what), zap.Error(err))
 		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "the request holds a value the session store cannot keep")
 	}
+	if errors.Is(err, sessions.ErrOverloaded) {
+		// The write queue is full: a burst, not an outage, so a warning
+		// and a quick retry.
+		h.cfg.Logger.Warn("store overloaded", zap.String("operation", what))
+		w.Header().Set("Retry-After", "1")
+		return h.writeError(w, r, http.StatusServiceUnavailable, "store_unavailable", "the session store is busy; try again shortly")
+	}
 	h.cfg.Logger.Error("store unavailable", zap.String("operation", what), zap.Error(err))
 	h.healthState.invalidate() // /health checks again rather than answer a cached "ok"
 	w.Header().Set("Retry-After", "5")

@@ -26,6 +26,7 @@ type PostgresStore struct {
 	db      *sql.DB // the same pool seen through database/sql, for goose
 	secrets []string
 	gate    migrateGate
+	w       *writer // group commit of creations, touches and appends
 }
 
 var _ Store = (*PostgresStore)(nil)
@@ -55,13 +56,19 @@ func OpenPostgres(connString string) (*PostgresStore, error) {
 	if err != nil {
 		return nil, redact(fmt.Errorf("creating database pool: %w", err), secrets)
 	}
-	return &PostgresStore{
+	s := &PostgresStore{
 		pool:    pool,
 		db:      stdlib.OpenDBFromPool(pool),
 		secrets: secrets,
 		gate:    newMigrateGate(),
-	}, nil
+	}
+	s.w = newWriter(s.commitWrites)
+	return s, nil
 }
+
+// SetStoreWait sets how long a write waits for an unreachable database to
+// come back before it fails; zero means DefaultStoreWait.
+func (s *PostgresStore) SetStoreWait(d time.Duration) { s.w.setStoreWait(d) }
 
 // DefaultPoolMaxConns is the pool's size unless the URL sets
 // pool_max_conns. pgx's own default, max(4, CPUs), leaves chat writes
@@ -131,16 +138,7 @@ func (s *PostgresStore) CreateSession(ctx context.Context, sess *Session) error 
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
-	tag, err := s.pool.Exec(ctx, pgInsertSession,
-		sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
-		jsonArg(sess.Metadata), sess.CreatedAt, sess.LastSeenAt, sess.ExpiresAt, sess.RevokedAt)
-	if err != nil {
-		return s.fail(op, err)
-	}
-	if tag.RowsAffected() == 0 {
-		return s.fail(op, ErrExists)
-	}
-	return nil
+	return s.fail(op, s.w.do(ctx, &writeOp{kind: writeCreate, sess: sess}))
 }
 
 // pgSessionColumns are the columns pgScanSession reads.
@@ -203,25 +201,19 @@ func (s *PostgresStore) TouchSession(ctx context.Context, id string, at, expires
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
-	var extend *time.Time
+	w := &writeOp{kind: writeTouch, id: id, at: normTime(at)}
 	if !expiresAt.IsZero() {
 		e := normTime(expiresAt)
-		extend = &e
+		w.extend = &e
 	}
-	tag, err := s.pool.Exec(ctx, `
+	return s.fail(op, s.w.do(ctx, w))
+}
+
+const pgTouchSession = `
 UPDATE chatproxy_sessions SET last_seen_at = greatest(last_seen_at, $2),
     expires_at = CASE WHEN $3::timestamptz IS NOT NULL AND revoked_at IS NULL
                       THEN greatest(expires_at, $3::timestamptz) ELSE expires_at END
-WHERE id = $1`,
-		id, normTime(at), extend)
-	if err != nil {
-		return s.fail(op, err)
-	}
-	if tag.RowsAffected() == 0 {
-		return s.fail(op, ErrNotFound)
-	}
-	return nil
-}
+WHERE id = $1`
 
 // DeleteSession implements Store; messages go by the foreign key's cascade.
 func (s *PostgresStore) DeleteSession(ctx context.Context, id string) error {
@@ -295,18 +287,7 @@ func (s *PostgresStore) AppendMessage(ctx context.Context, m *Message) error {
 	if err := s.ready(ctx); err != nil {
 		return s.fail(op, err)
 	}
-	tag, err := s.pool.Exec(ctx, pgAppendMessage,
-		m.ID, m.SessionID, m.Role, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt)
-	if pgUniqueViolation(err) {
-		return s.fail(op, ErrExists)
-	}
-	if err != nil {
-		return s.fail(op, err)
-	}
-	if tag.RowsAffected() == 0 {
-		return s.fail(op, ErrNotFound)
-	}
-	return nil
+	return s.fail(op, s.w.do(ctx, &writeOp{kind: writeAppend, msg: m}))
 }
 
 // pgAppendUserMessage is pgAppendMessage for a session that must also be
@@ -332,15 +313,107 @@ func (s *PostgresStore) AppendUserMessage(ctx context.Context, m *Message, kind 
 	if err := s.ready(ctx); err != nil {
 		return nil, s.fail(op, err)
 	}
-	sess, err := pgScanSession(s.pool.QueryRow(ctx, pgAppendUserMessage,
-		m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt, kind))
-	if pgUniqueViolation(err) {
-		return nil, s.fail(op, ErrExists)
+	w := &writeOp{kind: writeAppendUser, msg: m, userKind: kind}
+	err := s.w.do(ctx, w)
+	if errors.Is(err, errStoredEarlier) {
+		return s.GetSession(ctx, m.SessionID)
 	}
 	if err != nil {
 		return nil, s.fail(op, err)
 	}
-	return sess, nil
+	return w.out, nil
+}
+
+// commitWrites is the writer's commit: the batch's statements go in one
+// pipeline, which PostgreSQL runs as one implicit transaction (one round
+// trip, one commit). A statement that fails aborts the transaction; its
+// op is answered and the writer sends the rest again.
+func (s *PostgresStore) commitWrites(ctx context.Context, ops []*writeOp) attempt {
+	b := &pgx.Batch{QueuedQueries: make([]*pgx.QueuedQuery, 0, len(ops))}
+	for _, op := range ops {
+		switch op.kind {
+		case writeCreate:
+			sess := op.sess
+			b.Queue(pgInsertSession,
+				sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
+				jsonArg(sess.Metadata), sess.CreatedAt, sess.LastSeenAt, sess.ExpiresAt, sess.RevokedAt)
+		case writeTouch:
+			b.Queue(pgTouchSession, op.id, op.at, op.extend)
+		case writeAppend:
+			m := op.msg
+			b.Queue(pgAppendMessage, m.ID, m.SessionID, m.Role, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt)
+		case writeAppendUser:
+			m := op.msg
+			b.Queue(pgAppendUserMessage, m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt, op.userKind)
+		}
+	}
+	br := s.pool.SendBatch(ctx, b)
+	for i, op := range ops {
+		var err error
+		op.err, op.out = nil, nil
+		if op.kind == writeAppendUser {
+			op.out, err = pgScanSession(br.QueryRow())
+			if errors.Is(err, ErrNotFound) {
+				op.err, err = ErrNotFound, nil
+			}
+		} else {
+			var tag pgconn.CommandTag
+			tag, err = br.Exec()
+			if err == nil && tag.RowsAffected() == 0 {
+				op.err = ErrNotFound
+				if op.kind == writeCreate {
+					op.err = ErrExists
+				}
+			}
+		}
+		if err != nil {
+			_ = br.Close()
+			return pgAttemptFailed(i, err)
+		}
+	}
+	if err := br.Close(); err != nil {
+		return pgAttemptFailed(-1, err)
+	}
+	return committed()
+}
+
+// pgAttemptFailed classifies a batch's failure at statement i (-1: at the
+// commit): the row's own fault, or the database's.
+func pgAttemptFailed(i int, err error) attempt {
+	var pre pgx.ErrPreprocessingBatch
+	if errors.As(err, &pre) {
+		if strings.Contains(pre.Error(), "(build)") {
+			// A value that cannot be encoded, found before anything was
+			// sent: which one is not said.
+			return attempt{err: err, failed: splitBatch}
+		}
+		// Preparing the statements failed: nothing was run.
+		return storeFailed(err, false)
+	}
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		switch {
+		case pe.Code == "23505" && i >= 0:
+			return rowFailed(i, ErrExists)
+		case strings.HasPrefix(pe.Code, "40"):
+			// Deadlock or serialization failure: rolled back, try again.
+			return storeFailed(err, false)
+		case pgTransient(pe.Code) || i < 0:
+			return storeFailed(err, true)
+		}
+		return rowFailed(i, err)
+	}
+	return storeFailed(err, !pgconn.SafeToRetry(err))
+}
+
+// pgTransient reports SQLSTATEs that say nothing about the row but about
+// the server: connection trouble, shutdown or restart, resources, locks.
+func pgTransient(code string) bool {
+	switch code[:min(2, len(code))] {
+	case "08", "53", "57", "58", "XX":
+		return true
+	}
+	return code == "55P03" // lock_not_available
 }
 
 // pgListMessages answers a page in one statement, so count, cursor check
@@ -630,8 +703,10 @@ func (s *PostgresStore) Ping(ctx context.Context) error {
 	return s.fail(op, s.pool.Ping(ctx))
 }
 
-// Close implements Store. It waits for connections in use to be returned.
+// Close implements Store. Writes already queued are committed first (or
+// fail after store_wait); it waits for connections in use to be returned.
 func (s *PostgresStore) Close() error {
+	s.w.close()
 	err := s.db.Close() // does not close the pool
 	s.pool.Close()
 	return s.fail("closing database", err)
@@ -652,11 +727,6 @@ func pgJSON(b []byte) (json.RawMessage, error) {
 		return nil, nil
 	}
 	return compactJSON(b)
-}
-
-func pgUniqueViolation(err error) bool {
-	var pe *pgconn.PgError
-	return errors.As(err, &pe) && pe.Code == "23505"
 }
 
 // kvPassword finds password values in a keyword/value connection string.

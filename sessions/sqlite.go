@@ -30,6 +30,7 @@ type SQLiteStore struct {
 	w    *sql.DB // one connection, BEGIN IMMEDIATE transactions
 	r    *sql.DB // query_only connections
 	gate migrateGate
+	wr   *writer // group commit of creations, touches and appends
 }
 
 var _ Store = (*SQLiteStore)(nil)
@@ -84,8 +85,15 @@ func OpenSQLite(path string) (*SQLiteStore, error) {
 	n := max(4, runtime.GOMAXPROCS(0))
 	r.SetMaxOpenConns(n)
 	r.SetMaxIdleConns(n)
-	return &SQLiteStore{path: abs, w: w, r: r, gate: newMigrateGate()}, nil
+	s := &SQLiteStore{path: abs, w: w, r: r, gate: newMigrateGate()}
+	s.wr = newWriter(s.commitWrites)
+	return s, nil
 }
+
+// SetStoreWait sets how long a write waits for the database file to be
+// writable again (another process holding it past busy_timeout, a full
+// disk) before it fails; zero means DefaultStoreWait.
+func (s *SQLiteStore) SetStoreWait(d time.Duration) { s.wr.setStoreWait(d) }
 
 // Path is the absolute path of the database file.
 func (s *SQLiteStore) Path() string { return s.path }
@@ -175,21 +183,25 @@ func (s *SQLiteStore) CreateSession(ctx context.Context, sess *Session) error {
 	if err := prepareSession(sess, time.Now()); err != nil {
 		return opErr(op, err)
 	}
+	if err := s.ready(ctx); err != nil {
+		return opErr(op, err)
+	}
+	return opErr(op, s.wr.do(ctx, &writeOp{kind: writeCreate, sess: sess}))
+}
+
+func liteCreateSession(ctx context.Context, tx *sql.Tx, sess *Session) error {
 	var revoked any
 	if sess.RevokedAt != nil {
 		revoked = sess.RevokedAt.UnixMicro()
 	}
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, liteInsertSession,
-			sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
-			liteJSON(sess.Metadata), sess.CreatedAt.UnixMicro(), sess.LastSeenAt.UnixMicro(),
-			sess.ExpiresAt.UnixMicro(), revoked)
-		if err != nil {
-			return err
-		}
-		return mustAffect(res, ErrExists)
-	})
-	return opErr(op, err)
+	res, err := tx.ExecContext(ctx, liteInsertSession,
+		sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
+		liteJSON(sess.Metadata), sess.CreatedAt.UnixMicro(), sess.LastSeenAt.UnixMicro(),
+		sess.ExpiresAt.UnixMicro(), revoked)
+	if err != nil {
+		return err
+	}
+	return mustAffect(res, ErrExists)
 }
 
 const liteGetSession = `
@@ -245,25 +257,35 @@ func liteScanSession(row *sql.Row) (*Session, error) {
 
 // TouchSession implements Store.
 func (s *SQLiteStore) TouchSession(ctx context.Context, id string, at, expiresAt time.Time) error {
+	const op = "touching session"
 	if !storable(id) {
-		return opErr("touching session", ErrNotFound)
+		return opErr(op, ErrNotFound)
 	}
-	var extend any
+	if err := s.ready(ctx); err != nil {
+		return opErr(op, err)
+	}
+	w := &writeOp{kind: writeTouch, id: id, at: normTime(at)}
 	if !expiresAt.IsZero() {
-		extend = normTime(expiresAt).UnixMicro()
+		e := normTime(expiresAt)
+		w.extend = &e
 	}
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `
+	return opErr(op, s.wr.do(ctx, w))
+}
+
+func liteTouchSession(ctx context.Context, tx *sql.Tx, op *writeOp) error {
+	var extend any
+	if op.extend != nil {
+		extend = op.extend.UnixMicro()
+	}
+	res, err := tx.ExecContext(ctx, `
 UPDATE chatproxy_sessions SET last_seen_at = max(last_seen_at, ?2),
     expires_at = CASE WHEN ?3 IS NOT NULL AND revoked_at IS NULL THEN max(expires_at, ?3) ELSE expires_at END
 WHERE id = ?1`,
-			id, normTime(at).UnixMicro(), extend)
-		if err != nil {
-			return err
-		}
-		return mustAffect(res, ErrNotFound)
-	})
-	return opErr("touching session", err)
+		op.id, op.at.UnixMicro(), extend)
+	if err != nil {
+		return err
+	}
+	return mustAffect(res, ErrNotFound)
 }
 
 // DeleteSession implements Store; messages go by the foreign key's cascade.
@@ -308,13 +330,17 @@ func (s *SQLiteStore) AppendMessage(ctx context.Context, m *Message) error {
 	if err := prepareMessage(m, time.Now()); err != nil {
 		return opErr(op, err)
 	}
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx,
-			`UPDATE chatproxy_sessions SET message_count = message_count + 1 WHERE id = ?1 AND revoked_at IS NULL`,
-			m.SessionID)
-		return liteInsertCounted(ctx, tx, res, err, m)
-	})
-	return opErr(op, err)
+	if err := s.ready(ctx); err != nil {
+		return opErr(op, err)
+	}
+	return opErr(op, s.wr.do(ctx, &writeOp{kind: writeAppend, msg: m}))
+}
+
+func liteAppendMessage(ctx context.Context, tx *sql.Tx, m *Message) error {
+	res, err := tx.ExecContext(ctx,
+		`UPDATE chatproxy_sessions SET message_count = message_count + 1 WHERE id = ?1 AND revoked_at IS NULL`,
+		m.SessionID)
+	return liteInsertCounted(ctx, tx, res, err, m)
 }
 
 // liteInsertCounted inserts m after the UPDATE that counted it (res, err),
@@ -342,22 +368,99 @@ func (s *SQLiteStore) AppendUserMessage(ctx context.Context, m *Message, kind st
 	if err := prepareUserMessage(m, time.Now()); err != nil {
 		return nil, opErr(op, err)
 	}
-	var sess *Session
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `
-UPDATE chatproxy_sessions SET message_count = message_count + 1
-WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
-			m.SessionID, m.CreatedAt.UnixMicro(), kind)
-		if err := liteInsertCounted(ctx, tx, res, err, m); err != nil {
-			return err
-		}
-		sess, err = liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))
-		return err
-	})
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	w := &writeOp{kind: writeAppendUser, msg: m, userKind: kind}
+	err := s.wr.do(ctx, w)
+	if errors.Is(err, errStoredEarlier) {
+		return s.GetSession(ctx, m.SessionID)
+	}
 	if err != nil {
 		return nil, opErr(op, err)
 	}
-	return sess, nil
+	return w.out, nil
+}
+
+func liteAppendUserMessage(ctx context.Context, tx *sql.Tx, m *Message, kind string) (*Session, error) {
+	res, err := tx.ExecContext(ctx, `
+UPDATE chatproxy_sessions SET message_count = message_count + 1
+WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
+		m.SessionID, m.CreatedAt.UnixMicro(), kind)
+	if err := liteInsertCounted(ctx, tx, res, err, m); err != nil {
+		return nil, err
+	}
+	return liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))
+}
+
+// commitWrites is the writer's commit: the batch in one write transaction.
+// Each append runs under a savepoint, so a row that fails (its id taken,
+// its session gone) is undone alone and the others are committed.
+func (s *SQLiteStore) commitWrites(ctx context.Context, ops []*writeOp) attempt {
+	tx, err := s.w.BeginTx(ctx, nil)
+	if err != nil {
+		return storeFailed(err, false)
+	}
+	fail := func(err error) attempt {
+		_ = tx.Rollback()
+		return storeFailed(err, false)
+	}
+	for _, op := range ops {
+		op.err, op.out = nil, nil
+		var err error
+		switch op.kind {
+		case writeCreate:
+			err = liteCreateSession(ctx, tx, op.sess) // one statement: atomic alone
+		case writeTouch:
+			err = liteTouchSession(ctx, tx, op)
+		case writeAppend, writeAppendUser:
+			if _, err := tx.ExecContext(ctx, `SAVEPOINT w`); err != nil {
+				return fail(err)
+			}
+			if op.kind == writeAppend {
+				err = liteAppendMessage(ctx, tx, op.msg)
+			} else {
+				op.out, err = liteAppendUserMessage(ctx, tx, op.msg, op.userKind)
+			}
+			if err != nil && liteRowError(err) {
+				if _, err := tx.ExecContext(ctx, `ROLLBACK TO w`); err != nil {
+					return fail(err)
+				}
+			}
+			if err == nil || liteRowError(err) {
+				if _, err := tx.ExecContext(ctx, `RELEASE w`); err != nil {
+					return fail(err)
+				}
+			}
+		}
+		if err != nil {
+			if !liteRowError(err) {
+				return fail(err)
+			}
+			op.err, op.out = err, nil
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fail(err)
+	}
+	return committed()
+}
+
+// liteRowError reports a failure of the row itself, which trying again
+// cannot mend, as opposed to the database's (busy, I/O, full disk).
+func liteRowError(err error) bool {
+	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrExists) {
+		return true
+	}
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return false
+	}
+	switch se.Code() & 0xff {
+	case sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_MISMATCH, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_RANGE:
+		return true
+	}
+	return false
 }
 
 // liteListMessages is pgListMessages for SQLite; see there. SQLite's
@@ -584,8 +687,10 @@ func (s *SQLiteStore) Ping(ctx context.Context) error {
 	return opErr(op, s.r.PingContext(ctx))
 }
 
-// Close implements Store.
+// Close implements Store. Writes already queued are committed first (or
+// fail after store_wait).
 func (s *SQLiteStore) Close() error {
+	s.wr.close()
 	return opErr("closing sqlite store", errors.Join(s.r.Close(), s.w.Close()))
 }
 
