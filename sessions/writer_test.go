@@ -75,7 +75,7 @@ func wantConversation(t *testing.T, st sessions.Store, id string, msgIDs ...stri
 	if err != nil {
 		t.Fatalf("session %s: %v", id, err)
 	}
-	p, err := st.ListMessages(c, id, "", 100)
+	p, err := st.ListMessages(c, id, "", 100000)
 	if err != nil {
 		t.Fatalf("messages of %s: %v", id, err)
 	}
