@@ -407,7 +407,9 @@ func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string)
 		case errors.Is(err, sessions.ErrExists) && attempt > 1:
 			return // an earlier attempt was committed
 		}
-		giveUp := errors.Is(err, sessions.ErrExists) // a fresh id taken: not a passing fault
+		// A fresh id taken, or data the store refuses (ErrInvalidData):
+		// the same attempt would fail the same way, so it is not retried.
+		giveUp := errors.Is(err, sessions.ErrExists) || errors.Is(err, sessions.ErrInvalidData)
 		t := time.NewTimer(wait)
 		if !giveUp {
 			select {
