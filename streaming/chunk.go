@@ -64,7 +64,8 @@ type Chunk struct {
 type Writer interface {
 	// Header returns the response headers; set extra ones before Start.
 	Header() http.Header
-	// Start writes the status line and headers (200) and flushes them.
+	// Start writes the status line and headers (200) and the opening
+	// begin event, and flushes them.
 	// Item, Error, Keepalive and Done call it when it has not been called.
 	Start() error
 	// Item writes one piece of reply text and flushes it (with

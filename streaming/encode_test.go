@@ -36,7 +36,11 @@ func TestStreamsChunkByChunkThroughEncode(t *testing.T) {
 			newW: func(w http.ResponseWriter) Writer {
 				return NewSSEWriter(w, Options{KeepaliveInterval: -1})
 			},
-			readHead: func(*testing.T, *bufio.Reader) {},
+			readHead: func(t *testing.T, br *bufio.Reader) {
+				if ev := readSSEEvent(t, br); ev != `{"type":"begin"}` {
+					t.Fatalf("first event %q, want begin", ev)
+				}
+			},
 			readItem: func(t *testing.T, br *bufio.Reader) string {
 				var item struct{ Content string }
 				ev := readSSEEvent(t, br)
@@ -46,6 +50,9 @@ func TestStreamsChunkByChunkThroughEncode(t *testing.T) {
 				return item.Content
 			},
 			readEnd: func(t *testing.T, br *bufio.Reader) {
+				if ev := readSSEEvent(t, br); ev != `{"type":"end"}` {
+					t.Fatalf("event before [DONE] %q, want end", ev)
+				}
 				if ev := readSSEEvent(t, br); ev != "[DONE]" {
 					t.Fatalf("last event %q", ev)
 				}

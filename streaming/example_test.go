@@ -11,16 +11,23 @@ func ExampleSSEWriter() {
 	rec := httptest.NewRecorder()
 	sw := streaming.NewSSEWriter(rec, streaming.Options{KeepaliveInterval: -1})
 	sw.Header().Set("X-Message-ID", "m1")
-	_ = sw.Start()
+	_ = sw.Start() // begin, naming the reply of X-Message-ID
 	_ = sw.Item("Hello\nworld")
 	_ = sw.Error("upstream_timeout", "n8n took too long")
-	_ = sw.Done()
+	_ = sw.Done() // end, then [DONE]
 	fmt.Print(rec.Body.String())
 	// Output:
 	// id: 1
+	// data: {"type":"begin","message_id":"m1"}
+	//
+	// id: 2
 	// data: {"type":"item","content":"Hello\nworld"}
 	//
+	// id: 3
 	// data: {"type":"error","error":"upstream_timeout","message":"n8n took too long"}
+	//
+	// id: 4
+	// data: {"type":"end"}
 	//
 	// data: [DONE]
 }

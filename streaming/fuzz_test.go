@@ -8,8 +8,8 @@ import (
 )
 
 // FuzzSSEFraming checks that no content, code or message can change the
-// event structure: a WHATWG parser sees exactly two items, one error and
-// [DONE], each with one data line, and gets the text back.
+// event structure: a WHATWG parser sees exactly begin, two items, one
+// error, end and [DONE], each with one data line, and gets the text back.
 func FuzzSSEFraming(f *testing.F) {
 	for _, tc := range framingCases {
 		f.Add(tc.content, "upstream_error", tc.content)
@@ -22,7 +22,7 @@ func FuzzSSEFraming(f *testing.F) {
 		_ = sw.Error(code, message)
 		_ = sw.Done()
 		events := parseSSE(rec.Body.String())
-		if len(events) != 4 {
+		if len(events) != 6 {
 			t.Fatalf("%d events in %q", len(events), rec.Body.String())
 		}
 		for i, ev := range events {
@@ -30,27 +30,35 @@ func FuzzSSEFraming(f *testing.F) {
 				t.Fatalf("event %d: %+v", i, ev)
 			}
 		}
+		if events[0].Data[0] != `{"type":"begin"}` || events[4].Data[0] != `{"type":"end"}` {
+			t.Fatalf("not framed by begin and end: %q", rec.Body.String())
+		}
+		for i, ev := range events[:5] {
+			if ev.ID != string(rune('1'+i)) {
+				t.Fatalf("event %d id %q", i, ev.ID)
+			}
+		}
 		for i, want := range []string{content, content + "2"} {
 			var item struct {
 				Type, Content string
 			}
-			if err := json.Unmarshal([]byte(events[i].Data[0]), &item); err != nil {
+			if err := json.Unmarshal([]byte(events[i+1].Data[0]), &item); err != nil {
 				t.Fatal(err)
 			}
-			if item.Type != "item" || item.Content != validUTF8(want) || events[i].ID != string(rune('1'+i)) {
+			if item.Type != "item" || item.Content != validUTF8(want) {
 				t.Fatalf("item %d: %+v id %q", i, item, events[i].ID)
 			}
 		}
 		var e struct {
 			Type, Error, Message string
 		}
-		if err := json.Unmarshal([]byte(events[2].Data[0]), &e); err != nil {
+		if err := json.Unmarshal([]byte(events[3].Data[0]), &e); err != nil {
 			t.Fatal(err)
 		}
 		if e.Type != "error" || e.Error != validUTF8(code) || e.Message != validUTF8(message) {
 			t.Fatalf("error event %+v", e)
 		}
-		if events[3].Data[0] != "[DONE]" || !strings.HasSuffix(rec.Body.String(), "\n\ndata: [DONE]\n\n") {
+		if events[5].Data[0] != "[DONE]" || !strings.HasSuffix(rec.Body.String(), "\n\ndata: [DONE]\n\n") {
 			t.Fatalf("does not end with [DONE]: %q", rec.Body.String())
 		}
 	})

@@ -157,8 +157,11 @@ func TestDoneNeutralisesFiringCallback(t *testing.T) {
 		}
 		cw := newChanWriter()
 		sw := NewSSEWriter(cw, Options{KeepaliveInterval: time.Millisecond})
-		if err := sw.Start(); err != nil { // flushes; no Write
+		if err := sw.Start(); err != nil { // writes begin
 			t.Fatal(err)
+		}
+		if s := <-cw.writes; !strings.Contains(s, `"type":"begin"`) {
+			t.Fatalf("Start wrote %q, want begin", s)
 		}
 		sw.mu.Lock()
 		time.Sleep(20 * time.Millisecond) // the callback fires and blocks on mu
@@ -247,7 +250,7 @@ func TestNoWriteAfterDone(t *testing.T) {
 			w.mu.Lock()
 			last := w.last
 			w.mu.Unlock()
-			if kind == "sse" && last != "data: [DONE]\n\n" || kind == "ndjson" && !strings.HasPrefix(last, `{"type":"end",`) {
+			if kind == "sse" && !strings.HasSuffix(last, "data: {\"type\":\"end\"}\n\ndata: [DONE]\n\n") || kind == "ndjson" && !strings.HasPrefix(last, `{"type":"end",`) {
 				t.Fatalf("%s: last write %q", kind, last)
 			}
 			wg.Wait()

@@ -5,19 +5,30 @@ import (
 	"strconv"
 )
 
-// SSEWriter writes the chat-proxy SSE stream (SPEC §4):
+// SSEWriter writes the chat-proxy SSE stream (SPEC §4, amended), framed as
+// n8n frames its streamed replies:
 //
 //	id: 1
+//	data: {"type":"begin","message_id":"0193…"}
+//
+//	id: 2
 //	data: {"type":"item","content":"Hel"}
 //
 //	: keepalive
 //
+//	id: 3
 //	data: {"type":"error","error":"upstream_unavailable","message":"…"}
+//
+//	id: 4
+//	data: {"type":"end"}
 //
 //	data: [DONE]
 //
-// Every item carries an "id:" line (1, 2, 3, …); only item and error events
-// carry JSON, one data line each; the stream always ends with "data: [DONE]".
+// Start writes begin, whose message_id is the X-Message-ID header the
+// caller set before it (widgets written against n8n's stream open their
+// reply bubble on begin); Done writes end and then [DONE]. Every event
+// carries an "id:" line (1, 2, 3, …) and one JSON data line; the stream
+// always ends with "data: [DONE]", which has no id.
 type SSEWriter struct {
 	stream
 	lastID uint64
@@ -29,6 +40,10 @@ var (
 	sseKeepalive = []byte(": keepalive\n\n")
 	sseDone      = []byte("data: [DONE]\n\n")
 )
+
+// MessageIDHeader is the response header that names the stored reply; the
+// begin event carries the same id.
+const MessageIDHeader = "X-Message-ID"
 
 // NewSSEWriter returns a writer for w. Nothing is written before Start (or
 // the first event), so the caller may still set headers such as X-Message-ID.
@@ -45,14 +60,33 @@ func setSSEHeaders(h http.Header) {
 
 // Start writes the status 200 and the SSE headers (Content-Type:
 // text/event-stream, Cache-Control: no-cache, no-transform,
-// X-Accel-Buffering: no, Incremental: ?1) and flushes them.
+// X-Accel-Buffering: no, Incremental: ?1) and the begin event, and
+// flushes (with Options.Batch: leaves them for Flush).
 func (s *SSEWriter) Start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.done {
 		return ErrDone
 	}
-	return s.startLocked(setSSEHeaders, nil)
+	return s.ensureStartedLocked()
+}
+
+// ensureStartedLocked writes the headers and the begin event once.
+func (s *SSEWriter) ensureStartedLocked() error {
+	if s.started {
+		return s.err
+	}
+	s.lastID++
+	b := appendSSEDataStart(s.buf[:0], s.lastID)
+	b = append(b, `{"type":"begin"`...)
+	if id := s.w.Header().Get(MessageIDHeader); id != "" {
+		b = append(b, `,"message_id":`...)
+		b = appendJSONString(b, id)
+	}
+	s.buf = appendSSEDataEnd(b)
+	err := s.startLocked(setSSEHeaders, s.buf)
+	s.recycleBufLocked()
+	return err
 }
 
 // Item writes "id: N" and data {"type":"item","content":content}.
@@ -77,7 +111,8 @@ func (s *SSEWriter) Error(code, message string) error {
 	if err := s.beginLocked(); err != nil {
 		return err
 	}
-	b := appendSSEDataStart(s.buf[:0], 0)
+	s.lastID++
+	b := appendSSEDataStart(s.buf[:0], s.lastID)
 	b = append(b, `{"type":"error","error":`...)
 	b = appendJSONString(b, code)
 	b = append(b, `,"message":`...)
@@ -96,17 +131,23 @@ func (s *SSEWriter) Keepalive() error {
 	return s.writeLocked(sseKeepalive)
 }
 
-// Done writes "data: [DONE]" once and stops the keepalive timer. It returns
-// the write error, if any; later calls return nil.
+// Done writes the end event and "data: [DONE]" once (with one Write) and
+// stops the keepalive timer. It returns the write error, if any; later
+// calls return nil.
 func (s *SSEWriter) Done() error {
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
 		return nil
 	}
-	err := s.startLocked(setSSEHeaders, nil)
+	err := s.ensureStartedLocked()
 	if err == nil {
-		err = s.writeLocked(sseDone)
+		s.lastID++
+		b := appendSSEDataStart(s.buf[:0], s.lastID)
+		b = append(b, `{"type":"end"`...)
+		b = append(appendSSEDataEnd(b), sseDone...)
+		s.buf = b
+		err = s.writeBufLocked()
 	}
 	stopped := s.finishLocked()
 	s.mu.Unlock()
@@ -119,7 +160,7 @@ func (s *SSEWriter) Done() error {
 // WriteChunk writes c: KindBegin starts the stream, KindEnd ends it (Done).
 func (s *SSEWriter) WriteChunk(c Chunk) error { return writeChunk(s, c) }
 
-// LastID returns the id of the last item written (0 before the first).
+// LastID returns the id of the last event written (0 before begin).
 func (s *SSEWriter) LastID() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -131,19 +172,16 @@ func (s *SSEWriter) beginLocked() error {
 	if s.done {
 		return ErrDone
 	}
-	return s.startLocked(setSSEHeaders, nil)
+	return s.ensureStartedLocked()
 }
 
-// appendSSEDataStart appends an "id:" line when id > 0, then "data: ".
+// appendSSEDataStart appends an "id:" line, then "data: ".
 // The data that follows must not contain '\n' or '\r' (appendJSONString
 // escapes all control characters), so every event has one data line.
 func appendSSEDataStart(b []byte, id uint64) []byte {
-	if id > 0 {
-		b = append(b, "id: "...)
-		b = strconv.AppendUint(b, id, 10)
-		b = append(b, '\n')
-	}
-	return append(b, "data: "...)
+	b = append(b, "id: "...)
+	b = strconv.AppendUint(b, id, 10)
+	return append(b, "\ndata: "...)
 }
 
 // appendSSEDataEnd closes the JSON object, the data line and the event.

@@ -61,13 +61,14 @@ func TestSSEFramingNeverInjects(t *testing.T) {
 // validUTF8 replaces each invalid byte with U+FFFD, as encoding/json does.
 func validUTF8(s string) string { return string([]rune(s)) }
 
-// checkSSEStream parses body and checks it holds exactly the items, then one
-// error event with errMsg, then [DONE], one data line per event.
+// checkSSEStream parses body and checks it holds exactly begin, the
+// items, one error event with errMsg, end, then [DONE], one data line per
+// event and ids 1, 2, 3, … on all but [DONE].
 func checkSSEStream(t *testing.T, body string, items []string, errMsg string) {
 	t.Helper()
 	events := parseSSE(body)
-	if len(events) != len(items)+2 {
-		t.Fatalf("got %d events, want %d; body %q", len(events), len(items)+2, body)
+	if len(events) != len(items)+4 {
+		t.Fatalf("got %d events, want %d; body %q", len(events), len(items)+4, body)
 	}
 	for i, ev := range events {
 		if len(ev.Data) != 1 {
@@ -77,11 +78,19 @@ func checkSSEStream(t *testing.T, body string, items []string, errMsg string) {
 			t.Fatalf("event %d preceded by comments %q", i, ev.Comments)
 		}
 	}
-	for i, want := range items {
-		ev := events[i]
+	for i, ev := range events[:len(events)-1] {
 		if !ev.HasID || ev.ID != strconv.Itoa(i+1) {
-			t.Errorf("item %d id = %q (has %v), want %d", i, ev.ID, ev.HasID, i+1)
+			t.Errorf("event %d id = %q (has %v), want %d", i, ev.ID, ev.HasID, i+1)
 		}
+	}
+	if events[0].Data[0] != `{"type":"begin"}` {
+		t.Errorf("first event %q, want begin", events[0].Data[0])
+	}
+	if end := events[len(events)-2]; end.Data[0] != `{"type":"end"}` {
+		t.Errorf("event before [DONE] %q, want end", end.Data[0])
+	}
+	for i, want := range items {
+		ev := events[i+1]
 		var got struct {
 			Type    string `json:"type"`
 			Content string `json:"content"`
@@ -93,10 +102,7 @@ func checkSSEStream(t *testing.T, body string, items []string, errMsg string) {
 			t.Errorf("item %d = %+v, want content %q", i, got, want)
 		}
 	}
-	errEv := events[len(items)]
-	if errEv.HasID {
-		t.Errorf("error event has an id")
-	}
+	errEv := events[len(items)+1]
 	var e struct {
 		Type    string `json:"type"`
 		Error   string `json:"error"`
@@ -119,6 +125,7 @@ func checkSSEStream(t *testing.T, body string, items []string, errMsg string) {
 func TestSSEExactBytes(t *testing.T) {
 	rec := httptest.NewRecorder()
 	sw := NewSSEWriter(rec, Options{KeepaliveInterval: -1})
+	sw.Header().Set("X-Message-ID", "0193-msg")
 	for _, step := range []func() error{
 		func() error { return sw.Item("Hel") },
 		func() error { return sw.Keepalive() },
@@ -130,15 +137,17 @@ func TestSSEExactBytes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	want := "id: 1\ndata: {\"type\":\"item\",\"content\":\"Hel\"}\n\n" +
+	want := "id: 1\ndata: {\"type\":\"begin\",\"message_id\":\"0193-msg\"}\n\n" +
+		"id: 2\ndata: {\"type\":\"item\",\"content\":\"Hel\"}\n\n" +
 		": keepalive\n\n" +
-		"id: 2\ndata: {\"type\":\"item\",\"content\":\"lo \\u003c\\u0026\\u003e\"}\n\n" +
-		"data: {\"type\":\"error\",\"error\":\"upstream_unavailable\",\"message\":\"n8n is down\"}\n\n" +
+		"id: 3\ndata: {\"type\":\"item\",\"content\":\"lo \\u003c\\u0026\\u003e\"}\n\n" +
+		"id: 4\ndata: {\"type\":\"error\",\"error\":\"upstream_unavailable\",\"message\":\"n8n is down\"}\n\n" +
+		"id: 5\ndata: {\"type\":\"end\"}\n\n" +
 		"data: [DONE]\n\n"
 	if got := rec.Body.String(); got != want {
 		t.Errorf("body\n got %q\nwant %q", got, want)
 	}
-	if sw.LastID() != 2 {
+	if sw.LastID() != 5 {
 		t.Errorf("LastID = %d", sw.LastID())
 	}
 }
@@ -172,13 +181,21 @@ func TestSSEHeadersAndStart(t *testing.T) {
 			t.Errorf("%s = %q, want %q", k, got, v)
 		}
 	}
-	if rec.Body.Len() != 0 {
-		t.Errorf("Start wrote a body: %q", rec.Body.String())
+	// begin names the stored reply, as X-Message-ID does.
+	wantBegin := "id: 1\ndata: {\"type\":\"begin\",\"message_id\":\"msg-1\"}\n\n"
+	if got := rec.Body.String(); got != wantBegin {
+		t.Errorf("Start wrote %q, want %q", got, wantBegin)
 	}
 	if err := sw.Start(); err != nil {
 		t.Errorf("second Start: %v", err)
 	}
+	if got := rec.Body.String(); got != wantBegin {
+		t.Errorf("second Start wrote more: %q", got)
+	}
 }
+
+// begin1 is the begin event of a stream without X-Message-ID.
+const begin1 = "id: 1\ndata: {\"type\":\"begin\"}\n\n"
 
 func TestSSEDoneExactlyOnceAndLast(t *testing.T) {
 	tests := []struct {
@@ -186,9 +203,9 @@ func TestSSEDoneExactlyOnceAndLast(t *testing.T) {
 		steps func(sw *SSEWriter)
 		want  string
 	}{
-		{"done only", func(sw *SSEWriter) {}, "data: [DONE]\n\n"},
-		{"item then done", func(sw *SSEWriter) { _ = sw.Item("a") }, "id: 1\ndata: {\"type\":\"item\",\"content\":\"a\"}\n\ndata: [DONE]\n\n"},
-		{"error then done", func(sw *SSEWriter) { _ = sw.Error("c", "m") }, "data: {\"type\":\"error\",\"error\":\"c\",\"message\":\"m\"}\n\ndata: [DONE]\n\n"},
+		{"done only", func(sw *SSEWriter) {}, begin1 + "id: 2\ndata: {\"type\":\"end\"}\n\ndata: [DONE]\n\n"},
+		{"item then done", func(sw *SSEWriter) { _ = sw.Item("a") }, begin1 + "id: 2\ndata: {\"type\":\"item\",\"content\":\"a\"}\n\nid: 3\ndata: {\"type\":\"end\"}\n\ndata: [DONE]\n\n"},
+		{"error then done", func(sw *SSEWriter) { _ = sw.Error("c", "m") }, begin1 + "id: 2\ndata: {\"type\":\"error\",\"error\":\"c\",\"message\":\"m\"}\n\nid: 3\ndata: {\"type\":\"end\"}\n\ndata: [DONE]\n\n"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -223,7 +240,7 @@ func TestSSEDoneExactlyOnceAndLast(t *testing.T) {
 
 func TestSSEWriteErrorIsReturnedAndSticky(t *testing.T) {
 	cw := newChanWriter()
-	cw.failAt = 2
+	cw.failAt = 3 // begin, "one", then "two" fails
 	sw := NewSSEWriter(cw, Options{KeepaliveInterval: -1})
 	if err := sw.Item("one"); err != nil {
 		t.Fatal(err)
@@ -246,6 +263,9 @@ func TestSSEKeepaliveAfterSilence(t *testing.T) {
 	defer sw.Done()
 	if err := sw.Start(); err != nil {
 		t.Fatal(err)
+	}
+	if s := <-cw.writes; !strings.Contains(s, `"type":"begin"`) {
+		t.Fatalf("first write %q, want begin", s)
 	}
 	for range 2 {
 		select {
@@ -274,9 +294,9 @@ func TestSSEKeepaliveAfterSilence(t *testing.T) {
 
 func TestSSEKeepaliveStopsOnWriteError(t *testing.T) {
 	cw := newChanWriter()
-	cw.failAt = 1
+	cw.failAt = 2
 	sw := NewSSEWriter(cw, Options{KeepaliveInterval: time.Millisecond})
-	if err := sw.Start(); err != nil { // Start only flushes: no Write yet
+	if err := sw.Start(); err != nil { // Start writes begin; the keepalive is the second write
 		t.Fatal(err)
 	}
 	sw.mu.Lock()
@@ -293,8 +313,8 @@ func TestSSEKeepaliveStopsOnWriteError(t *testing.T) {
 	cw.mu.Lock()
 	n := cw.nwrites
 	cw.mu.Unlock()
-	if n != 1 {
-		t.Errorf("%d writes attempted, want 1 (the failed keepalive)", n)
+	if n != 2 {
+		t.Errorf("%d writes attempted, want 2 (begin, then the failed keepalive)", n)
 	}
 	if err := sw.Done(); !errors.Is(err, errBrokenPipe) {
 		t.Errorf("Done = %v", err)
@@ -320,11 +340,11 @@ func TestSSEConcurrentWriters(t *testing.T) {
 		t.Fatal(err)
 	}
 	events := parseSSE(rec.body())
-	if len(events) != 4*n+1 {
+	if len(events) != 4*n+3 { // begin, the items, end, [DONE]
 		t.Fatalf("%d events", len(events))
 	}
 	ids := map[string]bool{}
-	for i, ev := range events[:4*n] {
+	for i, ev := range events[:4*n+2] {
 		if len(ev.Data) != 1 || !ev.HasID || ids[ev.ID] {
 			t.Fatalf("event %d malformed or duplicate id: %+v", i, ev)
 		}
@@ -371,8 +391,9 @@ func TestWriteChunkDispatch(t *testing.T) {
 	if err := sw.WriteChunk(Chunk{Kind: "bogus"}); err == nil {
 		t.Error("unknown kind accepted")
 	}
-	want := "id: 1\ndata: {\"type\":\"item\",\"content\":\"a\"}\n\n: keepalive\n\n" +
-		"data: {\"type\":\"error\",\"error\":\"upstream_error\",\"message\":\"m\"}\n\ndata: [DONE]\n\n"
+	want := begin1 + "id: 2\ndata: {\"type\":\"item\",\"content\":\"a\"}\n\n: keepalive\n\n" +
+		"id: 3\ndata: {\"type\":\"error\",\"error\":\"upstream_error\",\"message\":\"m\"}\n\n" +
+		"id: 4\ndata: {\"type\":\"end\"}\n\ndata: [DONE]\n\n"
 	if rec.Body.String() != want {
 		t.Errorf("got %q", rec.Body.String())
 	}

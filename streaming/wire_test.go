@@ -60,7 +60,7 @@ func refSSEItem(t testing.TB, id int, content string) string {
 	return "id: " + strconv.Itoa(id) + "\ndata: " + string(data) + "\n\n"
 }
 
-func refSSEError(t testing.TB, code, message string) string {
+func refSSEError(t testing.TB, id int, code, message string) string {
 	data, err := json.Marshal(struct {
 		Type    string `json:"type"`
 		Error   string `json:"error"`
@@ -69,7 +69,7 @@ func refSSEError(t testing.TB, code, message string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return "data: " + string(data) + "\n\n"
+	return "id: " + strconv.Itoa(id) + "\ndata: " + string(data) + "\n\n"
 }
 
 // refNDJSONLine is one line as json.Marshal made it of n8n's chunk shape.
@@ -114,8 +114,10 @@ func checkWireBytes(t testing.TB, content, code, message, nodeID, nodeName strin
 	_ = sw.Item(code)
 	_ = sw.Error(code, message)
 	_ = sw.Done()
-	want := refSSEItem(t, 1, content) + refSSEItem(t, 2, content+"2") + ": keepalive\n\n" +
-		refSSEItem(t, 3, code) + refSSEError(t, code, message) + "data: [DONE]\n\n"
+	want := "id: 1\ndata: {\"type\":\"begin\"}\n\n" +
+		refSSEItem(t, 2, content) + refSSEItem(t, 3, content+"2") + ": keepalive\n\n" +
+		refSSEItem(t, 4, code) + refSSEError(t, 5, code, message) +
+		"id: 6\ndata: {\"type\":\"end\"}\n\ndata: [DONE]\n\n"
 	if got := rec.Body.String(); got != want {
 		t.Fatalf("SSE bytes changed\n got %q\nwant %q", got, want)
 	}
