@@ -54,10 +54,11 @@ type sseReader struct {
 type sseEvent struct {
 	Data string
 	JSON struct {
-		Type    string `json:"type"`
-		Content string `json:"content"`
-		Error   string `json:"error"`
-		Message string `json:"message"`
+		Type      string `json:"type"`
+		MessageID string `json:"message_id"`
+		Content   string `json:"content"`
+		Error     string `json:"error"`
+		Message   string `json:"message"`
 	}
 }
 
@@ -92,9 +93,12 @@ func (s sseReader) item(want string) {
 	}
 }
 
-// end expects [DONE] and then a clean end of the response.
+// end expects the end event, [DONE] and then a clean end of the response.
 func (s sseReader) end() {
 	s.t.Helper()
+	if ev := s.next(); ev.JSON.Type != "end" {
+		s.t.Fatalf("event %q, want end", ev.Data)
+	}
 	if ev := s.next(); ev.Data != "[DONE]" {
 		s.t.Fatalf("event %q, want [DONE]", ev.Data)
 	}
@@ -125,7 +129,12 @@ func openStream(t *testing.T, url, token, message string) sseReader {
 		b, _ := io.ReadAll(resp.Body)
 		t.Fatalf("chat: %d %s %s", resp.StatusCode, resp.Header.Get("Content-Type"), b)
 	}
-	return sseReader{t: t, br: bufio.NewReader(resp.Body)}
+	s := sseReader{t: t, br: bufio.NewReader(resp.Body)}
+	// The stream opens with begin, naming the reply as X-Message-ID does.
+	if ev := s.next(); ev.JSON.Type != "begin" || ev.JSON.MessageID == "" || ev.JSON.MessageID != resp.Header.Get("X-Message-ID") {
+		t.Fatalf("first event %q, want begin with the X-Message-ID %q", ev.Data, resp.Header.Get("X-Message-ID"))
+	}
+	return s
 }
 
 // createSession creates a session without an Origin (as a server would)
