@@ -1,6 +1,7 @@
 // The demo page (examples/web) in a real browser: a session is created on
-// page load, two messages get streamed replies, and after a reload the
-// conversation is back from the server.
+// page load, two messages get streamed replies (each bubble opened on the
+// stream's begin event), and after a reload the conversation is back from
+// the server.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
@@ -97,6 +98,12 @@ test("demo page: session on load, two streamed replies, history back after a rel
 			expected,
 		);
 		await page.waitForFunction(() => !document.getElementById("send").disabled);
+		// The page opened the reply's bubble on begin, which names the stored reply.
+		assert.equal(
+			await page.locator("#messages > li.assistant:last-child").getAttribute("data-message-id"),
+			res.headers()["x-message-id"],
+			"begin's message_id is the X-Message-ID",
+		);
 
 		// The reply grew chunk by chunk, over time, not all at once.
 		const samples = await page.evaluate(() => window.__samples);

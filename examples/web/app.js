@@ -62,9 +62,13 @@ async function* readSSE(body) {
 	}
 }
 
+// send posts a message and shows the reply as it streams in. The stream is
+// framed as n8n frames its own: begin (naming the stored reply), items,
+// end, then [DONE]; the reply's bubble is created on begin.
 async function send(text) {
 	addMessage("user", text, "complete");
-	const reply = addMessage("assistant", "", "complete");
+	let reply = null;
+	const bubble = () => reply ?? (reply = addMessage("assistant", "", "complete"));
 	statusLine.textContent = "…";
 	const res = await api("/chat/message", {
 		method: "POST",
@@ -75,19 +79,29 @@ async function send(text) {
 		let message = "the message could not be sent (" + res.status + ")";
 		try { message = (await res.json()).message || message; } catch { /* not JSON */ }
 		if (res.status === 401) { await ensureSession(); }
-		reply.className = "assistant error";
+		bubble().className = "assistant error";
 		reply.textContent = message;
 		return;
 	}
 	for await (const data of readSSE(res.body)) {
 		if (data === "[DONE]") break;
 		const event = JSON.parse(data);
-		if (event.type === "item") {
-			reply.textContent += event.content;
+		switch (event.type) {
+		case "begin":
+			bubble().dataset.messageId = event.message_id ?? "";
+			break;
+		case "item":
+			bubble().textContent += event.content;
 			list.scrollTop = list.scrollHeight;
-		} else if (event.type === "error") {
-			reply.className = "assistant error";
+			break;
+		case "error":
+			bubble().className = "assistant error";
 			reply.textContent += (reply.textContent ? "\n" : "") + event.message;
+			break;
+		case "end":
+			break;
+		default:
+			// Types this page does not know are skipped, as the API asks.
 		}
 	}
 }
