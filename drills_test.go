@@ -21,7 +21,6 @@ package chatproxy
 //  5. 1,000 clients leave mid-stream: TestDrillThousandClientsDisconnect.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"database/sql"
@@ -217,14 +216,11 @@ func wantStored(t *testing.T, st map[string]*drillSession, id string, want ...dr
 	}
 }
 
-// sseReply reads a whole SSE answer: the concatenated items; it must end
-// with [DONE] and hold no error event.
+// sseReply reads a whole SSE answer: the concatenated items; it must be
+// framed by begin and end, end with [DONE] and hold no error event.
 func sseReply(t *testing.T, body string) string {
 	t.Helper()
-	events := testkit.ParseSSE(body)
-	if len(events) == 0 {
-		t.Fatalf("empty stream %q", body)
-	}
+	events := replyEvents(t, testkit.ParseSSE(body))
 	wantDone(t, events[len(events)-1])
 	var text strings.Builder
 	for _, ev := range events[:len(events)-1] {
@@ -402,7 +398,7 @@ func TestDrillPostgresCutMidStream(t *testing.T) {
 			if resp.StatusCode != http.StatusOK {
 				t.Fatalf("status %d", resp.StatusCode)
 			}
-			br := bufio.NewReader(resp.Body)
+			br := afterBegin(t, resp.Body)
 			if got := itemOf(t, nextSSE(t, br)); got != first {
 				t.Fatalf("first event %q", got)
 			}
@@ -416,7 +412,7 @@ func TestDrillPostgresCutMidStream(t *testing.T) {
 			if got := itemOf(t, nextSSE(t, br)); got != rest {
 				t.Fatalf("second event %q", got)
 			}
-			wantDone(t, nextSSE(t, br))
+			wantEndDone(t, br)
 			ended := time.Now()
 			if tt.back == whileRetrying {
 				time.Sleep(storeTimeout / 5) // a few attempts fail first
@@ -750,7 +746,7 @@ func drillDisconnects(t *testing.T, kind string, streams int) {
 	}
 	// Every client has its first chunk.
 	for i, resp := range resps {
-		if got := itemOf(t, nextSSE(t, bufio.NewReader(resp.Body))); got != first {
+		if got := itemOf(t, nextSSE(t, afterBegin(t, resp.Body))); got != first {
 			t.Fatalf("stream %d: first event %q", i, got)
 		}
 	}

@@ -1,7 +1,6 @@
 package chatproxy
 
 import (
-	"bufio"
 	"context"
 	"net/http"
 	"net/netip"
@@ -350,7 +349,7 @@ func TestMetricsChatExchange(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	resp := e.doCtx(t, ctx, "POST", "/api/v1/chat/message", `{"message":"Long answer please"}`, authz(s.Token, "Origin", mxOrigin))
-	if got := itemOf(t, nextSSE(t, bufio.NewReader(resp.Body))); got != "Partial " {
+	if got := itemOf(t, nextSSE(t, afterBegin(t, resp.Body))); got != "Partial " {
 		t.Fatalf("first event %q", got)
 	}
 	d.eventually(map[mxKey]float64{keys[10]: 1, keys[6]: 1}) // counted just after the write

@@ -1,7 +1,6 @@
 package chatproxy
 
 import (
-	"bufio"
 	"context"
 	"net/http"
 	"net/http/httptest"
@@ -120,7 +119,7 @@ func TestReloadDuringStream(t *testing.T) {
 			rs := newReloadServer(t, old)
 			c := createSession(t, old)
 			resp := rs.do(t, "POST", "/api/v1/chat/message", `{"message":"Count to three"}`, authz(c.Token))
-			br := bufio.NewReader(resp.Body)
+			br := afterBegin(t, resp.Body)
 			if got := itemOf(t, nextSSE(t, br)); got != "one " {
 				t.Fatalf("first item %q", got)
 			}
@@ -169,7 +168,7 @@ func TestReloadDuringStream(t *testing.T) {
 				}
 			}
 			g.next(t)
-			wantDone(t, nextSSE(t, br))
+			wantEndDone(t, br)
 			wantStreamEnd(t, br)
 			deadline := time.Now().Add(5 * time.Second)
 			for rs.inflight.Load() != 0 && time.Now().Before(deadline) {

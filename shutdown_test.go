@@ -43,7 +43,7 @@ func TestShutdownDrainsStreams(t *testing.T) {
 			var br *bufio.Reader
 			if route == "sse" {
 				resp := e.do(t, "POST", "/api/v1/chat/message", `{"message":"Long answer please"}`, authz(s.Token))
-				br = bufio.NewReader(resp.Body)
+				br = afterBegin(t, resp.Body)
 				if got := itemOf(t, nextSSE(t, br)); got != "Partial words " {
 					t.Fatalf("first event %q", got)
 				}
@@ -64,7 +64,7 @@ func TestShutdownDrainsStreams(t *testing.T) {
 				if ev.Type != "error" || ev.Error != handler.CodeServerShutdown || ev.Message == "" {
 					t.Fatalf("want a server_shutdown error event, got %+v", ev)
 				}
-				wantDone(t, nextSSE(t, br))
+				wantEndDone(t, br)
 			} else {
 				l := nextNDJSON(t, br)
 				if l.Type != "error" || l.Content == nil || *l.Content == "" {
@@ -131,7 +131,7 @@ func TestShutdownLeavesStreamsThatFinish(t *testing.T) {
 			e.fake.setScript(e.fake.fakeGated(g, false, "one ", "two ", "three"))
 			s := e.newSession(t)
 			resp := e.do(t, "POST", "/api/v1/chat/message", `{"message":"Count to three"}`, authz(s.Token))
-			br := bufio.NewReader(resp.Body)
+			br := afterBegin(t, resp.Body)
 			if got := itemOf(t, nextSSE(t, br)); got != "one " {
 				t.Fatalf("first item %q", got)
 			}
@@ -144,7 +144,7 @@ func TestShutdownLeavesStreamsThatFinish(t *testing.T) {
 				}
 			}
 			g.next(t)
-			wantDone(t, nextSSE(t, br))
+			wantEndDone(t, br)
 			wantStreamEnd(t, br)
 			e.waitIdle(t)
 			wantExchange(t, e.history(t, s.Token), "Count to three", "one two three", "complete")
@@ -167,7 +167,7 @@ func TestCleanupOnExitStoresPartialReplies(t *testing.T) {
 	e.fake.setScript(e.fake.fakeThen("Half a reply", never, func(http.ResponseWriter, *http.Request) {}))
 	s := e.newSession(t)
 	resp := e.do(t, "POST", "/api/v1/chat/message", `{"message":"Long answer please"}`, authz(s.Token))
-	br := bufio.NewReader(resp.Body)
+	br := afterBegin(t, resp.Body)
 	if got := itemOf(t, nextSSE(t, br)); got != "Half a reply" {
 		t.Fatalf("first event %q", got)
 	}
@@ -192,7 +192,7 @@ func TestCleanupOnExitStoresPartialReplies(t *testing.T) {
 	if ev.Type != "error" || ev.Error != handler.CodeServerShutdown {
 		t.Fatalf("want a server_shutdown error event, got %+v", ev)
 	}
-	wantDone(t, nextSSE(t, br))
+	wantEndDone(t, br)
 	wantStreamEnd(t, br)
 }
 

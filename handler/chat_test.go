@@ -95,6 +95,8 @@ func TestChatLiveStreaming(t *testing.T) {
 						if l := nextNDJSON(t, br); l.Type != "begin" {
 							t.Fatalf("first line %+v, want begin", l)
 						}
+					} else if id := wantBegin(t, br); id != resp.Header.Get("X-Message-ID") {
+						t.Fatalf("begin names %q, X-Message-ID %q", id, resp.Header.Get("X-Message-ID"))
 					}
 					for i, want := range items {
 						var got string
@@ -107,7 +109,7 @@ func TestChatLiveStreaming(t *testing.T) {
 						} else {
 							ev := nextSSE(t, br)
 							got = itemOf(t, ev)
-							if ev.ID != strconv.Itoa(i+1) {
+							if ev.ID != strconv.Itoa(i+2) { // begin is 1
 								t.Fatalf("event %d has id %q", i+1, ev.ID)
 							}
 						}
@@ -124,7 +126,7 @@ func TestChatLiveStreaming(t *testing.T) {
 							t.Fatalf("last line %+v, want end", l)
 						}
 					} else {
-						wantDone(t, nextSSE(t, br))
+						wantEndDone(t, br)
 					}
 					wantStreamEnd(t, br)
 					if got := e.fake.Hits() - hits; got != 1 {
@@ -191,13 +193,17 @@ func TestChatSSEFraming(t *testing.T) {
 			}
 
 			body := string(raw)
-			events := testkit.ParseSSE(body)
-			if len(events) != len(contents)+1 {
-				t.Fatalf("%d events, want %d items and [DONE]:\n%s", len(events), len(contents), body)
+			all := testkit.ParseSSE(body)
+			if len(all) != len(contents)+3 {
+				t.Fatalf("%d events, want begin, %d items, end and [DONE]:\n%s", len(all), len(contents), body)
 			}
+			if eventJSON(t, all[0]).MessageID != msgID {
+				t.Fatalf("begin %q does not name the X-Message-ID %q", all[0].Data, msgID)
+			}
+			events := replyEvents(t, all)
 			for i, want := range contents {
 				ev := events[i]
-				if ev.ID != strconv.Itoa(i+1) {
+				if ev.ID != strconv.Itoa(i+2) {
 					t.Errorf("event %d: id %q (hasID %v)", i+1, ev.ID, ev.HasID)
 				}
 				if got := itemOf(t, ev); got != want {
@@ -336,7 +342,7 @@ func TestChatReplyKinds(t *testing.T) {
 			}
 			rec = e.serve(t, "POST", "/api/v1/chat/message", fmt.Sprintf(`{"message":"kind %d again"}`, i), authz(s.Token))
 			var text strings.Builder
-			events := testkit.ParseSSE(rec.Body.String())
+			events := replyEvents(t, testkit.ParseSSE(rec.Body.String()))
 			for _, ev := range events[:len(events)-1] {
 				text.WriteString(itemOf(t, ev))
 			}
@@ -497,20 +503,20 @@ func TestChatFailuresAfterFirstByte(t *testing.T) {
 					t.Fatalf("status %d", resp.StatusCode)
 				}
 				msgID := resp.Header.Get("X-Message-ID")
-				br := bufio.NewReader(resp.Body)
+				br := afterBegin(t, resp.Body)
 				if got := itemOf(t, nextSSE(t, br)); got != first {
 					t.Fatalf("first event %q", got)
 				}
 				close(gate) // the client has the first part: now n8n fails
 				ev := nextSSE(t, br)
 				v := eventJSON(t, ev)
-				if v.Type != "error" || v.Error != tt.code || v.Message == "" || ev.HasID {
+				if v.Type != "error" || v.Error != tt.code || v.Message == "" || ev.ID != "3" {
 					t.Fatalf("want an error event %s, got %+v", tt.code, ev)
 				}
 				if strings.Contains(v.Message, "secret") || strings.Contains(v.Message, "password") {
 					t.Fatalf("error event leaks n8n's text: %q", v.Message)
 				}
-				wantDone(t, nextSSE(t, br))
+				wantEndDone(t, br)
 				wantStreamEnd(t, br)
 				e.waitIdle(t)
 				if e.fake.Hits() != 1 {
@@ -810,7 +816,7 @@ func TestChatClientDisconnect(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			resp := e.doCtx(t, ctx, "POST", "/api/v1/chat/message", `{"message":"Long answer please"}`, authz(s.Token))
-			if got := itemOf(t, nextSSE(t, bufio.NewReader(resp.Body))); got != "Partial words " {
+			if got := itemOf(t, nextSSE(t, afterBegin(t, resp.Body))); got != "Partial words " {
 				t.Fatalf("first event %q", got)
 			}
 			cancel() // the visitor closes the tab
@@ -866,7 +872,7 @@ func TestChatClientDisconnect(t *testing.T) {
 			defer cancel()
 			resp := e.doCtx(t, ctx, "POST", "/api/v1/chat/message", `{"message":"Long answer please"}`, authz(s.Token))
 			proxyCtx := <-e.reqCtxs
-			if got := itemOf(t, nextSSE(t, bufio.NewReader(resp.Body))); got != "First part, " {
+			if got := itemOf(t, nextSSE(t, afterBegin(t, resp.Body))); got != "First part, " {
 				t.Fatalf("first event %q", got)
 			}
 			cancel()
@@ -1112,7 +1118,7 @@ func TestChatStreamGET(t *testing.T) {
 			if resp.Header.Get("Content-Type") != "text/event-stream" {
 				t.Fatalf("Content-Type %q", resp.Header.Get("Content-Type"))
 			}
-			events := testkit.ParseSSE(string(raw))
+			events := replyEvents(t, testkit.ParseSSE(string(raw)))
 			if len(events) != 3 || itemOf(t, events[0])+itemOf(t, events[1]) != "EventSource" {
 				t.Fatalf("stream %q", raw)
 			}
@@ -1237,9 +1243,10 @@ func TestChatHoneypot(t *testing.T) {
 
 	rec := e.serve(t, "POST", "/api/v1/chat/message", body, authz(s.Token))
 	events := testkit.ParseSSE(rec.Body.String())
-	if rec.Code != 200 || rec.Header().Get("Content-Type") != "text/event-stream" || rec.Header().Get("X-Message-ID") == "" || len(events) != 2 {
+	if rec.Code != 200 || rec.Header().Get("Content-Type") != "text/event-stream" || rec.Header().Get("X-Message-ID") == "" || len(events) != 4 {
 		t.Fatalf("SSE: %d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
+	events = replyEvents(t, events)
 	if reply := itemOf(t, events[0]); reply == "" || strings.Contains(reply, "must not") {
 		t.Fatalf("reply %q", reply)
 	}
@@ -1525,17 +1532,17 @@ func TestChatLargeReplies(t *testing.T) {
 		_, _ = io.WriteString(w, testkit.N8nLine("end", ""))
 	})
 	resp := e.do(t, "POST", "/api/v1/chat/message", `{"message":"Send me a book"}`, authz(s.Token))
-	br := bufio.NewReader(resp.Body)
+	br := afterBegin(t, resp.Body)
 	var total int
 	for i := range n {
 		ev := nextSSE(t, br)
 		got := itemOf(t, ev)
-		if got != fmt.Sprintf("%04d", i)+chunk || ev.ID != strconv.Itoa(i+1) {
-			t.Fatalf("event %d (id %s) is %.20q…", i+1, ev.ID, got)
+		if got != fmt.Sprintf("%04d", i)+chunk || ev.ID != strconv.Itoa(i+2) {
+			t.Fatalf("event %d (id %s) is %.20q…", i+2, ev.ID, got)
 		}
 		total += len(got)
 	}
-	wantDone(t, nextSSE(t, br))
+	wantEndDone(t, br)
 	e.waitIdle(t)
 	// The reply is more than a history page's 1 MiB: it comes alone, and
 	// the message before it on the next page.
@@ -1558,7 +1565,7 @@ func TestChatLargeReplies(t *testing.T) {
 	})
 	s2 := e.newSession(t)
 	resp = e.do(t, "POST", "/api/v1/chat/message", `{"message":"One long line please"}`, authz(s2.Token))
-	events := testkit.ParseSSE(readAll(t, resp.Body))
+	events := replyEvents(t, testkit.ParseSSE(readAll(t, resp.Body)))
 	if len(events) != 3 || itemOf(t, events[0]) != "before the flood " {
 		t.Fatalf("%d events", len(events))
 	}

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -429,12 +430,13 @@ func nextSSE(t *testing.T, br *bufio.Reader) sseEvent {
 	}
 }
 
-// sseJSON is the JSON of an item or error event.
+// sseJSON is the JSON of an event (begin, item, error, end).
 type sseJSON struct {
-	Type    string `json:"type"`
-	Content string `json:"content"`
-	Error   string `json:"error"`
-	Message string `json:"message"`
+	Type      string `json:"type"`
+	MessageID string `json:"message_id"`
+	Content   string `json:"content"`
+	Error     string `json:"error"`
+	Message   string `json:"message"`
 }
 
 // eventJSON decodes an event's single data line.
@@ -460,6 +462,60 @@ func itemOf(t *testing.T, ev sseEvent) string {
 		t.Fatalf("want an item event with an id, got %+v (%+v)", v, ev)
 	}
 	return v.Content
+}
+
+// wantBegin reads a stream's first event: begin, with id 1 and the id of
+// the stored reply (SPEC §4 amended). It returns that id.
+func wantBegin(t *testing.T, br *bufio.Reader) string {
+	t.Helper()
+	ev := nextSSE(t, br)
+	v := eventJSON(t, ev)
+	if v.Type != "begin" || ev.ID != "1" || v.MessageID == "" {
+		t.Fatalf("want begin with id 1 and a message_id, got %+v (%+v)", v, ev)
+	}
+	return v.MessageID
+}
+
+// afterBegin reads a stream body's begin event and returns the reader
+// positioned after it.
+func afterBegin(t *testing.T, body io.Reader) *bufio.Reader {
+	t.Helper()
+	br := bufio.NewReader(body)
+	wantBegin(t, br)
+	return br
+}
+
+// wantEndDone reads the end event (with its id) and then data: [DONE].
+func wantEndDone(t *testing.T, br *bufio.Reader) {
+	t.Helper()
+	ev := nextSSE(t, br)
+	if v := eventJSON(t, ev); v.Type != "end" || !ev.HasID {
+		t.Fatalf("want the end event, got %+v (%+v)", v, ev)
+	}
+	wantDone(t, nextSSE(t, br))
+}
+
+// replyEvents checks a whole stream's framing — begin (id 1, naming the
+// reply) first, end just before [DONE], ids 1, 2, … on every event but
+// [DONE] — and returns the events between begin and end, then [DONE].
+func replyEvents(t *testing.T, events []sseEvent) []sseEvent {
+	t.Helper()
+	if len(events) < 3 {
+		t.Fatalf("%d events, want at least begin, end and [DONE]: %+v", len(events), events)
+	}
+	if v := eventJSON(t, events[0]); v.Type != "begin" || v.MessageID == "" {
+		t.Fatalf("first event %+v, want begin with a message_id", events[0])
+	}
+	if v := eventJSON(t, events[len(events)-2]); v.Type != "end" {
+		t.Fatalf("event before [DONE] %+v, want end", events[len(events)-2])
+	}
+	for i, ev := range events[:len(events)-1] {
+		if !ev.HasID || ev.ID != strconv.Itoa(i+1) {
+			t.Fatalf("event %d has id %q (has %v), want %d", i+1, ev.ID, ev.HasID, i+1)
+		}
+	}
+	out := append([]sseEvent(nil), events[1:len(events)-2]...)
+	return append(out, events[len(events)-1])
 }
 
 func wantDone(t *testing.T, ev sseEvent) {
