@@ -8,7 +8,15 @@
 // tests can assert what reached "n8n" and what did not: GET /__requests
 // lists them, GET /__counts counts them by action.
 //
+// A multipart/form-data request (a message with files) is read as n8n's
+// Chat Trigger reads it: the fields, then one "files" part per file. It is
+// checked and the result recorded with the request (multipart.problems is
+// empty when it is what the Chat Trigger expects): the part names and
+// their order, metadata and session as JSON text, each file's name, type,
+// size and SHA-256, and whether its bytes agree with its type.
+//
 //   E2E_N8N_PORT=8081 node stand-in-n8n.mjs
+import { createHash } from "node:crypto";
 import http from "node:http";
 
 import { replyParts } from "./lib/reply.mjs";
@@ -32,7 +40,47 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 async function readBody(req) {
 	const parts = [];
 	for await (const p of req) parts.push(p);
-	return Buffer.concat(parts).toString("utf8");
+	return Buffer.concat(parts);
+}
+
+// The first bytes of each file type the tests send.
+const signatures = {
+	"image/png": Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+	"application/pdf": Buffer.from("%PDF-"),
+};
+const fieldOrder = ["action", "sessionId", "chatInput", "message", "metadata", "session", "jwt_token", "timestamp"];
+
+// readMultipart parses a multipart body (with the runtime's own parser)
+// and checks it has the Chat Trigger's shape.
+async function readMultipart(req, raw) {
+	const form = await new Response(raw, { headers: { "content-type": req.headers["content-type"] } }).formData();
+	const body = {};
+	const partNames = [];
+	const files = [];
+	const problems = [];
+	for (const [name, value] of form.entries()) {
+		partNames.push(name);
+		if (typeof value === "string") {
+			body[name] = value;
+			continue;
+		}
+		const bytes = Buffer.from(await value.arrayBuffer());
+		const sig = signatures[value.type];
+		files.push({ field: name, name: value.name, type: value.type, size: bytes.length, sha256: createHash("sha256").update(bytes).digest("hex") });
+		if (!sig || !bytes.subarray(0, sig.length).equals(sig)) problems.push(`${value.name}: bytes do not agree with ${value.type}`);
+	}
+	const fields = partNames.filter((n) => n !== "files");
+	if (JSON.stringify(fields) !== JSON.stringify(fieldOrder)) problems.push(`fields ${fields.join(",")}, want ${fieldOrder.join(",")}`);
+	if (partNames.slice(fields.length).some((n) => n !== "files") || files.length === 0) problems.push(`files must come last, in parts named "files": ${partNames.join(",")}`);
+	for (const k of ["metadata", "session"]) {
+		try {
+			if (typeof JSON.parse(body[k]) !== "object") problems.push(`${k} is not a JSON object`);
+		} catch {
+			problems.push(`${k} is not JSON text`);
+		}
+	}
+	if (!req.headers["content-length"]) problems.push("no Content-Length");
+	return { body, multipart: { contentType: req.headers["content-type"], contentLength: Number(req.headers["content-length"]), partNames, files, problems } };
 }
 
 const server = http.createServer(async (req, res) => {
@@ -61,10 +109,19 @@ const server = http.createServer(async (req, res) => {
 	}
 	const raw = await readBody(req);
 	let body = {};
-	try {
-		body = JSON.parse(raw);
-	} catch {
-		// recorded with an empty action below
+	let multipart = null;
+	if ((req.headers["content-type"] ?? "").startsWith("multipart/form-data")) {
+		try {
+			({ body, multipart } = await readMultipart(req, raw));
+		} catch (err) {
+			multipart = { problems: [`unreadable multipart: ${err}`] };
+		}
+	} else {
+		try {
+			body = JSON.parse(raw.toString("utf8"));
+		} catch {
+			// recorded with an empty action below
+		}
 	}
 	const entry = {
 		at: new Date().toISOString(),
@@ -73,6 +130,8 @@ const server = http.createServer(async (req, res) => {
 		sessionId: body.sessionId ?? null,
 		chatInput: body.chatInput ?? null,
 		authorization: req.headers.authorization ? req.headers.authorization.split(" ")[0] : null,
+		jwtMatches: Boolean(body.jwt_token) && req.headers.authorization === `Bearer ${body.jwt_token}`,
+		multipart,
 	};
 	requests.push(entry);
 	console.log(`stand-in-n8n: ${req.method} ${url.pathname} action=${entry.action} chatInput=${JSON.stringify(entry.chatInput)}`);
