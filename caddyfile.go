@@ -2,6 +2,7 @@ package chatproxy
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"slices"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 func init() {
@@ -56,6 +58,13 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    bot_detection   off | <threshold>
 //	    metrics_allow   <cidr...>
 //	    log_content     on | off
+//	    uploads {
+//	        max_files      <n>
+//	        max_file_size  <size>
+//	        max_total      <size>
+//	        allowed_types  <media type...>
+//	        temp_dir       <dir>
+//	    }
 //	    history_retention <duration>
 //	    purge_interval  <duration>
 //	    chat_socket     <path> | off
@@ -219,6 +228,11 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Errf("chat_proxy: option 'log_content' must be on or off, got %q", v)
 				}
 			}
+		case "uploads":
+			cp.Uploads = new(upload.Config)
+			if err = cp.Uploads.UnmarshalCaddyfile(d); err != nil {
+				return fmt.Errorf("chat_proxy: %w", err) // it names the option, file and line
+			}
 		default:
 			return d.Errf("chat_proxy: unrecognized option '%s'%s", option, didYouMean(option, caddyfileOptions))
 		}
@@ -255,7 +269,7 @@ var caddyfileOptions = []string{
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",
 	"log_content", "history_retention", "purge_interval", "chat_socket", "n8n_socket_url", "wait_timeout",
-	"store_wait",
+	"store_wait", "uploads",
 }
 
 // cookieOptions are the options of the cookie block.

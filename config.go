@@ -274,6 +274,12 @@ func (cp *ChatProxy) Validate() error {
 			return nil
 		},
 		func() error { _, err := cp.cookie(); return err },
+		func() error {
+			if cp.Uploads == nil {
+				return nil
+			}
+			return cp.Uploads.WithDefaults().Validate()
+		},
 	}
 	for _, check := range checks {
 		if err := check(); err != nil {

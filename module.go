@@ -24,6 +24,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 func init() {
@@ -216,6 +217,14 @@ type ChatProxy struct {
 	// not cancel it; then n8n's socket is closed. Default: 10m.
 	WaitTimeout caddy.Duration `json:"wait_timeout,omitempty"`
 
+	// Uploads lets chat messages carry files: the @n8n/chat widget's
+	// allowFileUploads and multipart messages to the chat API, checked
+	// (count, sizes, media type against the bytes) and forwarded to n8n
+	// as the Chat Trigger parses them. `{}` turns them on with the
+	// defaults (see upload.Config). Absent: off, and multipart bodies are
+	// refused with 415.
+	Uploads *upload.Config `json:"uploads,omitempty"`
+
 	jwtSecret     []byte
 	sessionSecret []byte
 	database      string
@@ -312,6 +321,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		cp.provisionGuard,
 		cp.provisionUpstream,
 		cp.provisionStreaming,
+		cp.provisionUploads,
 		cp.provisionStore,
 	} {
 		if err := step(ctx, hc); err != nil {
@@ -415,6 +425,20 @@ func (cp *ChatProxy) provisionStreaming(ctx caddy.Context, hc *handler.Config) e
 		hc.ChatSocket = cp.ChatSocket
 		hc.SocketKey = deriveKey(cp.jwtSecret, "chatproxy chat socket tokens")
 	}
+	return nil
+}
+
+// provisionUploads sets up the checks and spooling of files sent with
+// messages, when the uploads block is there.
+func (cp *ChatProxy) provisionUploads(_ caddy.Context, hc *handler.Config) error {
+	if cp.Uploads == nil {
+		return nil
+	}
+	p, err := upload.NewParser(*cp.Uploads)
+	if err != nil {
+		return err
+	}
+	hc.Uploads = p
 	return nil
 }
 

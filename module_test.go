@@ -15,6 +15,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 const (
@@ -535,5 +536,39 @@ func TestSiteOwnPageWorksWithoutAllowedOrigins(t *testing.T) {
 			!strings.Contains(rec.Body.String(), `"origin_not_allowed"`) {
 			t.Errorf("%s: %d %s, want 403 origin_not_allowed", lookalike, rec.Code, rec.Body)
 		}
+	}
+}
+
+// The uploads block in the JSON config: absent is off, {} is on with the
+// defaults, and a value Validate refuses names the option.
+func TestUploadsConfig(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		uploads *upload.Config
+		on      bool
+		wantErr string
+	}{
+		{"absent", nil, false, ""},
+		{"defaults", &upload.Config{}, true, ""},
+		{"a type the bytes cannot confirm", &upload.Config{AllowedTypes: []string{"application/zip"}}, false,
+			"uploads: allowed_types: application/zip cannot be checked against the file's bytes"},
+		{"file above the total", &upload.Config{MaxFileSize: 30 << 20}, false, "uploads: max_file_size (31457280 bytes) is larger than max_total"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cp := mtConfig(t, func(c *ChatProxy) { c.Uploads = tc.uploads })
+			err := mtProvision(t, cp)
+			if tc.wantErr != "" {
+				if err == nil || !strings.HasPrefix(err.Error(), tc.wantErr) {
+					t.Fatalf("Provision: %v, want %s", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if on := cp.handler.UploadsEnabled(); on != tc.on {
+				t.Fatalf("uploads on = %v, want %v", on, tc.on)
+			}
+		})
 	}
 }

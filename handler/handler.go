@@ -154,6 +154,10 @@ func (h *Handler) match(apiPath string) (*route, string) {
 	return nil, ""
 }
 
+// UploadsEnabled reports whether chat messages may carry files (the
+// uploads block is configured).
+func (h *Handler) UploadsEnabled() bool { return h.cfg.Uploads != nil }
+
 // ServeHTTP answers the module's own routes and hands anything else to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if r.URL.Path == "/health" {
