@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -91,6 +92,14 @@ type exchange struct {
 	// For the bot filter, set by the route's loadSession.
 	tokenFingerprint string // the visitor token's fingerprint claim
 	newConversation  bool   // the session was created for this message
+
+	// findSession, set by a loadSession that assumed the session exists
+	// rather than read it, finds (or creates) it when the user message's
+	// insert finds none; on failure it has answered.
+	findSession func(w http.ResponseWriter, r *http.Request) (*sessions.Session, bool)
+	// slide, set for a conversation whose expiry moves with its visitor's
+	// activity, is written with the reply (one commit for both).
+	slide bool
 
 	xl *exchangeLog // its metrics and log line
 
@@ -299,6 +308,17 @@ func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *e
 		Status:    sessions.StatusComplete,
 		Metadata:  ex.stored,
 	}, ex.session.Kind)
+	if errors.Is(err, sessions.ErrNotFound) && ex.findSession != nil {
+		// The session was assumed, not read: find or create it, then
+		// store the message in it.
+		found, ok := ex.findSession(w, r)
+		if !ok {
+			return false
+		}
+		ex.findSession = nil
+		ex.attach(found)
+		return h.storeUserMessage(w, r, ex)
+	}
 	switch {
 	case err == nil:
 		ex.attach(s)
@@ -392,6 +412,12 @@ func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string)
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
 	defer cancel()
+	if ex.slide {
+		// Sent beside the reply, so that both go in one commit.
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		wg.Go(func() { h.slideSession(ctx, ex.session.ID) })
+	}
 	wait := replyStoreFirstRetry
 	for attempt := 1; ; attempt++ {
 		err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{

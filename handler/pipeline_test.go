@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -248,7 +249,9 @@ func TestWidgetNewConversationChargesCreateTier(t *testing.T) {
 	if rec.Code != http.StatusTooManyRequests || decodeJSON[guard.RateLimitBody](t, rec).Tier != guard.TierCreate {
 		t.Fatalf("third new conversation: %d %s, want 429 for the create tier", rec.Code, rec.Body)
 	}
-	if calls := e.store.snapshot(); calls["CreateSession"] != 0 || calls["AppendUserMessage"] != 0 {
+	// Without the bot filter the message's insert is tried first (it
+	// finds no conversation and stores nothing); nothing is created.
+	if calls := e.store.snapshot(); calls["CreateSession"] != 0 || calls["AppendUserMessage"] > 1 {
 		t.Fatalf("a conversation refused by the create tier reached the store: %v", calls)
 	}
 	// An existing conversation is not a creation; its headers show the
@@ -266,4 +269,67 @@ func decodeJSON[T any](t *testing.T, rec *httptest.ResponseRecorder) T {
 		t.Fatalf("decoding %s: %v", rec.Body, err)
 	}
 	return v
+}
+
+// The store work of one message on a session that exists: the visitor's
+// message (whose insert confirms the session is active) and the reply,
+// with a widget conversation's expiry slide sent beside the reply; no
+// session read, whatever the kind of session, unless the bot filter needs
+// the session's age and message count (issue 13 item 2).
+func TestMessageStoreCalls(t *testing.T) {
+	oldBots, err := guard.NewBotScorer(guard.BotConfig{MinFirstMessageDelay: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		bots    *guard.BotScorer
+		widget  bool
+		reads   int
+		touches int
+	}{
+		{"visitor session", nil, false, 0, 0},
+		{"widget conversation", nil, true, 0, 1},
+		{"widget conversation, bot filter on", oldBots, true, 1, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newCountedEnv(t, "sqlite", nil, tc.bots)
+			send := func() *httptest.ResponseRecorder {
+				if tc.widget {
+					return e.serve(t, "198.51.100.7", "POST", "/api/v1/n8n/chat", widgetSendBody("counted-conversation", "hello"), map[string]string{"Accept": "application/json"})
+				}
+				return nil
+			}
+			var token string
+			if !tc.widget {
+				rec := e.serve(t, "198.51.100.7", "POST", "/api/v1/session/create", `{}`, nil)
+				if rec.Code != http.StatusCreated {
+					t.Fatalf("create: %d %s", rec.Code, rec.Body)
+				}
+				token = decodeJSON[createSessionResponse](t, rec).Token
+				send = func() *httptest.ResponseRecorder {
+					return e.serve(t, "198.51.100.7", "POST", "/api/v1/chat/message", `{"message":"hello"}`,
+						map[string]string{"Authorization": "Bearer " + token, "Accept": "application/json"})
+				}
+			}
+			if rec := send(); rec.Code != http.StatusOK {
+				t.Fatalf("first message: %d %s", rec.Code, rec.Body)
+			}
+			time.Sleep(5 * time.Millisecond) // past the bot filter's first-message delay
+			e.store.reset()
+			if rec := send(); rec.Code != http.StatusOK {
+				t.Fatalf("second message: %d %s", rec.Code, rec.Body)
+			}
+			want := map[string]int{"AppendUserMessage": 1, "AppendMessage": 1}
+			if tc.reads > 0 {
+				want["GetSession"] = tc.reads
+			}
+			if tc.touches > 0 {
+				want["TouchSession"] = tc.touches
+			}
+			if got := e.store.snapshot(); !maps.Equal(got, want) {
+				t.Errorf("store calls for a message: %v, want %v", got, want)
+			}
+		})
+	}
 }

@@ -1,6 +1,7 @@
 package handler
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/base32"
 	"encoding/json"
@@ -8,6 +9,8 @@ import (
 	"mime"
 	"net/http"
 	"strings"
+
+	"go.uber.org/zap"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
@@ -175,12 +178,27 @@ func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messa
 	}, nil
 }
 
-// loadSession reads the conversation, creating it on first use. A new
+// loadSession returns the conversation. The user message's insert
+// confirms that it exists and is active, so unless the bot filter needs
+// its facts (age, message count) it is not read: findSession then runs
+// only when the insert finds none.
+func (wx *widgetExchange) loadSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool) {
+	ex.slide = true
+	if wx.h.cfg.Bots == nil {
+		ex.findSession = func(w http.ResponseWriter, r *http.Request) (*sessions.Session, bool) {
+			return wx.findSession(w, r, ex)
+		}
+		return &sessions.Session{ID: wx.id, Kind: sessions.KindWidget, Site: wx.site, MessageCount: -1}, true
+	}
+	return wx.findSession(w, r, ex)
+}
+
+// findSession reads the conversation, creating it on first use. A new
 // conversation costs what creating a session costs: the create tier is
 // charged before the insert, the read having come after the ip, session
 // and domain tiers, so a flood of new sessionIds is refused before any
 // database work.
-func (wx *widgetExchange) loadSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool) {
+func (wx *widgetExchange) findSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool) {
 	h := wx.h
 	s, err := h.cfg.Store.GetSession(r.Context(), wx.id)
 	isNew := errors.Is(err, sessions.ErrNotFound)
@@ -206,6 +224,16 @@ func (wx *widgetExchange) replyFormat(r *http.Request) replyFormat {
 	return wx.h.relayOutputJSON()
 }
 
+// slideSession records a widget visitor's activity: the conversation's
+// expiry moves to a full TTL from now. It goes with the reply's store, in
+// the same commit; a failure only costs the conversation that slide.
+func (h *Handler) slideSession(ctx context.Context, id string) {
+	now := h.now()
+	if err := h.cfg.Store.TouchSession(ctx, id, now, now.Add(h.cfg.Sessions.TTL)); err != nil && !errors.Is(err, sessions.ErrNotFound) {
+		h.cfg.Logger.Warn("sliding widget session expiry", zap.String("session_id", id), zap.Error(err))
+	}
+}
+
 // widgetStreaming reports whether the widget runs in streaming mode, where
 // it sends Accept: text/plain and reads NDJSON lines.
 func widgetStreaming(accept string) bool {
@@ -218,16 +246,12 @@ func widgetStreaming(accept string) bool {
 }
 
 // ensureWidgetSession returns the conversation for a widget sessionId,
-// creating it on first use and restarting it when it ended; an active one
-// slides its expiry forward.
+// creating it on first use and restarting it when it ended. (An active
+// one slides its expiry forward with the reply: see slideSession.)
 func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site, id string) (*sessions.Session, error) {
 	ctx := r.Context()
 	now := h.now()
-	ttl := h.cfg.Sessions.TTL
 	if s != nil && s.Kind == sessions.KindWidget && s.Active(now) {
-		if err := h.cfg.Store.TouchSession(ctx, id, now, now.Add(ttl)); err != nil && !errors.Is(err, sessions.ErrNotFound) {
-			return nil, err
-		}
 		return s, nil
 	}
 	if s != nil {
