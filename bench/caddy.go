@@ -10,9 +10,9 @@ import (
 	"net"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/go-redis/v9"
 
@@ -27,8 +27,12 @@ import (
 type pgSchema struct {
 	base    string // the configured URL
 	name    string
-	url     string // base with search_path set to the schema
+	url     string // base with search_path and application_name set
 	version string
+	app     string // application_name of chat_proxy's connections
+
+	mu      sync.Mutex
+	monitor *pgx.Conn // for backends
 }
 
 // createSchema creates a uniquely named schema and returns a URL that
@@ -59,6 +63,10 @@ func createSchema(ctx context.Context, base string) (*pgSchema, error) {
 		opt = old + " " + opt
 	}
 	q.Set("options", opt)
+	// Names chat_proxy's connections, so that the CPU of their backends is
+	// told apart from other clients' (see backends).
+	s.app = "chatproxy-" + s.name
+	q.Set("application_name", s.app)
 	// '+' is not a space for libpq; %20 is everywhere.
 	u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20")
 	s.url = u.String()
@@ -81,6 +89,47 @@ func (s *pgSchema) connect(ctx context.Context) (*pgx.Conn, error) {
 	}
 	u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20")
 	return pgx.Connect(ctx, u.String())
+}
+
+// backends lists this run's PostgreSQL processes: the backends serving
+// chat_proxy's connections, the server's own processes (WAL writer,
+// checkpointer, ...; autovacuum workers aside) and the postmaster. Other
+// clients' backends (other programs on a shared server) are left out.
+func (s *pgSchema) backends() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if s.monitor == nil || s.monitor.IsClosed() {
+		c, err := s.connect(ctx)
+		if err != nil {
+			return nil
+		}
+		s.monitor = c
+	}
+	rows, err := s.monitor.Query(ctx, `
+SELECT pid::text FROM pg_stat_activity
+WHERE application_name = $1 OR backend_type NOT IN ('client backend', 'autovacuum worker')`, s.app)
+	if err != nil {
+		return nil
+	}
+	pids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(pids) == 0 {
+		return nil
+	}
+	if pp := procParent(pids[0]); pp != "" {
+		pids = append(pids, pp)
+	}
+	return pids
+}
+
+func (s *pgSchema) closeMonitor() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.monitor != nil {
+		_ = s.monitor.Close(context.Background())
+		s.monitor = nil
+	}
 }
 
 func (s *pgSchema) drop() error {
@@ -207,9 +256,10 @@ var targetNames = map[string]string{
 }
 
 type caddySetup struct {
-	standin     string // in-process stand-in n8n
-	holdStandin string // the helper's holding stand-in; "" without streams
-	pgURL       string // "" when PostgreSQL is not used
+	proc        *caddyProc // the Caddy process
+	standin     string     // in-process stand-in n8n
+	holdStandin string     // the helper's holding stand-in; "" without streams
+	pgURL       string     // "" when PostgreSQL is not used
 	redisURL    string
 	sqlitePath  string
 	storageDir  string
@@ -307,7 +357,15 @@ func (c *caddySetup) start() error {
 	if err != nil {
 		return err
 	}
-	return caddy.Load(cfg, true)
+	if c.proc, err = startCaddyProc(cfg); err != nil {
+		return err
+	}
+	cpuWatch.caddyPID = c.proc.pid
+	return nil
 }
 
-func stopCaddy() { _ = caddy.Stop() }
+func (c *caddySetup) stop() {
+	if c.proc != nil {
+		c.proc.stop()
+	}
+}

@@ -10,8 +10,17 @@ import (
 )
 
 // CPU accounting, so that a run on a shared machine says how much of the
-// CPU went to this program, to PostgreSQL and Redis, and to everything else
-// (other people's builds, say) while each figure was measured.
+// CPU went to Caddy (its own process), to this program (load clients and
+// stand-in n8n), to PostgreSQL and Redis, and to everything else (other
+// people's builds, say) while each figure was measured, and what a message
+// cost each of them.
+
+// cpuWatch names the processes to account: the Caddy process, and this
+// run's PostgreSQL processes (see pgSchema.backends). Set once at start.
+var cpuWatch struct {
+	caddyPID   string
+	pgBackends func() []string
+}
 
 // clockTicks is USER_HZ, which Linux fixes at 100 for /proc.
 const clockTicks = 100
@@ -20,13 +29,17 @@ type cpuSample struct {
 	at    time.Time
 	busy  uint64 // all CPUs, every non-idle state
 	self  uint64 // this process
+	caddy uint64 // the Caddy process
 	pg    uint64 // postgres processes
 	redis uint64 // redis-server processes
+	// pgProcs holds the ticks of each of this run's postgres processes, so
+	// one that starts or ends between two samples is counted from zero.
+	pgProcs map[string]uint64
 }
 
 type cpuUse struct {
-	wall                   time.Duration
-	self, pg, redis, other float64 // CPU-seconds
+	wall                                 time.Duration
+	self, caddy, pg, pgRun, redis, other float64 // CPU-seconds
 }
 
 func ticksDelta(a, b uint64) float64 {
@@ -38,28 +51,48 @@ func ticksDelta(a, b uint64) float64 {
 
 func (u *cpuUse) add(a, b cpuSample) {
 	u.wall += b.at.Sub(a.at)
-	self, pg, redis := ticksDelta(a.self, b.self), ticksDelta(a.pg, b.pg), ticksDelta(a.redis, b.redis)
+	self, caddy := ticksDelta(a.self, b.self), ticksDelta(a.caddy, b.caddy)
+	pg, redis := ticksDelta(a.pg, b.pg), ticksDelta(a.redis, b.redis)
 	u.self += self
+	u.caddy += caddy
 	u.pg += pg
 	u.redis += redis
-	u.other += max(0, ticksDelta(a.busy, b.busy)-self-pg-redis)
+	for pid, t := range b.pgProcs {
+		u.pgRun += ticksDelta(a.pgProcs[pid], t)
+	}
+	u.other += max(0, ticksDelta(a.busy, b.busy)-self-caddy-pg-redis)
 }
 
 func (u *cpuUse) merge(o cpuUse) {
 	u.wall += o.wall
 	u.self += o.self
+	u.caddy += o.caddy
 	u.pg += o.pg
+	u.pgRun += o.pgRun
 	u.redis += o.redis
 	u.other += o.other
 }
 
-// cores returns the average number of cores busy with each.
-func (u *cpuUse) cores() (self, pg, redis, other float64) {
+// cores returns the average number of cores busy with Caddy, this
+// program, PostgreSQL (all of it), Redis and everything else.
+func (u *cpuUse) cores() (caddy, self, pg, redis, other float64) {
 	s := u.wall.Seconds()
 	if s <= 0 {
-		return 0, 0, 0, 0
+		return 0, 0, 0, 0, 0
 	}
-	return u.self / s, u.pg / s, u.redis / s, u.other / s
+	return u.caddy / s, u.self / s, u.pg / s, u.redis / s, u.other / s
+}
+
+// perUnit returns the CPU milliseconds each of n requests, done in
+// elapsed, cost Caddy, this run's PostgreSQL processes and Redis. The CPU
+// window also covers warm-ups, so it is scaled by its busy rate.
+func (u *cpuUse) perUnit(elapsed time.Duration, n int) (caddy, pg, redis float64) {
+	w := u.wall.Seconds()
+	if n <= 0 || w <= 0 {
+		return 0, 0, 0
+	}
+	f := 1000 * elapsed.Seconds() / w / float64(n)
+	return u.caddy * f, u.pgRun * f, u.redis * f
 }
 
 func readCPU() cpuSample {
@@ -77,6 +110,17 @@ func readCPU() cpuSample {
 		}
 	}
 	s.self, _ = procTicks("self")
+	if cpuWatch.caddyPID != "" {
+		s.caddy, _ = procTicks(cpuWatch.caddyPID)
+	}
+	if cpuWatch.pgBackends != nil {
+		s.pgProcs = map[string]uint64{}
+		for _, pid := range cpuWatch.pgBackends() {
+			if t, comm := procTicks(pid); comm == "postgres" {
+				s.pgProcs[pid] = t
+			}
+		}
+	}
 	if entries, err := os.ReadDir("/proc"); err == nil {
 		for _, e := range entries {
 			if e.Name()[0] < '0' || e.Name()[0] > '9' {
@@ -113,6 +157,20 @@ func procTicks(pid string) (uint64, string) {
 	u, _ := strconv.ParseUint(f[11], 10, 64)
 	st, _ := strconv.ParseUint(f[12], 10, 64)
 	return u + st, comm
+}
+
+// procParent returns a process's parent pid.
+func procParent(pid string) string {
+	b, err := os.ReadFile("/proc/" + pid + "/stat")
+	if err != nil {
+		return ""
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 2 {
+		return ""
+	}
+	return f[1]
 }
 
 func loadavg() string {

@@ -1,5 +1,5 @@
 // Command bench measures chat_proxy against plain reverse_proxy, in one
-// run, on this machine: Caddy (in process, from this checkout) with
+// run, on this machine: Caddy (its own process, from this checkout) with
 // reverse_proxy to a stand-in n8n, chat_proxy on PostgreSQL + Redis and
 // chat_proxy on the embedded store, all on loopback.
 //
@@ -16,7 +16,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"syscall"
@@ -40,6 +39,7 @@ type options struct {
 	loadShare   float64
 	rounds      int
 	helper      bool
+	caddyChild  bool
 }
 
 func parseFlags() *options {
@@ -61,6 +61,7 @@ func parseFlags() *options {
 	flag.Float64Var(&o.loadShare, "load", 0.5, "offered rate of the latency phase, as a share of chat_proxy PG+Redis capacity")
 	flag.IntVar(&o.rounds, "rounds", 0, "split each measurement into this many rounds, alternating the targets, so that\nload from elsewhere on the machine falls on all targets alike (0: one round per 2s of -duration)")
 	flag.BoolVar(&o.helper, "helper", false, "internal: run as the streams helper process")
+	flag.BoolVar(&o.caddyChild, "caddy", false, "internal: run as the Caddy process")
 	flag.Parse()
 	if o.quick {
 		set := map[string]bool{}
@@ -90,6 +91,13 @@ func envOr(k, def string) string {
 
 func main() {
 	o := parseFlags()
+	if o.caddyChild {
+		if err := runCaddyChild(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench caddy:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if o.helper {
 		if err := runHelper(); err != nil {
 			fmt.Fprintln(os.Stderr, "bench helper:", err)
@@ -159,6 +167,8 @@ func run(o *options) (err error) {
 				}
 			}()
 			rep.pgVersion, rep.pgSchema = schema.version, schema.name
+			cpuWatch.pgBackends = schema.backends
+			defer schema.closeMonitor()
 			if c, err := schema.commitLatency(ctx, 200); err == nil {
 				rep.commitStart = c
 			}
@@ -199,7 +209,7 @@ func run(o *options) (err error) {
 	if err := setup.start(); err != nil {
 		return fmt.Errorf("loading Caddy: %w", err)
 	}
-	defer stopCaddy()
+	defer setup.stop()
 
 	conns := 4 * o.concurrency
 	targets := []*target{newTarget(targetRP, setup.addrs[targetRP], false, conns)}
@@ -231,7 +241,7 @@ func run(o *options) (err error) {
 
 	if o.phase("throughput") {
 		progress("throughput: %d clients, %s per target in %d rounds", o.concurrency, o.duration, o.rounds)
-		rep.throughput = interleave(ctx, o, targets, func(t *target, warmup, d time.Duration) *loadResult {
+		rep.throughput = interleave(ctx, o, setup.proc, targets, func(t *target, warmup, d time.Duration) *loadResult {
 			return closedLoop(ctx, t, sess[t.name], o.concurrency, warmup, d, "MODE=fast", false)
 		})
 		if err := check(); err != nil {
@@ -253,7 +263,7 @@ func run(o *options) (err error) {
 		}
 		rate := max(1, capacity*o.loadShare)
 		progress("latency: %.0f msg/s to each target, %s per target in %d rounds", rate, o.duration, o.rounds)
-		rep.latency = interleave(ctx, o, targets, func(t *target, warmup, d time.Duration) *loadResult {
+		rep.latency = interleave(ctx, o, setup.proc, targets, func(t *target, warmup, d time.Duration) *loadResult {
 			return openLoop(ctx, t, sess[t.name], rate, conns, warmup, d, "MODE=fast")
 		})
 		if err := check(); err != nil {
@@ -263,7 +273,7 @@ func run(o *options) (err error) {
 
 	if o.phase("chunks") {
 		progress("per-chunk delay: chunks %s apart, %s per target in %d rounds", o.paceGap, o.duration, o.rounds)
-		rep.chunks = interleave(ctx, o, targets, func(t *target, warmup, d time.Duration) *loadResult {
+		rep.chunks = interleave(ctx, o, setup.proc, targets, func(t *target, warmup, d time.Duration) *loadResult {
 			return closedLoop(ctx, t, sess[t.name], o.concurrency, warmup, d, "MODE=paced", true)
 		})
 		if err := check(); err != nil {
@@ -279,7 +289,7 @@ func run(o *options) (err error) {
 				chats = append(chats, t)
 			}
 		}
-		rep.sessions = interleave(ctx, o, chats, func(t *target, warmup, d time.Duration) *loadResult {
+		rep.sessions = interleave(ctx, o, setup.proc, chats, func(t *target, warmup, d time.Duration) *loadResult {
 			return sessionLoop(ctx, t, o.concurrency, warmup, d)
 		})
 		if err := check(); err != nil {
@@ -288,7 +298,7 @@ func run(o *options) (err error) {
 	}
 
 	if o.cpuprofile != "" {
-		if err := profileRun(ctx, o, findTarget(targets, o.cpuTarget), sess, rep, progress); err != nil {
+		if err := profileRun(ctx, o, setup.proc, findTarget(targets, o.cpuTarget), sess, rep, progress); err != nil {
 			return err
 		}
 	}
@@ -310,7 +320,7 @@ func run(o *options) (err error) {
 			if v.chat && schema != nil && setup.chatHoldDB == setup.pgURL {
 				settle = func() (time.Duration, error) { return schema.waitReplies(ctx, 2*time.Minute) }
 			}
-			r, err := measureStreams(helper, v.name, "http://"+v.addr, v.chat, o.streams, profile, settle)
+			r, err := measureStreams(helper, setup.proc, v.name, "http://"+v.addr, v.chat, o.streams, profile, settle)
 			if err != nil {
 				return fmt.Errorf("streams through %s: %w", v.name, err)
 			}
@@ -333,14 +343,14 @@ func run(o *options) (err error) {
 	return nil
 }
 
-// profileRun runs one load against one target with the CPU profile on, so
-// the profile holds that path only (plus the load client and stand-in).
-func profileRun(ctx context.Context, o *options, t *target, sess map[string][]*session, rep *report, progress func(string, ...any)) error {
+// profileRun runs one load against one target with the Caddy process's
+// CPU profile on, so the profile holds that path only.
+func profileRun(ctx context.Context, o *options, caddyp *caddyProc, t *target, sess map[string][]*session, rep *report, progress func(string, ...any)) error {
 	if o.cpuPhase == "sessions" && !t.chat {
 		return fmt.Errorf("-cpuprofile-phase sessions needs a chat_proxy target")
 	}
 	progress("cpu profile: %s of %s, %d clients, %s -> %s", o.cpuPhase, targetNames[t.name], o.concurrency, o.duration, o.cpuprofile)
-	f, err := os.Create(o.cpuprofile)
+	file, err := filepath.Abs(o.cpuprofile)
 	if err != nil {
 		return err
 	}
@@ -351,14 +361,13 @@ func profileRun(ctx context.Context, o *options, t *target, sess map[string][]*s
 		return closedLoop(ctx, t, sess[t.name], o.concurrency, warmup, d, "MODE=fast", false)
 	}
 	load(o.warmup, 0)
-	if err := pprof.StartCPUProfile(f); err != nil {
+	if _, err := caddyp.call(caddyRequest{Op: "cpuprofile", On: true, File: file}); err != nil {
 		return err
 	}
 	before := readCPU()
 	r := load(0, o.duration)
 	r.cpu.add(before, readCPU())
-	pprof.StopCPUProfile()
-	if err := f.Close(); err != nil {
+	if _, err := caddyp.call(caddyRequest{Op: "cpuprofile", On: false}); err != nil {
 		return err
 	}
 	rep.notes = append(rep.notes, fmt.Sprintf("CPU profile of %s, %s (%.0f/s while profiled, CPU %s) in %s",
@@ -398,7 +407,7 @@ func findTarget(ts []*target, name string) *target {
 // interleave measures every target in o.rounds rounds (the targets take
 // turns within each round) and merges each target's rounds. The first round
 // warms up for o.warmup, later ones briefly.
-func interleave(ctx context.Context, o *options, targets []*target, measure func(t *target, warmup, d time.Duration) *loadResult) map[string]*loadResult {
+func interleave(ctx context.Context, o *options, caddyp *caddyProc, targets []*target, measure func(t *target, warmup, d time.Duration) *loadResult) map[string]*loadResult {
 	out := map[string]*loadResult{}
 	d := o.duration / time.Duration(o.rounds)
 	for round := range o.rounds {
@@ -410,10 +419,10 @@ func interleave(ctx context.Context, o *options, targets []*target, measure func
 			if ctx.Err() != nil {
 				return out
 			}
-			before, sched := readCPU(), readSched()
+			before, sched := readCPU(), caddyp.sched()
 			r := measure(t, warmup, d)
 			r.cpu.add(before, readCPU())
-			r.sched.add(sched, readSched())
+			r.sched.add(sched, caddyp.sched())
 			if acc := out[t.name]; acc == nil {
 				out[t.name] = r
 			} else {

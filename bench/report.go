@@ -73,7 +73,7 @@ func (r *report) print(out io.Writer) {
 		r.elapsed.Round(time.Second), r.loadStart, r.loadEnd)
 	fmt.Fprintf(out, "machine:  nproc %d, GOMAXPROCS %d, %s, %s RAM, Linux %s, RLIMIT_NOFILE %d\n",
 		r.machine.cpus, r.machine.gomaxprocs, r.machine.model, mib(r.machine.memTotal), r.machine.kernel, r.noFile)
-	fmt.Fprintf(out, "software: %s, Caddy v2.11.9 (in process), PostgreSQL %s, Redis %s\n", r.machine.goVersion, orNA(r.pgVersion), orNA(r.redisVer))
+	fmt.Fprintf(out, "software: %s, Caddy v2.11.9 (its own process), PostgreSQL %s, Redis %s\n", r.machine.goVersion, orNA(r.pgVersion), orNA(r.redisVer))
 	if len(r.commitStart) > 0 {
 		fmt.Fprintf(out, "disk:     PostgreSQL commit (1-row INSERT, serial, 200×): p50 %s p99 %s at start", ms(r.commitStart.p50()), ms(r.commitStart.p99()))
 		if len(r.commitEnd) > 0 {
@@ -81,7 +81,7 @@ func (r *report) print(out io.Writer) {
 		}
 		fmt.Fprintln(out)
 	}
-	fmt.Fprintf(out, "setup:    all on loopback in one process (load client, Caddy, stand-in n8n); PostgreSQL and Redis local;\n")
+	fmt.Fprintf(out, "setup:    all on loopback: Caddy in a process of its own, load client and stand-in n8n in this one; PostgreSQL and Redis local;\n")
 	fmt.Fprintf(out, "          stand-in n8n streams %d NDJSON item chunks (+ begin, end) per reply; chat_proxy limits\n", itemsPerReply)
 	fmt.Fprintf(out, "          generous (every tier still checked), bot_detection off; PG schema %s (dropped at exit)\n", orNA(r.pgSchema))
 	for _, n := range r.notes {
@@ -92,11 +92,13 @@ func (r *report) print(out io.Writer) {
 	rp := r.throughput[targetRP]
 
 	fmt.Fprintf(out, "method:   each measurement runs %s per target in %d rounds, the targets taking turns, after a warm-up;\n", o.duration, o.rounds)
-	fmt.Fprintf(out, "          CPU = average cores busy with this program / PostgreSQL / Redis / everything else on the machine meanwhile\n")
+	fmt.Fprintf(out, "          CPU = average cores busy with Caddy / this program (clients, stand-in) / PostgreSQL / Redis / everything else meanwhile;\n")
+	fmt.Fprintf(out, "          CPU ms/req = CPU time per request of Caddy / PostgreSQL (this run's backends and the server's own processes) / Redis\n")
+	fmt.Fprintf(out, "          (Redis is shared with anything else using it), from utime+stime in /proc/<pid>/stat\n")
 	if len(r.throughput) > 0 {
 		fmt.Fprintf(out, "\n1. Message round trips, closed loop: %d clients, each sends its next message when the reply is complete\n", o.concurrency)
 		tw := newTable(out)
-		fmt.Fprintln(tw, "target\tround trips/s\tvs reverse_proxy\tp50\tp99\tTTFC p50\tTTFC p99\tCPU bench/PG/Redis/other\terrors\t")
+		fmt.Fprintln(tw, "target\tround trips/s\tvs reverse_proxy\tp50\tp99\tTTFC p50\tTTFC p99\tCPU ms/req Caddy/PG/Redis\tCPU Caddy/bench/PG/Redis/other\terrors\t")
 		for _, name := range order {
 			t := r.throughput[name]
 			if t == nil {
@@ -106,8 +108,8 @@ func (r *report) print(out io.Writer) {
 			if name != targetRP && rp != nil && rp.rate() > 0 {
 				ratio = fmt.Sprintf("%.2f", t.rate()/rp.rate())
 			}
-			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", targetNames[name], t.rate(), ratio,
-				ms(t.total.p50()), ms(t.total.p99()), ms(t.ttfc.p50()), ms(t.ttfc.p99()), cpuCol(t), errs(t))
+			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", targetNames[name], t.rate(), ratio,
+				ms(t.total.p50()), ms(t.total.p99()), ms(t.ttfc.p50()), ms(t.ttfc.p99()), perMsgCol(t), cpuCol(t), errs(t))
 		}
 		tw.Flush()
 	}
@@ -120,7 +122,7 @@ func (r *report) print(out io.Writer) {
 		}
 		fmt.Fprintf(out, "\n2. Latency at the same offered load: open loop, %.0f messages/s to each target (%.0f%% of chat_proxy capacity above), %s\n", rate, o.loadShare*100, o.duration)
 		tw := newTable(out)
-		fmt.Fprintln(tw, "target\tdone/s\tp50\tp99\tadded p50\tadded p99\tTTFC p50\tTTFC p99\tCPU bench/PG/Redis/other\terrors\t")
+		fmt.Fprintln(tw, "target\tdone/s\tp50\tp99\tadded p50\tadded p99\tTTFC p50\tTTFC p99\tCPU ms/req Caddy/PG/Redis\tCPU Caddy/bench/PG/Redis/other\terrors\t")
 		for _, name := range order {
 			l := r.latency[name]
 			if l == nil {
@@ -130,8 +132,8 @@ func (r *report) print(out io.Writer) {
 			if name != targetRP && lrp != nil {
 				a50, a99 = signedMS(l.total.p50()-lrp.total.p50()), signedMS(l.total.p99()-lrp.total.p99())
 			}
-			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", targetNames[name], l.rate(), ms(l.total.p50()), ms(l.total.p99()),
-				a50, a99, ms(l.ttfc.p50()), ms(l.ttfc.p99()), cpuCol(l), errs(l))
+			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", targetNames[name], l.rate(), ms(l.total.p50()), ms(l.total.p99()),
+				a50, a99, ms(l.ttfc.p50()), ms(l.ttfc.p99()), perMsgCol(l), cpuCol(l), errs(l))
 		}
 		tw.Flush()
 		fmt.Fprintln(out, "   added = chat_proxy minus reverse_proxy at the same rate; TTFC = request sent to first reply chunk received")
@@ -142,7 +144,7 @@ func (r *report) print(out io.Writer) {
 		fmt.Fprintf(out, "\n3. Per-chunk delay: paced stand-in, %d chunks %s apart, %d clients, %s; delay = chunk received minus chunk written by the stand-in\n",
 			itemsPerReply, o.paceGap, o.concurrency, o.duration)
 		tw := newTable(out)
-		fmt.Fprintln(tw, "target\tchunks\tp50\tp99\tadded p50\tadded p99\tGo run-queue wait p99\tCPU bench/PG/Redis/other\terrors\t")
+		fmt.Fprintln(tw, "target\tchunks\tp50\tp99\tadded p50\tadded p99\tGo run-queue wait p99\tCPU Caddy/bench/PG/Redis/other\terrors\t")
 		for _, name := range order {
 			c := r.chunks[name]
 			if c == nil {
@@ -156,19 +158,19 @@ func (r *report) print(out io.Writer) {
 				ms(c.sched.quantile(0.99)), cpuCol(c), errs(c))
 		}
 		tw.Flush()
-		fmt.Fprintln(out, "   Go run-queue wait = how long goroutines of this process waited, runnable, for a CPU (runtime/metrics /sched/latencies)")
+		fmt.Fprintln(out, "   Go run-queue wait = how long goroutines of the Caddy process waited, runnable, for a CPU (runtime/metrics /sched/latencies)")
 	}
 
 	if len(r.sessions) > 0 {
 		fmt.Fprintf(out, "\n4. Session creations: POST /api/v1/session/create, closed loop, %d clients, %s\n", o.concurrency, o.duration)
 		tw := newTable(out)
-		fmt.Fprintln(tw, "target\tcreations/s\tp50\tp99\tCPU bench/PG/Redis/other\terrors\t")
+		fmt.Fprintln(tw, "target\tcreations/s\tp50\tp99\tCPU ms/req Caddy/PG/Redis\tCPU Caddy/bench/PG/Redis/other\terrors\t")
 		for _, name := range order {
 			s := r.sessions[name]
 			if s == nil {
 				continue
 			}
-			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%s\t%s\t\n", targetNames[name], s.rate(), ms(s.total.p50()), ms(s.total.p99()), cpuCol(s), errs(s))
+			fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t\n", targetNames[name], s.rate(), ms(s.total.p50()), ms(s.total.p99()), perMsgCol(s), cpuCol(s), errs(s))
 		}
 		tw.Flush()
 	}
@@ -295,11 +297,19 @@ func errs(r *loadResult) string {
 	return s
 }
 
-// cpuCol is the average number of cores busy with this program, with
-// PostgreSQL and Redis, and with anything else, while r was measured.
+// cpuCol is the average number of cores busy with the Caddy process, with
+// this program, with PostgreSQL and Redis, and with anything else, while r
+// was measured.
 func cpuCol(r *loadResult) string {
-	self, pg, redis, other := r.cpu.cores()
-	return fmt.Sprintf("%.2f/%.2f/%.2f/%.2f", self, pg, redis, other)
+	caddy, self, pg, redis, other := r.cpu.cores()
+	return fmt.Sprintf("%.2f/%.2f/%.2f/%.2f/%.2f", caddy, self, pg, redis, other)
+}
+
+// perMsgCol is the CPU each request of r cost Caddy, this run's PostgreSQL
+// processes and Redis, in milliseconds.
+func perMsgCol(r *loadResult) string {
+	caddy, pg, redis := r.cpu.perUnit(r.elapsed, r.count)
+	return fmt.Sprintf("%.3f/%.3f/%.3f", caddy, pg, redis)
 }
 
 func orNA(s string) string {

@@ -11,9 +11,9 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -308,8 +308,8 @@ func (p *helperProc) kill() {
 	}
 }
 
-// memSnapshot is the parent's memory at one moment, after a GC that
-// returned free memory to the OS.
+// memSnapshot is the Caddy process's memory at one moment, after a GC
+// that returned free memory to the OS, and the helper's.
 type memSnapshot struct {
 	rss        int64
 	heapInuse  int64
@@ -318,17 +318,10 @@ type memSnapshot struct {
 	helperRSS  int64
 }
 
-func snapshot(p *helperProc) memSnapshot {
-	runtime.GC()
-	debug.FreeOSMemory()
-	time.Sleep(300 * time.Millisecond)
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	snap := memSnapshot{
-		rss:        rssBytes("self"),
-		heapInuse:  int64(ms.HeapInuse),
-		stackInuse: int64(ms.StackInuse),
-		goroutines: runtime.NumGoroutine(),
+func snapshot(p *helperProc, caddyp *caddyProc) memSnapshot {
+	var snap memSnapshot
+	if rep, err := caddyp.call(caddyRequest{Op: "mem"}); err == nil {
+		snap = memSnapshot{rss: rep.RSS, heapInuse: rep.HeapInuse, stackInuse: rep.StackInuse, goroutines: rep.Goroutines}
 	}
 	if rep, err := p.call(helperRequest{Op: "rss"}); err == nil {
 		snap.helperRSS = rep.RSS
@@ -355,15 +348,15 @@ func (r *streamResult) perStream(v int64) int64 {
 }
 
 // measureStreams opens n idle streams through the target at base and
-// measures the memory of this process (Caddy) and of the helper.
-func measureStreams(p *helperProc, name, base string, chat bool, n int, heapProfile string, settle func() (time.Duration, error)) (*streamResult, error) {
+// measures the memory of the Caddy process and of the helper.
+func measureStreams(p *helperProc, caddyp *caddyProc, name, base string, chat bool, n int, heapProfile string, settle func() (time.Duration, error)) (*streamResult, error) {
 	res := &streamResult{target: name, n: n}
 	if chat {
 		if _, err := p.call(helperRequest{Op: "sessions", Base: base, N: n}); err != nil {
 			return nil, fmt.Errorf("creating %d sessions: %w", n, err)
 		}
 	}
-	res.before = snapshot(p)
+	res.before = snapshot(p, caddyp)
 	rep, err := p.call(helperRequest{Op: "open", Base: base, Chat: chat, N: n})
 	if err != nil {
 		return nil, err
@@ -371,11 +364,10 @@ func measureStreams(p *helperProc, name, base string, chat bool, n int, heapProf
 	res.opened, res.failed, res.firstErr = rep.Opened, rep.Failed, rep.FirstErr
 	res.openTime = time.Duration(rep.Millis) * time.Millisecond
 	time.Sleep(time.Second) // let the last writes and flushes settle
-	res.after = snapshot(p)
+	res.after = snapshot(p, caddyp)
 	if heapProfile != "" {
-		if f, err := os.Create(heapProfile); err == nil {
-			_ = pprof.Lookup("heap").WriteTo(f, 0)
-			_ = f.Close()
+		if file, err := filepath.Abs(heapProfile); err == nil {
+			_, _ = caddyp.call(caddyRequest{Op: "heap", File: file})
 		}
 	}
 	rep, err = p.call(helperRequest{Op: "close"})
