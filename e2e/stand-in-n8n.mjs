@@ -20,6 +20,7 @@ import { createHash } from "node:crypto";
 import http from "node:http";
 
 import { replyParts } from "./lib/reply.mjs";
+import * as responseNodes from "./lib/response-nodes.mjs";
 
 const port = Number(process.env.E2E_N8N_PORT);
 const chunkDelayMs = Number(process.env.E2E_N8N_CHUNK_DELAY_MS || 150);
@@ -97,6 +98,15 @@ const server = http.createServer(async (req, res) => {
 		res.end(JSON.stringify(counts));
 		return;
 	}
+	if (req.method === "GET" && url.pathname === "/__frames") {
+		res.writeHead(200, { "Content-Type": "application/json" });
+		res.end(responseNodes.framesJSON());
+		return;
+	}
+	if (url.pathname.startsWith("/chat")) {
+		responseNodes.plainGet(res); // upgrades are taken by the server's upgrade event
+		return;
+	}
 	if (req.method === "GET" && url.pathname === "/__ready") {
 		res.writeHead(200, { "Content-Type": "text/plain" });
 		res.end("ok");
@@ -143,6 +153,10 @@ const server = http.createServer(async (req, res) => {
 		res.end(JSON.stringify({ output: `unexpected action ${JSON.stringify(entry.action)}` }));
 		return;
 	}
+	if (responseNodes.isResponseNodes(entry.chatInput)) {
+		responseNodes.startExecution(res, entry.sessionId, entry.chatInput);
+		return;
+	}
 	res.writeHead(200, {
 		"Content-Type": "application/json; charset=utf-8",
 		"Cache-Control": "no-cache, no-transform",
@@ -158,6 +172,7 @@ const server = http.createServer(async (req, res) => {
 	res.end(chunk("end"));
 });
 
+responseNodes.attach(server);
 server.listen(port, "127.0.0.1", () => {
 	console.log(`stand-in-n8n: listening on 127.0.0.1:${port}, ${chunkDelayMs} ms between chunks`);
 });
