@@ -452,3 +452,52 @@ func TestChatSocketShutdown(t *testing.T) {
 		t.Fatal("the socket still counts as running")
 	}
 }
+
+// The visitor's answers over the socket count against its rate limits
+// like messages posted: over the session tier the socket is closed with
+// 1013 and the answer never reaches n8n.
+func TestChatSocketRateLimited(t *testing.T) {
+	e := newSocketEnv(t, "sqlite", fastN8n(testkit.ChatStep{Wait: true, Text: "Q1?"}, testkit.ChatStep{Wait: true, Text: "Q2?"}), func(cp *ChatProxy) {
+		// The POST takes one of the session's two; the first answer the other.
+		cp.RateLimits = testRates(map[string][]string{"ip": {"100000/1m"}, "session": {"2/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}})
+	})
+	const sid = "rate-limited-visitor"
+	st := e.post(t, sid, "start")
+	c, _, err := e.dial(t, socketQuery(sid, st.ExecutionID, st.ResumeToken), allowedOrigin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	answer := func(text string) {
+		frame, _ := json.Marshal(map[string]any{"sessionId": sid, "action": "sendMessage", "chatInput": text, "files": []any{}})
+		if err := c.Write(ctx, websocket.MessageText, frame); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var code websocket.StatusCode
+	for {
+		_, data, err := c.Read(ctx)
+		if err != nil {
+			code = websocket.CloseStatus(err)
+			break
+		}
+		switch string(data) {
+		case "Q1?":
+			answer("first answer")
+		case "Q2?":
+			answer("second answer")
+		}
+	}
+	if code != websocket.StatusTryAgainLater {
+		t.Fatalf("close %d, want 1013", code)
+	}
+	for _, f := range e.n8n.Frames() {
+		if !f.FromN8n && strings.Contains(f.Data, "second answer") {
+			t.Fatal("the answer over the limit reached n8n")
+		}
+	}
+	if ex, _ := e.n8n.Execution(st.ExecutionID); len(ex.Replies) != 1 || ex.Replies[0] != "first answer" {
+		t.Fatalf("n8n got %q", ex.Replies)
+	}
+}
