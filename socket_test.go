@@ -501,3 +501,34 @@ func TestChatSocketRateLimited(t *testing.T) {
 		t.Fatalf("n8n got %q", ex.Replies)
 	}
 }
+
+// A frame over the size cap (6 bytes a character of max_message_length
+// plus 4 KiB) closes the socket with 1009 and never reaches n8n.
+func TestChatSocketFrameTooBig(t *testing.T) {
+	e := newSocketEnv(t, "sqlite", fastN8n(testkit.ChatStep{Wait: true, Text: "Q?"}), func(cp *ChatProxy) { cp.MaxMessageLength = 100 })
+	const sid = "oversized-frames-1"
+	st := e.post(t, sid, "start")
+	c, _, err := e.dial(t, socketQuery(sid, st.ExecutionID, st.ResumeToken), allowedOrigin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	big := `{"sessionId":"` + sid + `","action":"sendMessage","chatInput":"` + strings.Repeat("x", 6*100+4096) + `","files":[]}`
+	if err := c.Write(ctx, websocket.MessageText, []byte(big)); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, _, err = c.Read(ctx); err != nil {
+			break
+		}
+	}
+	if code := websocket.CloseStatus(err); code != websocket.StatusMessageTooBig {
+		t.Fatalf("close %d (%v), want 1009", code, err)
+	}
+	for _, f := range e.n8n.Frames() {
+		if !f.FromN8n && strings.Contains(f.Data, "sendMessage") {
+			t.Fatal("the oversized frame reached n8n")
+		}
+	}
+}
