@@ -171,7 +171,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if r.URL.Path == "/metrics" {
 		return h.serveMetrics(w, r)
 	}
-	if h.cfg.ChatSocket != "" && r.URL.Path == h.cfg.ChatSocket {
+	// Only WebSocket upgrades are the chat socket's: a page the site
+	// serves at the same path (a /chat page) keeps working.
+	if h.cfg.ChatSocket != "" && r.URL.Path == h.cfg.ChatSocket && isWebSocketUpgrade(r) {
 		return h.chatSocket(w, r)
 	}
 	apiPath, ok := strings.CutPrefix(r.URL.Path, h.cfg.Prefix)

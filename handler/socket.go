@@ -43,17 +43,15 @@ func isWebSocketUpgrade(r *http.Request) bool {
 // this widget for this (sessionId, executionId), from an allowed Origin,
 // while the token is fresh. Nothing of a refused request reaches n8n:
 //
-//   - not a WebSocket upgrade: 404 (n8n would answer 500 and leave the
+//   - not a WebSocket upgrade: not the socket's (ServeHTTP passes it to
+//     the next handler, never to n8n, which would answer 500 and leave the
 //     execution waiting forever);
-//   - no Origin, or one not allowed: 403;
+//   - no Origin, or one that is neither allowed nor the site's own: 403;
 //   - no token, a forged, altered or expired one, or one for another
 //     session, execution or site: 403.
 func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	setSecurityHeaders(w.Header())
-	if !isWebSocketUpgrade(r) {
-		return h.writeError(w, r, http.StatusNotFound, "not_found", "the chat socket only accepts WebSocket upgrades")
-	}
-	if origin := r.Header.Get("Origin"); origin == "" || !h.cfg.Origins.Allowed(origin) {
+	if origin := r.Header.Get("Origin"); origin == "" || !h.originAllowed(r, origin) {
 		h.cfg.Metrics.GuardRefused(metrics.RefusalOrigin)
 		return h.writeError(w, r, http.StatusForbidden, "origin_not_allowed", "this origin may not open the chat socket")
 	}
