@@ -3,9 +3,13 @@ package testkit
 import (
 	"bytes"
 	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
+	"mime"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -27,9 +31,9 @@ const WaitLimit = 10 * time.Second
 
 // N8n is an httptest server that behaves like n8n's Webhook node. Each
 // test scripts its reply (SetScript); the fake counts hits, records every
-// request (headers, raw and decoded body) and tells whether the request's
-// context ended while the script was still answering it (the proxy
-// cancelled the upstream request).
+// request (headers, raw and decoded body, or a multipart body's parts) and
+// tells whether the request's context ended while the script was still
+// answering it (the proxy cancelled the upstream request).
 type N8n struct {
 	srv    *httptest.Server
 	hits   atomic.Int32
@@ -84,6 +88,13 @@ type Call struct {
 	Body   N8nBody
 	Fields map[string]json.RawMessage // the body's top-level keys
 
+	// Parts are a multipart/form-data body's parts, in order (Raw, Body
+	// and Fields stay empty): read as they arrive, files hashed and never
+	// held, so a large upload costs the fake no memory. MultipartErr is
+	// why the body could not be read whole; the fake then answers 400.
+	Parts        []Part
+	MultipartErr error
+
 	canceled   chan struct{}
 	cancelOnce sync.Once
 	finished   chan struct{}
@@ -107,6 +118,55 @@ func (c *Call) WasCanceled() bool {
 }
 
 func (c *Call) markCanceled() { c.cancelOnce.Do(func() { close(c.canceled) }) }
+
+// Part is one part of a multipart body the fake received.
+type Part struct {
+	Name, Filename, ContentType string
+	Value                       string // a text field's value (no filename)
+	Size                        int64  // a file's size in bytes
+	SHA256                      string // a file's SHA-256, hex
+}
+
+// Field is the value of the multipart body's first text field called
+// name, or "".
+func (c *Call) Field(name string) string {
+	for _, p := range c.Parts {
+		if p.Name == name && p.Filename == "" {
+			return p.Value
+		}
+	}
+	return ""
+}
+
+// readParts reads a multipart body part by part, as n8n's form parser
+// does: text fields kept, files streamed through a hash.
+func readParts(body io.Reader, boundary string) ([]Part, error) {
+	var parts []Part
+	mr := multipart.NewReader(body, boundary)
+	for {
+		p, err := mr.NextPart()
+		if err == io.EOF {
+			return parts, nil
+		}
+		if err != nil {
+			return parts, err
+		}
+		part := Part{Name: p.FormName(), Filename: p.FileName(), ContentType: p.Header.Get("Content-Type")}
+		if part.Filename != "" {
+			h := sha256.New()
+			part.Size, err = io.Copy(h, p)
+			part.SHA256 = hex.EncodeToString(h.Sum(nil))
+		} else {
+			var b []byte
+			b, err = io.ReadAll(p)
+			part.Value = string(b)
+		}
+		parts = append(parts, part)
+		if err != nil {
+			return parts, err
+		}
+	}
+}
 
 // NewN8n starts a fake n8n answering with script (which may be nil
 // and set later).
@@ -192,8 +252,8 @@ func (f *N8n) RequireJWT(secret string) {
 }
 
 // StreamBodies makes the fake hand scripts each request body unread, as
-// it arrives, instead of reading it whole first; Call.Raw and Call.Body
-// stay empty.
+// it arrives, instead of reading it whole first; Call.Raw, Call.Body and
+// Call.Parts stay empty.
 func (f *N8n) StreamBodies() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -246,17 +306,21 @@ func (f *N8n) serve(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	stream := f.streamBodies
 	f.mu.Unlock()
-	var raw []byte
-	if !stream {
-		raw, _ = io.ReadAll(r.Body)
-		r.Body = io.NopCloser(bytes.NewReader(raw)) // a script may read it again
-	}
 	c := &Call{
-		N: int(n), Proto: r.ProtoMajor, Method: r.Method, Path: r.URL.Path, Header: r.Header.Clone(), Raw: raw,
+		N: int(n), Proto: r.ProtoMajor, Method: r.Method, Path: r.URL.Path, Header: r.Header.Clone(),
 		canceled: make(chan struct{}), finished: make(chan struct{}),
 	}
-	_ = json.Unmarshal(raw, &c.Body)
-	_ = json.Unmarshal(raw, &c.Fields)
+	if !stream {
+		if mt, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "multipart/form-data" {
+			c.Parts, c.MultipartErr = readParts(r.Body, params["boundary"])
+			r.Body = http.NoBody // read; its parts are in c.Parts
+		} else {
+			c.Raw, _ = io.ReadAll(r.Body)
+			r.Body = io.NopCloser(bytes.NewReader(c.Raw)) // a script may read it again
+			_ = json.Unmarshal(c.Raw, &c.Body)
+			_ = json.Unmarshal(c.Raw, &c.Fields)
+		}
+	}
 	f.mu.Lock()
 	f.calls = append(f.calls, c)
 	script, secret := f.script, f.jwtSecret
@@ -295,6 +359,12 @@ func (f *N8n) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if secret != nil && !checkJWT(w, r, secret) {
+		return
+	}
+	if c.MultipartErr != nil {
+		// The fake's own answer, so that a test sees a body the proxy
+		// built wrong.
+		Write(w, http.StatusBadRequest, "text/plain", "malformed multipart body: "+c.MultipartErr.Error())
 		return
 	}
 	if script == nil {
