@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io"
-	"mime"
 	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
@@ -17,7 +15,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -37,7 +34,6 @@ const (
 	upOrigin    = "https://upload.example.com"
 	upJWTSecret = "upload-test-jwt-secret-0123456789abcdef"
 	upN8nSecret = "upload-test-n8n-secret-0123456789abcdef"
-	upWebhook   = "/webhook/4d2e-upload-secret-id/chat"
 	upUA        = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
 )
 
@@ -53,94 +49,9 @@ func sizedFile(head string, n int) []byte {
 	return b
 }
 
-// n8nPart is what the stand-in n8n saw of one multipart part.
-type n8nPart struct {
-	Name, Filename, ContentType string
-	Value                       string // text fields
-	Size                        int64
-	SHA256                      string
-}
-
-// n8nCall is one request the stand-in n8n received.
-type n8nCall struct {
-	Header http.Header
-	JSON   map[string]any // a JSON body
-	Parts  []n8nPart      // a multipart body
-}
-
-// uploadN8n stands in for n8n's Chat Trigger: it reads multipart bodies
-// part by part (files streamed, hashed, never held), counts hits and
-// answers like a Webhook node in streaming mode.
-type uploadN8n struct {
-	srv   *httptest.Server
-	mu    sync.Mutex
-	calls []n8nCall
-}
-
-func newUploadN8n(t *testing.T) *uploadN8n {
-	u := &uploadN8n{}
-	u.srv = httptest.NewServer(http.HandlerFunc(u.serve))
-	t.Cleanup(u.srv.Close)
-	return u
-}
-
-func (u *uploadN8n) serve(w http.ResponseWriter, r *http.Request) {
-	call := n8nCall{Header: r.Header.Clone()}
-	mt, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if mt == "multipart/form-data" {
-		mr := multipart.NewReader(r.Body, params["boundary"])
-		for {
-			p, err := mr.NextPart()
-			if err == io.EOF {
-				break
-			}
-			if err != nil {
-				http.Error(w, err.Error(), http.StatusBadRequest)
-				return
-			}
-			np := n8nPart{Name: p.FormName(), Filename: p.FileName(), ContentType: p.Header.Get("Content-Type")}
-			if np.Filename != "" {
-				h := sha256.New()
-				np.Size, _ = io.Copy(h, p)
-				np.SHA256 = hex.EncodeToString(h.Sum(nil))
-			} else {
-				b, _ := io.ReadAll(p)
-				np.Value = string(b)
-			}
-			call.Parts = append(call.Parts, np)
-		}
-	} else {
-		_ = json.NewDecoder(r.Body).Decode(&call.JSON)
-	}
-	u.mu.Lock()
-	u.calls = append(u.calls, call)
-	u.mu.Unlock()
-	w.Header().Set("Content-Type", "application/json")
-	_ = http.NewResponseController(w).Flush()
-	for _, item := range []string{"got ", "your ", "files"} {
-		_, _ = io.WriteString(w, testkit.N8nLine("item", item))
-	}
-}
-
-func (u *uploadN8n) hits() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return len(u.calls)
-}
-
-func (u *uploadN8n) last(t *testing.T) n8nCall {
-	t.Helper()
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if len(u.calls) == 0 {
-		t.Fatal("n8n got no request")
-	}
-	return u.calls[len(u.calls)-1]
-}
-
 type uploadEnv struct {
 	h       *Handler
-	n8n     *uploadN8n
+	n8n     *testkit.N8n
 	store   *countingStore
 	tempDir string
 }
@@ -148,7 +59,9 @@ type uploadEnv struct {
 // newUploadEnv builds a handler with the uploads block cfg (nil: absent).
 func newUploadEnv(t *testing.T, cfg *upload.Config, limits map[guard.Tier][]redis_rate.Limit) *uploadEnv {
 	t.Helper()
-	e := &uploadEnv{n8n: newUploadN8n(t), tempDir: t.TempDir()}
+	// n8n in streaming mode; the fake records each multipart body's parts
+	// (files hashed as they arrive, never held).
+	e := &uploadEnv{n8n: testkit.NewN8n(t, testkit.Stream("got ", "your ", "files")), tempDir: t.TempDir()}
 	e.store = &countingStore{Store: openStore(t, "sqlite"), calls: map[string]int{}}
 	if limits == nil {
 		limits = map[guard.Tier][]redis_rate.Limit{guard.TierIP: {redis_rate.PerMinute(1000)}, guard.TierCreate: {redis_rate.PerMinute(1000)}}
@@ -157,7 +70,7 @@ func newUploadEnv(t *testing.T, cfg *upload.Config, limits map[guard.Tier][]redi
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := n8n.New(n8n.Config{WebhookURL: e.n8n.srv.URL + upWebhook, SessionSecret: upN8nSecret})
+	client, err := n8n.New(n8n.Config{WebhookURL: e.n8n.URL(), SessionSecret: upN8nSecret})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -343,7 +256,7 @@ func TestUploadRefusals(t *testing.T) {
 				if got.Error != tc.code || got.Message == "" {
 					t.Errorf("error %q (%q), want %q", got.Error, got.Message, tc.code)
 				}
-				if n := e.n8n.hits(); n != 0 {
+				if n := e.n8n.Hits(); n != 0 {
 					t.Errorf("n8n got %d requests for a refused upload, want none", n)
 				}
 				if calls := e.store.snapshot(); calls["AppendUserMessage"]+calls["AppendMessage"]+calls["CreateSession"] != 0 {
@@ -378,7 +291,7 @@ func TestUploadForwardedAsChatTriggerMultipart(t *testing.T) {
 			if !strings.Contains(rec.Body.String(), "got ") {
 				t.Errorf("reply %q", rec.Body)
 			}
-			call := e.n8n.last(t)
+			call := e.n8n.Last(t)
 			var names []string
 			fields := map[string]string{}
 			for _, p := range call.Parts {
@@ -451,7 +364,7 @@ func TestUploadCountsAgainstRateLimit(t *testing.T) {
 			t.Fatalf("upload %d: %d %s, want %d", i, rec.Code, rec.Body, want)
 		}
 	}
-	if n := e.n8n.hits(); n != 1 {
+	if n := e.n8n.Hits(); n != 1 {
 		t.Errorf("n8n got %d requests, want 1", n)
 	}
 }
@@ -493,7 +406,7 @@ func TestUploadMemoryBounded(t *testing.T) {
 	if grew > 4<<20 {
 		t.Errorf("heap grew %d bytes for a %d byte upload; want under 4 MiB", grew, size)
 	}
-	if f := e.n8n.last(t).Parts; len(f) == 0 || f[len(f)-1].Size != size {
+	if f := e.n8n.Last(t).Parts; len(f) == 0 || f[len(f)-1].Size != size {
 		t.Errorf("n8n got %+v", f)
 	}
 	if left := e.spooled(t); len(left) != 0 {
