@@ -7,14 +7,12 @@ package chatproxy
 // and multi-instance tests.
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -392,181 +390,18 @@ func wantExchange(t *testing.T, h historyBody, user, reply, status string) {
 	}
 }
 
-// sseEvent is one event as a browser's EventSource would see it.
-type sseEvent = testkit.SSEEvent
-
-// nextSSE reads the next event from a live stream. Comment-only blocks
-// (keepalives) are skipped. Lines must end with "\n" and hold no "\r".
-func nextSSE(t *testing.T, br *bufio.Reader) sseEvent {
-	t.Helper()
-	var ev sseEvent
-	for {
-		line, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatalf("reading the event stream: %v (read %q)", err, line)
-		}
-		line = strings.TrimSuffix(line, "\n")
-		if strings.ContainsRune(line, '\r') {
-			t.Fatalf("stream line holds a raw \\r: %q", line)
-		}
-		switch {
-		case line == "":
-			if ev.HasID || len(ev.Data) > 0 {
-				return ev
-			}
-			ev = sseEvent{} // a keepalive block
-		case strings.HasPrefix(line, ":"):
-			ev.Comments = append(ev.Comments, line[1:])
-		case strings.HasPrefix(line, "id: "):
-			ev.ID, ev.HasID = strings.TrimPrefix(line, "id: "), true
-		case strings.HasPrefix(line, "data: "):
-			ev.Data = append(ev.Data, strings.TrimPrefix(line, "data: "))
-		default:
-			t.Fatalf("unexpected stream line %q", line)
-		}
-	}
-}
-
-// sseJSON is the JSON of an event (begin, item, error, end).
-type sseJSON struct {
-	Type      string `json:"type"`
-	MessageID string `json:"message_id"`
-	Content   string `json:"content"`
-	Error     string `json:"error"`
-	Message   string `json:"message"`
-}
-
-// eventJSON decodes an event's single data line.
-func eventJSON(t *testing.T, ev sseEvent) sseJSON {
-	t.Helper()
-	if len(ev.Data) != 1 {
-		t.Fatalf("event has %d data lines: %+v", len(ev.Data), ev)
-	}
-	var v sseJSON
-	dec := json.NewDecoder(strings.NewReader(ev.Data[0]))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
-		t.Fatalf("event data %q: %v", ev.Data[0], err)
-	}
-	return v
-}
-
-// itemOf returns the content of an item event.
-func itemOf(t *testing.T, ev sseEvent) string {
-	t.Helper()
-	v := eventJSON(t, ev)
-	if v.Type != "item" || !ev.HasID {
-		t.Fatalf("want an item event with an id, got %+v (%+v)", v, ev)
-	}
-	return v.Content
-}
-
-// wantBegin reads a stream's first event: begin, with id 1 and the id of
-// the stored reply (SPEC §4 amended). It returns that id.
-func wantBegin(t *testing.T, br *bufio.Reader) string {
-	t.Helper()
-	ev := nextSSE(t, br)
-	v := eventJSON(t, ev)
-	if v.Type != "begin" || ev.ID != "1" || v.MessageID == "" {
-		t.Fatalf("want begin with id 1 and a message_id, got %+v (%+v)", v, ev)
-	}
-	return v.MessageID
-}
-
-// afterBegin reads a stream body's begin event and returns the reader
-// positioned after it.
-func afterBegin(t *testing.T, body io.Reader) *bufio.Reader {
-	t.Helper()
-	br := bufio.NewReader(body)
-	wantBegin(t, br)
-	return br
-}
-
-// wantEndDone reads the end event (with its id) and then data: [DONE].
-func wantEndDone(t *testing.T, br *bufio.Reader) {
-	t.Helper()
-	ev := nextSSE(t, br)
-	if v := eventJSON(t, ev); v.Type != "end" || !ev.HasID {
-		t.Fatalf("want the end event, got %+v (%+v)", v, ev)
-	}
-	wantDone(t, nextSSE(t, br))
-}
-
-// replyEvents checks a whole stream's framing — begin (id 1, naming the
-// reply) first, end just before [DONE], ids 1, 2, … on every event but
-// [DONE] — and returns the events between begin and end, then [DONE].
-func replyEvents(t *testing.T, events []sseEvent) []sseEvent {
-	t.Helper()
-	if len(events) < 3 {
-		t.Fatalf("%d events, want at least begin, end and [DONE]: %+v", len(events), events)
-	}
-	if v := eventJSON(t, events[0]); v.Type != "begin" || v.MessageID == "" {
-		t.Fatalf("first event %+v, want begin with a message_id", events[0])
-	}
-	if v := eventJSON(t, events[len(events)-2]); v.Type != "end" {
-		t.Fatalf("event before [DONE] %+v, want end", events[len(events)-2])
-	}
-	for i, ev := range events[:len(events)-1] {
-		if !ev.HasID || ev.ID != strconv.Itoa(i+1) {
-			t.Fatalf("event %d has id %q (has %v), want %d", i+1, ev.ID, ev.HasID, i+1)
-		}
-	}
-	out := append([]sseEvent(nil), events[1:len(events)-2]...)
-	return append(out, events[len(events)-1])
-}
-
-func wantDone(t *testing.T, ev sseEvent) {
-	t.Helper()
-	if len(ev.Data) != 1 || ev.Data[0] != "[DONE]" || ev.HasID {
-		t.Fatalf("want data: [DONE], got %+v", ev)
-	}
-}
-
-// ndLine is one line of the compat route's NDJSON stream.
-type ndLine struct {
-	Type     string  `json:"type"`
-	Content  *string `json:"content"`
-	Metadata *struct {
-		NodeID    string `json:"nodeId"`
-		NodeName  string `json:"nodeName"`
-		ItemIndex *int   `json:"itemIndex"`
-		RunIndex  *int   `json:"runIndex"`
-		Timestamp int64  `json:"timestamp"`
-	} `json:"metadata"`
-}
-
-// nextNDJSON reads the next line that is not a keepalive.
-func nextNDJSON(t *testing.T, br *bufio.Reader) ndLine {
-	t.Helper()
-	for {
-		line, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatalf("reading the NDJSON stream: %v (read %q)", err, line)
-		}
-		var l ndLine
-		if err := json.Unmarshal([]byte(line), &l); err != nil {
-			t.Fatalf("line %q: %v", line, err)
-		}
-		if l.Type == "keepalive" {
-			continue
-		}
-		if l.Metadata == nil || l.Metadata.NodeID == "" || l.Metadata.ItemIndex == nil || l.Metadata.RunIndex == nil || l.Metadata.Timestamp <= 0 {
-			t.Fatalf("line %q lacks n8n's metadata", line)
-		}
-		if (l.Type == "begin" || l.Type == "end") != (l.Content == nil) {
-			t.Fatalf("line %q: begin/end carry no content, item/error do", line)
-		}
-		return l
-	}
-}
-
-func wantStreamEnd(t *testing.T, r io.Reader) {
-	t.Helper()
-	rest, err := io.ReadAll(r)
-	if err != nil || len(rest) != 0 {
-		t.Fatalf("after the end of the stream: %q, %v", rest, err)
-	}
-}
+// The stream readers are testkit's, under the names these tests use.
+var (
+	nextSSE       = testkit.NextSSE
+	eventJSON     = testkit.EventJSON
+	itemOf        = testkit.ItemOf
+	afterBegin    = testkit.AfterBegin
+	wantEndDone   = testkit.WantEndDone
+	replyEvents   = testkit.ReplyEvents
+	wantDone      = testkit.WantDone
+	nextNDJSON    = testkit.NextNDJSON
+	wantStreamEnd = testkit.WantStreamEnd
+)
 
 type healthBody struct {
 	Status string `json:"status"`

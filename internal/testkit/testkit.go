@@ -1,7 +1,8 @@
 // Package testkit holds test helpers shared by several packages' tests:
-// an EventSource-faithful SSE parser, Caddy's encode handler as a site
-// configures it, n8n's streaming lines, and the one fake n8n (N8n, in
-// n8n.go) every package's tests use. Only tests import it.
+// an EventSource-faithful SSE parser, readers that check a live chat
+// stream's SSE and NDJSON framing (streams.go), Caddy's encode handler as
+// a site configures it, n8n's streaming lines, and the one fake n8n (N8n,
+// in n8n.go) every package's tests use. Only tests import it.
 package testkit
 
 import (
