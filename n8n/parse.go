@@ -373,6 +373,20 @@ func chunkText(line []byte) (string, error) {
 	if len(line) == 0 {
 		return "", nil
 	}
+	// The common line, whose content is a string (or null, or absent), is
+	// decoded in one pass; other content (a number, an object) is taken
+	// as written, by the general path below.
+	var fast struct {
+		Type    string  `json:"type"`
+		Content *string `json:"content"`
+	}
+	if line[0] == '{' && json.Unmarshal(line, &fast) == nil {
+		var text string
+		if fast.Content != nil {
+			text = *fast.Content
+		}
+		return chunkOf(fast.Type, text), chunkError(fast.Type, text)
+	}
 	var ch struct {
 		Type    string          `json:"type"`
 		Content json.RawMessage `json:"content"`
@@ -385,15 +399,28 @@ func chunkText(line []byte) (string, error) {
 		}
 		return "", perr(ReasonInvalid, "n8n's stream holds a line that is not a json object")
 	}
-	switch ch.Type {
-	case "item":
-		return unwrapItem(rawText(ch.Content)), nil
-	case "error":
-		e := perr(ReasonWorkflowError, "n8n streamed an error chunk")
-		e.detail = sanitize(rawText(ch.Content))
-		return "", e
+	text := rawText(ch.Content)
+	return chunkOf(ch.Type, text), chunkError(ch.Type, text)
+}
+
+// chunkOf is the reply text a chunk of type typ with content text carries:
+// an item's, "" for begin, end, keepalive and unknown types (ignored, as
+// the widget does) and for error chunks (see chunkError).
+func chunkOf(typ, text string) string {
+	if typ == "item" {
+		return unwrapItem(text)
 	}
-	return "", nil // begin, end, keepalive; unknown types are ignored, as the widget does
+	return ""
+}
+
+// chunkError is the error an error chunk stands for, nil for other types.
+func chunkError(typ, text string) error {
+	if typ != "error" {
+		return nil
+	}
+	e := perr(ReasonWorkflowError, "n8n streamed an error chunk")
+	e.detail = sanitize(text)
+	return e
 }
 
 // rawText returns a JSON string's value, "" for null or absent, and other
