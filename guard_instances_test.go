@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -23,9 +24,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
@@ -93,37 +91,13 @@ type grReq struct {
 // otherwise. It reports errors instead of failing, so goroutines may call
 // it.
 func grDo(cp *ChatProxy, rq grReq) (*httptest.ResponseRecorder, error) {
-	var body io.Reader
-	if rq.body != "" {
-		body = strings.NewReader(rq.body)
-	}
-	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, body)
-	r.Header.Set("User-Agent", grBrowserUA)
-	if rq.body != "" {
-		r.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range rq.headers {
-		if v == "" {
-			r.Header.Del(k)
-		} else {
-			r.Header.Set(k, v)
-		}
-	}
 	ip := rq.ip
 	if ip == "" {
 		ip = "198.51.100.1"
 	}
-	rec := httptest.NewRecorder()
-	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
-	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, ip)
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
-		w.WriteHeader(passedOn)
-		return nil
-	})
-	if err := cp.ServeHTTP(rec, r, next); err != nil {
-		return rec, fmt.Errorf("ServeHTTP returned %v", err)
-	}
-	return rec, nil
+	headers := map[string]string{"User-Agent": grBrowserUA}
+	maps.Copy(headers, rq.headers)
+	return testkit.Serve(cp, testkit.Request{Method: rq.method, Path: rq.path, Body: rq.body, ClientIP: ip, Headers: headers}, passedOn)
 }
 
 func grServe(t *testing.T, cp *ChatProxy, rq grReq) *httptest.ResponseRecorder {

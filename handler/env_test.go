@@ -417,30 +417,9 @@ type req struct {
 // would, with the client_ip var set.
 func serve(t *testing.T, h caddyhttp.MiddlewareHandler, rq req) *httptest.ResponseRecorder {
 	t.Helper()
-	var body io.Reader
-	if rq.body != "" {
-		body = strings.NewReader(rq.body)
-	}
-	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, body)
-	if rq.body != "" {
-		r.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range rq.headers {
-		if v == "" {
-			r.Header.Del(k)
-		} else {
-			r.Header.Set(k, v)
-		}
-	}
-	rec := httptest.NewRecorder()
-	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
-	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.7")
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
-		w.WriteHeader(passedOn)
-		return nil
-	})
-	if err := h.ServeHTTP(rec, r, next); err != nil {
-		t.Fatalf("ServeHTTP returned %v", err)
+	rec, err := testkit.Serve(h, testkit.Request{Method: rq.method, Path: rq.path, Body: rq.body, ClientIP: "203.0.113.7", Headers: rq.headers}, passedOn)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return rec
 }
@@ -523,21 +502,8 @@ func createSession(t *testing.T, h caddyhttp.MiddlewareHandler) created {
 
 // serveRecorded is serve for goroutines: a failing ServeHTTP shows as 599.
 func serveRecorded(h caddyhttp.MiddlewareHandler, rq req) *httptest.ResponseRecorder {
-	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, strings.NewReader(rq.body))
-	if rq.body != "" {
-		r.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range rq.headers {
-		r.Header.Set(k, v)
-	}
-	rec := httptest.NewRecorder()
-	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
-	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, "203.0.113.7")
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
-		w.WriteHeader(passedOn)
-		return nil
-	})
-	if err := h.ServeHTTP(rec, r, next); err != nil {
+	rec, err := testkit.Serve(h, testkit.Request{Method: rq.method, Path: rq.path, Body: rq.body, ClientIP: "203.0.113.7", Headers: rq.headers}, passedOn)
+	if err != nil {
 		rec.Code = 599
 	}
 	return rec

@@ -9,7 +9,7 @@ package handler_test
 import (
 	"encoding/json"
 	"fmt"
-	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -20,8 +20,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/go-redis/redis_rate/v10"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
@@ -99,37 +97,13 @@ type grReq struct {
 // otherwise. It reports errors instead of failing, so goroutines may call
 // it.
 func grDo(cp *grHandler, rq grReq) (*httptest.ResponseRecorder, error) {
-	var body io.Reader
-	if rq.body != "" {
-		body = strings.NewReader(rq.body)
-	}
-	r := httptest.NewRequest(rq.method, "http://api.example.net"+rq.path, body)
-	r.Header.Set("User-Agent", grBrowserUA)
-	if rq.body != "" {
-		r.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range rq.headers {
-		if v == "" {
-			r.Header.Del(k)
-		} else {
-			r.Header.Set(k, v)
-		}
-	}
 	ip := rq.ip
 	if ip == "" {
 		ip = "198.51.100.1"
 	}
-	rec := httptest.NewRecorder()
-	r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), rec, nil)
-	caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, ip)
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
-		w.WriteHeader(passedOn)
-		return nil
-	})
-	if err := cp.ServeHTTP(rec, r, next); err != nil {
-		return rec, fmt.Errorf("ServeHTTP returned %v", err)
-	}
-	return rec, nil
+	headers := map[string]string{"User-Agent": grBrowserUA}
+	maps.Copy(headers, rq.headers)
+	return testkit.Serve(cp, testkit.Request{Method: rq.method, Path: rq.path, Body: rq.body, ClientIP: ip, Headers: headers}, passedOn)
 }
 
 func grServe(t *testing.T, cp *grHandler, rq grReq) *httptest.ResponseRecorder {
