@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+	"github.com/chatproxy/caddy-chatproxy/migrations"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -27,13 +29,13 @@ func statusThenMigrate(t *testing.T, database string, unchanged func(t *testing.
 		t.Fatalf("targets: %v, %v", targets, err)
 	}
 	out := captureStdout(t, func() error { return runStatus(t.Context(), targets[0]) })
-	if !strings.HasSuffix(out, ": not migrated (pending migrations: 1; run `caddy chatproxy migrate`)\n") {
+	if !strings.HasSuffix(out, ": not migrated (pending migrations: "+versionList(migrations.Versions(migrations.SQLite))+"; run `caddy chatproxy migrate`)\n") {
 		t.Errorf("status of a fresh store printed %q", out)
 	}
 	unchanged(t)
 	captureStdout(t, func() error { return runMigrate(t.Context(), targets[0]) })
 	out = captureStdout(t, func() error { return runStatus(t.Context(), targets[0]) })
-	if !strings.HasSuffix(out, ": schema version 1, 0 sessions, 0 messages\n") {
+	if !strings.HasSuffix(out, fmt.Sprintf(": schema version %d, 0 sessions, 0 messages\n", migrations.Latest(migrations.SQLite))) {
 		t.Errorf("status after migrate printed %q", out)
 	}
 }

@@ -3,6 +3,7 @@ package chatproxy
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
+	"github.com/chatproxy/caddy-chatproxy/migrations"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -180,11 +182,12 @@ func TestStatusCommand(t *testing.T) {
 				t.Fatalf("targets: %v, %v", targets, err)
 			}
 			out := captureStdout(t, func() error { return runStatus(t.Context(), targets[0]) })
-			if !strings.HasSuffix(out, ": schema version 1, 3 sessions, 1 messages\n") || strings.Contains(out, "@") {
+			latest := migrations.Latest(migrations.SQLite)
+			if !strings.HasSuffix(out, fmt.Sprintf(": schema version %d, 3 sessions, 1 messages\n", latest)) || strings.Contains(out, "@") {
 				t.Fatalf("status printed %q", out)
 			}
 			out = captureStdout(t, func() error { return runMigrate(t.Context(), targets[0]) })
-			if !strings.HasSuffix(out, ": schema version 1\n") {
+			if !strings.HasSuffix(out, fmt.Sprintf(": schema version %d\n", latest)) {
 				t.Fatalf("migrate printed %q", out)
 			}
 		})

@@ -32,6 +32,9 @@ type NewSession struct {
 	ClientIP    string
 	Fingerprint string
 	Metadata    json.RawMessage
+	// User is the visitor the site proved (identity_secret); nil for an
+	// anonymous session. Create sets its Realm to the tokens' audience.
+	User *User
 	// Origin is the exact Origin header of the request that creates the
 	// session; its token is then good only with that Origin (or none).
 	// Empty: the token is not bound to an origin.
@@ -57,6 +60,7 @@ func (m *Manager) Create(ctx context.Context, n NewSession) (*Session, string, e
 		ClientIP:    n.ClientIP,
 		Fingerprint: n.Fingerprint,
 		Metadata:    n.Metadata,
+		User:        m.realmUser(n.User),
 		CreatedAt:   now,
 		LastSeenAt:  now,
 		// Whole seconds: the token's exp claim has second precision and the
@@ -78,6 +82,17 @@ func (m *Manager) Create(ctx context.Context, n NewSession) (*Session, string, e
 		return nil, "", err
 	}
 	return s, token, nil
+}
+
+// realmUser is a copy of u in this manager's realm: the audience of its
+// tokens, which names the chat_proxy blocks that drive one workflow.
+func (m *Manager) realmUser(u *User) *User {
+	if u == nil {
+		return nil
+	}
+	c := *u
+	c.Realm = m.Tokens.Audience()
+	return &c
 }
 
 // Authenticate verifies the token and loads its session. Token problems

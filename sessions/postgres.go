@@ -124,9 +124,11 @@ func pgDataException(err error) bool {
 
 const pgInsertSession = `
 INSERT INTO chatproxy_sessions (id, kind, site, page_url, user_agent, client_ip, fingerprint, metadata,
-                      created_at, last_seen_at, expires_at, revoked_at, message_count)
+                      created_at, last_seen_at, expires_at, revoked_at, message_count,
+                      user_realm, user_id, user_name, user_email, user_attributes)
 VALUES ($1, $2, $3, nullif($4, ''), nullif($5, ''), nullif($6, ''), nullif($7, ''), $8,
-        $9, $10, $11, $12, 0)
+        $9, $10, $11, $12, 0,
+        $13, $14, nullif($15, ''), nullif($16, ''), $17)
 ON CONFLICT (id) DO NOTHING`
 
 // CreateSession implements Store.
@@ -143,7 +145,8 @@ func (s *PostgresStore) CreateSession(ctx context.Context, sess *Session) error 
 
 // pgSessionColumns are the columns pgScanSession reads.
 const pgSessionColumns = `id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
-       coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count`
+       coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count,
+       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes`
 
 const pgGetSession = `SELECT ` + pgSessionColumns + ` FROM chatproxy_sessions WHERE id = $1`
 
@@ -166,13 +169,15 @@ func (s *PostgresStore) GetSession(ctx context.Context, id string) (*Session, er
 // pgScanSession reads a row of pgSessionColumns; no row is ErrNotFound.
 func pgScanSession(row pgx.Row) (*Session, error) {
 	var (
-		sess Session
-		md   []byte
+		sess          Session
+		md, attrs     []byte
+		realm, userID *string
+		name, email   string
 	)
 	err := row.Scan(
 		&sess.ID, &sess.Kind, &sess.Site, &sess.PageURL, &sess.UserAgent, &sess.ClientIP,
 		&sess.Fingerprint, &md, &sess.CreatedAt, &sess.LastSeenAt, &sess.ExpiresAt, &sess.RevokedAt,
-		&sess.MessageCount)
+		&sess.MessageCount, &realm, &userID, &name, &email, &attrs)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -181,6 +186,15 @@ func pgScanSession(row pgx.Row) (*Session, error) {
 	}
 	if sess.Metadata, err = pgJSON(md); err != nil {
 		return nil, err
+	}
+	if userID != nil {
+		sess.User = &User{ID: *userID, Name: name, Email: email}
+		if realm != nil {
+			sess.User.Realm = *realm
+		}
+		if sess.User.Attributes, err = pgJSON(attrs); err != nil {
+			return nil, err
+		}
 	}
 	sess.CreatedAt = sess.CreatedAt.UTC()
 	sess.LastSeenAt = sess.LastSeenAt.UTC()
@@ -334,9 +348,11 @@ func (s *PostgresStore) commitWrites(ctx context.Context, ops []*writeOp) attemp
 		switch op.kind {
 		case writeCreate:
 			sess := op.sess
+			realm, userID, name, email, attrs := userArgs(sess.User)
 			b.Queue(pgInsertSession,
 				sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
-				jsonArg(sess.Metadata), sess.CreatedAt, sess.LastSeenAt, sess.ExpiresAt, sess.RevokedAt)
+				jsonArg(sess.Metadata), sess.CreatedAt, sess.LastSeenAt, sess.ExpiresAt, sess.RevokedAt,
+				realm, userID, name, email, jsonArg(attrs))
 		case writeTouch:
 			b.Queue(pgTouchSession, op.id, op.at, op.extend)
 		case writeAppend:
@@ -710,6 +726,15 @@ func (s *PostgresStore) Close() error {
 	err := s.db.Close() // does not close the pool
 	s.pool.Close()
 	return s.fail("closing database", err)
+}
+
+// userArgs are the user columns of a session's row: all NULL (nil) for an
+// anonymous session.
+func userArgs(u *User) (realm, id any, name, email string, attrs json.RawMessage) {
+	if u == nil {
+		return nil, nil, "", "", nil
+	}
+	return u.Realm, u.ID, u.Name, u.Email, u.Attributes
 }
 
 // jsonArg passes metadata to a jsonb parameter, NULL when there is none.

@@ -73,8 +73,10 @@ func TestPostgresConcurrentMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if applied != migrations.Latest(migrations.Postgres) {
-		t.Errorf("%d migrations recorded, want each applied once (%d)", applied, migrations.Latest(migrations.Postgres))
+	// Versions, not Latest: numbers are assigned per issue, so the
+	// embedded ones may have gaps.
+	if want := int64(len(migrations.Versions(migrations.Postgres))); applied != want {
+		t.Errorf("%d migrations recorded, want each applied once (%d)", applied, want)
 	}
 }
 

@@ -172,9 +172,11 @@ func (s *SQLiteStore) write(ctx context.Context, fn func(tx *sql.Tx) error) erro
 
 const liteInsertSession = `
 INSERT INTO chatproxy_sessions (id, kind, site, page_url, user_agent, client_ip, fingerprint, metadata,
-                      created_at, last_seen_at, expires_at, revoked_at, message_count)
+                      created_at, last_seen_at, expires_at, revoked_at, message_count,
+                      user_realm, user_id, user_name, user_email, user_attributes)
 VALUES (?1, ?2, ?3, nullif(?4, ''), nullif(?5, ''), nullif(?6, ''), nullif(?7, ''), ?8,
-        ?9, ?10, ?11, ?12, 0)
+        ?9, ?10, ?11, ?12, 0,
+        ?13, ?14, nullif(?15, ''), nullif(?16, ''), ?17)
 ON CONFLICT (id) DO NOTHING`
 
 // CreateSession implements Store.
@@ -194,10 +196,11 @@ func liteCreateSession(ctx context.Context, tx *sql.Tx, sess *Session) error {
 	if sess.RevokedAt != nil {
 		revoked = sess.RevokedAt.UnixMicro()
 	}
+	realm, userID, name, email, attrs := userArgs(sess.User)
 	res, err := tx.ExecContext(ctx, liteInsertSession,
 		sess.ID, sess.Kind, sess.Site, sess.PageURL, sess.UserAgent, sess.ClientIP, sess.Fingerprint,
 		liteJSON(sess.Metadata), sess.CreatedAt.UnixMicro(), sess.LastSeenAt.UnixMicro(),
-		sess.ExpiresAt.UnixMicro(), revoked)
+		sess.ExpiresAt.UnixMicro(), revoked, realm, userID, name, email, liteJSON(attrs))
 	if err != nil {
 		return err
 	}
@@ -206,7 +209,8 @@ func liteCreateSession(ctx context.Context, tx *sql.Tx, sess *Session) error {
 
 const liteGetSession = `
 SELECT id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
-       coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count
+       coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count,
+       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes
 FROM chatproxy_sessions WHERE id = ?1`
 
 // GetSession implements Store.
@@ -229,13 +233,16 @@ func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, erro
 func liteScanSession(row *sql.Row) (*Session, error) {
 	var (
 		sess                   Session
-		md                     sql.NullString
+		md, attrs              sql.NullString
+		realm, userID          sql.NullString
+		name, email            string
 		created, seen, expires int64
 		revoked                sql.NullInt64
 	)
 	err := row.Scan(
 		&sess.ID, &sess.Kind, &sess.Site, &sess.PageURL, &sess.UserAgent, &sess.ClientIP,
-		&sess.Fingerprint, &md, &created, &seen, &expires, &revoked, &sess.MessageCount)
+		&sess.Fingerprint, &md, &created, &seen, &expires, &revoked, &sess.MessageCount,
+		&realm, &userID, &name, &email, &attrs)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -244,6 +251,12 @@ func liteScanSession(row *sql.Row) (*Session, error) {
 	}
 	if md.Valid {
 		sess.Metadata = []byte(md.String)
+	}
+	if userID.Valid {
+		sess.User = &User{ID: userID.String, Realm: realm.String, Name: name, Email: email}
+		if attrs.Valid {
+			sess.User.Attributes = []byte(attrs.String)
+		}
 	}
 	sess.CreatedAt = fromMicros(created)
 	sess.LastSeenAt = fromMicros(seen)

@@ -83,6 +83,22 @@ type Session struct {
 	ExpiresAt    time.Time
 	RevokedAt    *time.Time
 	MessageCount int
+	// User is the visitor the site proved with identity_secret; nil for an
+	// anonymous session.
+	User *User
+}
+
+// User is a visitor the site proved with identity_secret.
+type User struct {
+	ID         string
+	Name       string
+	Email      string
+	Attributes json.RawMessage // a JSON object, or nil
+	// Realm is the namespace ID belongs to: the chat_proxy block (its
+	// token audience) whose identity_secret proved it, so that two sites
+	// sharing a database never mix their users. The Manager sets it;
+	// the store keeps it with the user and finds users by realm and ID.
+	Realm string
 }
 
 // Active reports whether the session may be used at now.
@@ -398,6 +414,9 @@ func prepareSession(s *Session, now time.Time) error {
 	s.UserAgent = cleantext.String(s.UserAgent)
 	s.ClientIP = cleantext.String(s.ClientIP)
 	s.Fingerprint = cleantext.String(s.Fingerprint)
+	if err := prepareUser(s.User); err != nil {
+		return err
+	}
 	if s.CreatedAt.IsZero() {
 		s.CreatedAt = now
 	}
@@ -412,6 +431,31 @@ func prepareSession(s *Session, now time.Time) error {
 		s.RevokedAt = &r
 	}
 	s.MessageCount = 0 // counted by AppendMessage, never set by hand
+	return nil
+}
+
+// prepareUser checks a session's user and cleans its text in place: the
+// id is required and must be storable text, attributes a JSON object.
+func prepareUser(u *User) error {
+	if u == nil {
+		return nil
+	}
+	if u.ID == "" {
+		return errors.New("session user has no id")
+	}
+	if !storable(u.ID) || !storable(u.Realm) {
+		return fmt.Errorf("%w: user id %q is not valid text", ErrInvalidData, u.ID)
+	}
+	attrs, err := cleanJSON(u.Attributes)
+	if err != nil {
+		return fmt.Errorf("user attributes: %w", err)
+	}
+	if attrs != nil && attrs[0] != '{' {
+		return fmt.Errorf("%w: user attributes must be a JSON object", ErrInvalidData)
+	}
+	u.Attributes = attrs
+	u.Name = cleantext.String(u.Name)
+	u.Email = cleantext.String(u.Email)
 	return nil
 }
 

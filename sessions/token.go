@@ -102,6 +102,9 @@ func NewTokensFor(key []byte, audience string, now func() time.Time) *Tokens {
 	}
 }
 
+// Audience is the audience of the tokens t issues and accepts.
+func (t *Tokens) Audience() string { return t.audience }
+
 // Issue signs a token for the session, not bound to an origin.
 func (t *Tokens) Issue(s *Session) (string, error) {
 	return t.IssueFor(s, "")

@@ -31,6 +31,8 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"Migrate", testMigrate},
 		{"SessionRoundTrip", testSessionRoundTrip},
 		{"SessionDefaults", testSessionDefaults},
+		{"SessionUser", testSessionUser},
+		{"SessionUserRejectsInvalid", testSessionUserRejectsInvalid},
 		{"CreateRejectsInvalid", testCreateRejectsInvalid},
 		{"DuplicateID", testDuplicateID},
 		{"NotFound", testNotFound},
@@ -293,6 +295,103 @@ func testSessionDefaults(t *testing.T, st sessions.Store) {
 	}
 	if !reflect.DeepEqual(in, got) {
 		t.Errorf("caller's copy %+v differs from stored %+v", in, got)
+	}
+}
+
+// A verified user is stored with its session and comes back from every
+// read of it: GetSession, and the session AppendUserMessage returns. An
+// anonymous session has none.
+func testSessionUser(t *testing.T, st sessions.Store) {
+	tests := []struct {
+		name string
+		user *sessions.User
+		want *sessions.User // what is stored: text cleaned
+	}{
+		{"anonymous", nil, nil},
+		{
+			"full",
+			&sessions.User{
+				ID: "user-42", Realm: "chatproxy-visitor:0123", Name: "Ada «Lovelace» 🙂", Email: "ada@example.com",
+				Attributes: json.RawMessage(`{ "plan": "pro", "seats": 3, "tags": ["a"] }`),
+			},
+			&sessions.User{
+				ID: "user-42", Realm: "chatproxy-visitor:0123", Name: "Ada «Lovelace» 🙂", Email: "ada@example.com",
+				Attributes: json.RawMessage(`{"plan":"pro","seats":3,"tags":["a"]}`),
+			},
+		},
+		{"id only", &sessions.User{ID: "7"}, &sessions.User{ID: "7"}},
+		{
+			"text cleaned",
+			&sessions.User{ID: "u", Realm: "r", Name: "A\x00da\xff", Email: "a\x00@b", Attributes: json.RawMessage(`{"k":"v\u0000w"}`)},
+			&sessions.User{ID: "u", Realm: "r", Name: "Ada\uFFFD", Email: "a@b", Attributes: json.RawMessage(`{"k":"vw"}`)},
+		},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			in := newSession(fmt.Sprintf("user-session-%d", i))
+			in.User = tc.user
+			mustCreate(t, st, in)
+			got := mustGet(t, st, in.ID)
+			checkUser(t, "GetSession", got.User, tc.want)
+			checkUser(t, "caller's copy", in.User, tc.want)
+
+			m := &sessions.Message{SessionID: in.ID, Content: "hi", CreatedAt: t0}
+			after, err := st.AppendUserMessage(ctx(t), m, sessions.KindVisitor)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkUser(t, "AppendUserMessage", after.User, tc.want)
+			if after.MessageCount != 1 {
+				t.Errorf("MessageCount = %d, want 1", after.MessageCount)
+			}
+		})
+	}
+}
+
+func checkUser(t *testing.T, what string, got, want *sessions.User) {
+	t.Helper()
+	if (got == nil) != (want == nil) {
+		t.Fatalf("%s: User = %+v, want %+v", what, got, want)
+	}
+	if got == nil {
+		return
+	}
+	if got.ID != want.ID || got.Realm != want.Realm || got.Name != want.Name || got.Email != want.Email {
+		t.Errorf("%s: User = %+v, want %+v", what, got, want)
+	}
+	if !jsonEqual(t, got.Attributes, want.Attributes) {
+		t.Errorf("%s: Attributes = %s, want %s", what, got.Attributes, want.Attributes)
+	}
+}
+
+// A user the store cannot keep as given is refused and nothing is stored.
+func testSessionUserRejectsInvalid(t *testing.T, st sessions.Store) {
+	tests := []struct {
+		name string
+		user *sessions.User
+		want error // nil: any error
+	}{
+		{"empty id", &sessions.User{Name: "x"}, nil},
+		{"id not text", &sessions.User{ID: "a\xffb"}, sessions.ErrInvalidData},
+		{"attributes not JSON", &sessions.User{ID: "u", Attributes: json.RawMessage(`{"a":`)}, sessions.ErrInvalidData},
+		{"attributes an array", &sessions.User{ID: "u", Attributes: json.RawMessage(`["a"]`)}, sessions.ErrInvalidData},
+		{"attributes a string", &sessions.User{ID: "u", Attributes: json.RawMessage(`"a"`)}, sessions.ErrInvalidData},
+		{"attributes number out of range", &sessions.User{ID: "u", Attributes: json.RawMessage(`{"n":1e999}`)}, sessions.ErrInvalidData},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newSession(fmt.Sprintf("bad-user-%d", i))
+			s.User = tc.user
+			err := st.CreateSession(ctx(t), s)
+			if err == nil {
+				t.Fatal("CreateSession: want an error")
+			}
+			if tc.want != nil {
+				wantErr(t, "CreateSession", err, tc.want)
+			}
+			_, err = st.GetSession(ctx(t), s.ID)
+			wantErr(t, "GetSession after the refusal", err, sessions.ErrNotFound)
+		})
 	}
 }
 
