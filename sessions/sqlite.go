@@ -207,11 +207,12 @@ func liteCreateSession(ctx context.Context, tx *sql.Tx, sess *Session) error {
 	return mustAffect(res, ErrExists)
 }
 
-const liteGetSession = `
-SELECT id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
+// liteSessionColumns are the columns liteScanSession reads.
+const liteSessionColumns = `id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
        coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count,
-       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes
-FROM chatproxy_sessions WHERE id = ?1`
+       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes`
+
+const liteGetSession = `SELECT ` + liteSessionColumns + ` FROM chatproxy_sessions WHERE id = ?1`
 
 // GetSession implements Store.
 func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, error) {
@@ -229,7 +230,7 @@ func (s *SQLiteStore) GetSession(ctx context.Context, id string) (*Session, erro
 	return sess, nil
 }
 
-// liteScanSession reads a row of liteGetSession; no row is ErrNotFound.
+// liteScanSession reads a row of liteSessionColumns; no row is ErrNotFound.
 func liteScanSession(row *sql.Row) (*Session, error) {
 	var (
 		sess                   Session

@@ -101,6 +101,29 @@ type User struct {
 	Realm string
 }
 
+// PreviewLength is how many characters of a conversation's first user
+// message ListUserSessions returns as its preview.
+const PreviewLength = 100
+
+// Conversation is one of a user's sessions as ListUserSessions lists it.
+type Conversation struct {
+	ID            string
+	CreatedAt     time.Time
+	LastSeenAt    time.Time
+	ExpiresAt     time.Time
+	LastMessageAt time.Time // zero when it has no messages
+	MessageCount  int
+	// Preview is the start of its first user message (PreviewLength
+	// characters at most), "" when there is none.
+	Preview string
+}
+
+// ConversationPage is a window of a user's conversations, newest first.
+type ConversationPage struct {
+	Conversations []Conversation
+	HasMore       bool // older conversations exist after the last one returned
+}
+
 // Active reports whether the session may be used at now.
 func (s *Session) Active(now time.Time) bool {
 	return s.RevokedAt == nil && now.Before(s.ExpiresAt)
@@ -228,6 +251,46 @@ type Store interface {
 	Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (sessions, messages int64, err error)
 	// Stats reports schema version and row counts.
 	Stats(ctx context.Context) (*Stats, error)
+
+	// Verified users (see User): a user's conversations are the visitor
+	// sessions stored with that user (realm and id).
+
+	// ResumeUserSession picks the user's latest active visitor session
+	// (not revoked, not expired at at; the one used last: greatest
+	// last_seen_at, then the newest), records the use (last_seen_at moves
+	// to at), extends its expiry to expiresAt when that is later, and
+	// stores u's name, email and attributes as now proven. It returns the
+	// session as stored, or ErrNotFound when the user has none active.
+	ResumeUserSession(ctx context.Context, u *User, at, expiresAt time.Time) (*Session, error)
+	// AdoptSession gives the conversation of the anonymous visitor session
+	// fromID to a user: s (whose User is required) is created, fromID's
+	// messages move to it in their order and with their ids, and fromID
+	// is revoked, so that its tokens stop working, all in one
+	// transaction; nothing is deleted. s is prepared as by CreateSession
+	// and its MessageCount set to the messages it received. at is the
+	// adoption's time: fromID is revoked at at. ErrNotFound means fromID
+	// is not an anonymous visitor session active at at; ErrExists that
+	// s.ID is taken.
+	AdoptSession(ctx context.Context, fromID string, s *Session, at time.Time) error
+	// ListUserSessions returns up to limit of the user's active visitor
+	// sessions (not revoked, not expired at now), newest first (by
+	// created_at, then id); with before set, those that come after the
+	// session with that id in that order (ErrNotFound if it is not one of
+	// the user's sessions).
+	ListUserSessions(ctx context.Context, realm, userID, before string, limit int, now time.Time) (*ConversationPage, error)
+	// DeleteUser deletes every session of the user (any kind or state)
+	// with its messages and revoked tokens, in one transaction, and
+	// reports how many sessions and messages it removed. A user with
+	// nothing stored is not an error.
+	DeleteUser(ctx context.Context, realm, userID string) (sessions, messages int64, err error)
+	// RevokeToken records that the token with ID jti of the session gave
+	// up (a device signed out): TokenRevoked then reports it, until the
+	// session is deleted. Recording it again is harmless. It returns
+	// ErrNotFound if there is no such session.
+	RevokeToken(ctx context.Context, sessionID, jti string, at time.Time) error
+	// TokenRevoked reports whether RevokeToken recorded jti for the session.
+	TokenRevoked(ctx context.Context, sessionID, jti string) (bool, error)
+
 	// Ping checks the store is reachable (and migrated).
 	Ping(ctx context.Context) error
 	// Close releases the store's resources.
@@ -549,4 +612,12 @@ func (g *migrateGate) run(ctx context.Context, migrate func(context.Context) err
 	}
 	g.done.Store(true)
 	return nil
+}
+
+// finishConversations cuts newest-first rows (up to limit+1) to the page.
+func finishConversations(p *ConversationPage, limit int) {
+	if len(p.Conversations) > limit {
+		p.HasMore = true
+		p.Conversations = p.Conversations[:limit]
+	}
 }
