@@ -338,6 +338,95 @@ func (s *PostgresStore) AppendUserMessage(ctx context.Context, m *Message, kind 
 	return w.out, nil
 }
 
+// pgAppendExchange is pgAppendUserMessage that also inserts the
+// streaming reply ($8, unless empty) after the user message: one INSERT
+// of both rows, in that order, so that the reply's seq comes second.
+const pgAppendExchange = `
+WITH s AS (
+    UPDATE chatproxy_sessions SET message_count = message_count + 2
+    WHERE id = $2 AND kind = $7 AND revoked_at IS NULL AND expires_at > $6
+    RETURNING ` + pgSessionColumns + `
+), m AS (
+    INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
+    SELECT v.id, s.id, v.role, v.content, v.status, v.metadata, v.created_at
+    FROM s, (VALUES (1, $1::text, 'user', $3::text, $4::text, $5::jsonb, $6::timestamptz),
+                    (2, $8::text, 'assistant', '', 'streaming', NULL::jsonb, $9::timestamptz))
+            AS v (n, id, role, content, status, metadata, created_at)
+    ORDER BY v.n
+)
+SELECT * FROM s`
+
+// AppendExchange implements Store.
+func (s *PostgresStore) AppendExchange(ctx context.Context, m, reply *Message, kind string) (*Session, error) {
+	const op = "appending message and reply"
+	now := time.Now()
+	if err := prepareUserMessage(m, now); err != nil {
+		return nil, s.fail(op, err)
+	}
+	if err := prepareReply(reply, m); err != nil {
+		return nil, s.fail(op, err)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, s.fail(op, err)
+	}
+	w := &writeOp{kind: writeAppendUser, msg: m, reply: reply, userKind: kind}
+	err := s.w.do(ctx, w)
+	if errors.Is(err, errStoredEarlier) {
+		w.out, err = s.GetSession(ctx, m.SessionID)
+	}
+	if err != nil {
+		return nil, s.fail(op, err)
+	}
+	w.out.MessageCount-- // the reply is not counted in what the caller sees
+	return w.out, nil
+}
+
+// pgFinishReply fills in a streaming reply.
+const pgFinishReply = `
+UPDATE chatproxy_messages SET content = $3, status = $4, metadata = $5
+WHERE id = $1 AND session_id = $2 AND status = 'streaming'`
+
+// FinishReply implements Store.
+func (s *PostgresStore) FinishReply(ctx context.Context, m *Message) error {
+	const op = "finishing reply"
+	if err := prepareFinish(m); err != nil {
+		return s.fail(op, err)
+	}
+	if err := s.ready(ctx); err != nil {
+		return s.fail(op, err)
+	}
+	return s.fail(op, s.w.do(ctx, &writeOp{kind: writeFinish, msg: m}))
+}
+
+const pgGetMessage = `
+SELECT id, role, content, status, metadata, created_at FROM chatproxy_messages
+WHERE id = $1 AND session_id = $2`
+
+// GetMessage implements Store.
+func (s *PostgresStore) GetMessage(ctx context.Context, sessionID, id string) (*Message, error) {
+	const op = "getting message"
+	if !storable(id) || !storable(sessionID) {
+		return nil, s.fail(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, s.fail(op, err)
+	}
+	m := Message{SessionID: sessionID}
+	var md []byte
+	err := s.pool.QueryRow(ctx, pgGetMessage, id, sessionID).Scan(&m.ID, &m.Role, &m.Content, &m.Status, &md, &m.CreatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = ErrNotFound
+	}
+	if err == nil {
+		m.Metadata, err = pgJSON(md)
+	}
+	if err != nil {
+		return nil, s.fail(op, err)
+	}
+	m.CreatedAt = m.CreatedAt.UTC()
+	return &m, nil
+}
+
 // commitWrites is the writer's commit: the batch's statements go in one
 // pipeline, which PostgreSQL runs as one implicit transaction (one round
 // trip, one commit). A statement that fails aborts the transaction; its
@@ -360,7 +449,15 @@ func (s *PostgresStore) commitWrites(ctx context.Context, ops []*writeOp) attemp
 			b.Queue(pgAppendMessage, m.ID, m.SessionID, m.Role, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt)
 		case writeAppendUser:
 			m := op.msg
-			b.Queue(pgAppendUserMessage, m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt, op.userKind)
+			if r := op.reply; r != nil {
+				b.Queue(pgAppendExchange, m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt, op.userKind,
+					r.ID, r.CreatedAt)
+			} else {
+				b.Queue(pgAppendUserMessage, m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata), m.CreatedAt, op.userKind)
+			}
+		case writeFinish:
+			m := op.msg
+			b.Queue(pgFinishReply, m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata))
 		}
 	}
 	br := s.pool.SendBatch(ctx, b)

@@ -366,7 +366,12 @@ func liteInsertCounted(ctx context.Context, tx *sql.Tx, res sql.Result, err erro
 	if err := mustAffect(res, ErrNotFound); err != nil {
 		return err
 	}
-	_, err = tx.ExecContext(ctx, `
+	return liteInsert(ctx, tx, m)
+}
+
+// liteInsert inserts m, counted already.
+func liteInsert(ctx context.Context, tx *sql.Tx, m *Message) error {
+	_, err := tx.ExecContext(ctx, `
 INSERT INTO chatproxy_messages (id, session_id, role, content, status, metadata, created_at)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)`,
 		m.ID, m.SessionID, m.Role, m.Content, m.Status, liteJSON(m.Metadata), m.CreatedAt.UnixMicro())
@@ -396,15 +401,103 @@ func (s *SQLiteStore) AppendUserMessage(ctx context.Context, m *Message, kind st
 	return w.out, nil
 }
 
-func liteAppendUserMessage(ctx context.Context, tx *sql.Tx, m *Message, kind string) (*Session, error) {
+// liteAppendUserMessage stores m and, when reply is not nil, the
+// streaming reply after it (AppendExchange).
+func liteAppendUserMessage(ctx context.Context, tx *sql.Tx, m, reply *Message, kind string) (*Session, error) {
+	n := 1
+	if reply != nil {
+		n = 2
+	}
 	res, err := tx.ExecContext(ctx, `
-UPDATE chatproxy_sessions SET message_count = message_count + 1
+UPDATE chatproxy_sessions SET message_count = message_count + ?4
 WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
-		m.SessionID, m.CreatedAt.UnixMicro(), kind)
+		m.SessionID, m.CreatedAt.UnixMicro(), kind, n)
 	if err := liteInsertCounted(ctx, tx, res, err, m); err != nil {
 		return nil, err
 	}
+	if reply != nil {
+		if err := liteInsert(ctx, tx, reply); err != nil {
+			return nil, err
+		}
+	}
 	return liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))
+}
+
+// AppendExchange implements Store.
+func (s *SQLiteStore) AppendExchange(ctx context.Context, m, reply *Message, kind string) (*Session, error) {
+	const op = "appending message and reply"
+	if err := prepareUserMessage(m, time.Now()); err != nil {
+		return nil, opErr(op, err)
+	}
+	if err := prepareReply(reply, m); err != nil {
+		return nil, opErr(op, err)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	w := &writeOp{kind: writeAppendUser, msg: m, reply: reply, userKind: kind}
+	err := s.wr.do(ctx, w)
+	if errors.Is(err, errStoredEarlier) {
+		w.out, err = s.GetSession(ctx, m.SessionID)
+	}
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	w.out.MessageCount-- // the reply is not counted in what the caller sees
+	return w.out, nil
+}
+
+// FinishReply implements Store.
+func (s *SQLiteStore) FinishReply(ctx context.Context, m *Message) error {
+	const op = "finishing reply"
+	if err := prepareFinish(m); err != nil {
+		return opErr(op, err)
+	}
+	if err := s.ready(ctx); err != nil {
+		return opErr(op, err)
+	}
+	return opErr(op, s.wr.do(ctx, &writeOp{kind: writeFinish, msg: m}))
+}
+
+func liteFinishReply(ctx context.Context, tx *sql.Tx, m *Message) error {
+	res, err := tx.ExecContext(ctx, `
+UPDATE chatproxy_messages SET content = ?3, status = ?4, metadata = ?5
+WHERE id = ?1 AND session_id = ?2 AND status = 'streaming'`,
+		m.ID, m.SessionID, m.Content, m.Status, liteJSON(m.Metadata))
+	if err != nil {
+		return err
+	}
+	return mustAffect(res, ErrNotFound)
+}
+
+// GetMessage implements Store.
+func (s *SQLiteStore) GetMessage(ctx context.Context, sessionID, id string) (*Message, error) {
+	const op = "getting message"
+	if !storable(id) || !storable(sessionID) {
+		return nil, opErr(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	m := Message{SessionID: sessionID}
+	var (
+		md      sql.NullString
+		created int64
+	)
+	err := s.r.QueryRowContext(ctx, `
+SELECT id, role, content, status, metadata, created_at FROM chatproxy_messages
+WHERE id = ?1 AND session_id = ?2`, id, sessionID).Scan(&m.ID, &m.Role, &m.Content, &m.Status, &md, &created)
+	if errors.Is(err, sql.ErrNoRows) {
+		err = ErrNotFound
+	}
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	if md.Valid {
+		m.Metadata = []byte(md.String)
+	}
+	m.CreatedAt = fromMicros(created)
+	return &m, nil
 }
 
 // commitWrites is the writer's commit: the batch in one write transaction.
@@ -427,6 +520,8 @@ func (s *SQLiteStore) commitWrites(ctx context.Context, ops []*writeOp) attempt 
 			err = liteCreateSession(ctx, tx, op.sess) // one statement: atomic alone
 		case writeTouch:
 			err = liteTouchSession(ctx, tx, op)
+		case writeFinish:
+			err = liteFinishReply(ctx, tx, op.msg) // one statement: atomic alone
 		case writeAppend, writeAppendUser:
 			if _, err := tx.ExecContext(ctx, `SAVEPOINT w`); err != nil {
 				return fail(err)
@@ -434,7 +529,7 @@ func (s *SQLiteStore) commitWrites(ctx context.Context, ops []*writeOp) attempt 
 			if op.kind == writeAppend {
 				err = liteAppendMessage(ctx, tx, op.msg)
 			} else {
-				op.out, err = liteAppendUserMessage(ctx, tx, op.msg, op.userKind)
+				op.out, err = liteAppendUserMessage(ctx, tx, op.msg, op.reply, op.userKind)
 			}
 			if err != nil && liteRowError(err) {
 				if _, err := tx.ExecContext(ctx, `ROLLBACK TO w`); err != nil {

@@ -60,12 +60,15 @@ const (
 )
 
 // Statuses of a message. User messages are always complete; an assistant
-// reply is partial when the client left or the stream was cut, and error
-// when the upstream failed before producing a usable reply.
+// reply is partial when the client left or the stream was cut (or it was
+// stopped), and error when the upstream failed before producing a usable
+// reply. A reply still being produced is streaming: its row is stored when
+// the exchange begins (AppendExchange) and finished by FinishReply.
 const (
-	StatusComplete = "complete"
-	StatusPartial  = "partial"
-	StatusError    = "error"
+	StatusComplete  = "complete"
+	StatusPartial   = "partial"
+	StatusError     = "error"
+	StatusStreaming = "streaming"
 )
 
 // Session is one visitor conversation.
@@ -222,6 +225,22 @@ type Store interface {
 	// session of that id and kind; ErrExists that a message with that ID
 	// exists.
 	AppendUserMessage(ctx context.Context, m *Message, kind string) (*Session, error)
+	// AppendExchange is AppendUserMessage that also stores reply, the
+	// assistant's reply to m, in the same transaction and after m: Role
+	// and Status are set to RoleAssistant and StatusStreaming, its content
+	// is empty, its id and time are filled in like m's. Both rows count
+	// in message_count, but the returned session's MessageCount counts m
+	// and not the reply (what the workflow is told). FinishReply stores
+	// the reply once it has ended.
+	AppendExchange(ctx context.Context, m, reply *Message, kind string) (*Session, error)
+	// FinishReply stores the content, status (complete, partial or error)
+	// and metadata of a reply AppendExchange stored as streaming; m.ID and
+	// m.SessionID name it. ErrNotFound means there is no such streaming
+	// reply (it was finished already, or its session was deleted).
+	FinishReply(ctx context.Context, m *Message) error
+	// GetMessage returns the message id of the session sessionID, or
+	// ErrNotFound (also for another session's message).
+	GetMessage(ctx context.Context, sessionID, id string) (*Message, error)
 	// ListMessages returns up to limit messages of the session, oldest
 	// first: the newest ones, or with before set, the newest ones older
 	// than the message with that id (ErrNotFound if it is not in the session).
@@ -537,7 +556,8 @@ func prepareMessage(m *Message, now time.Time) error {
 	if m.Status == "" {
 		m.Status = StatusComplete
 	}
-	if m.Status != StatusComplete && m.Status != StatusPartial && m.Status != StatusError {
+	if m.Status != StatusComplete && m.Status != StatusPartial && m.Status != StatusError &&
+		(m.Status != StatusStreaming || m.Role != RoleAssistant) {
 		return fmt.Errorf("invalid message status %q", m.Status)
 	}
 	if m.ID != "" && !storable(m.ID) {
@@ -560,6 +580,40 @@ func prepareMessage(m *Message, now time.Time) error {
 		m.CreatedAt = now
 	}
 	m.CreatedAt = normTime(m.CreatedAt)
+	return nil
+}
+
+// prepareReply prepares the streaming reply of AppendExchange.
+func prepareReply(reply, user *Message) error {
+	reply.SessionID = user.SessionID
+	reply.Role = RoleAssistant
+	reply.Status = StatusStreaming
+	reply.Content = ""
+	reply.Metadata = nil
+	if reply.CreatedAt.IsZero() {
+		reply.CreatedAt = user.CreatedAt
+	}
+	return prepareMessage(reply, user.CreatedAt)
+}
+
+// prepareFinish checks the reply FinishReply stores.
+func prepareFinish(m *Message) error {
+	if m.ID == "" || m.SessionID == "" {
+		return errors.New("finishing a reply without its id and session")
+	}
+	if !storable(m.ID) || !storable(m.SessionID) {
+		return ErrNotFound
+	}
+	if m.Status != StatusComplete && m.Status != StatusPartial && m.Status != StatusError {
+		return fmt.Errorf("invalid final status %q", m.Status)
+	}
+	m.Role = RoleAssistant
+	md, err := cleanJSON(m.Metadata)
+	if err != nil {
+		return err
+	}
+	m.Metadata = md
+	m.Content = cleantext.String(m.Content)
 	return nil
 }
 

@@ -50,7 +50,8 @@ const (
 	writeCreate     writeKind = iota // CreateSession
 	writeTouch                       // TouchSession
 	writeAppend                      // AppendMessage
-	writeAppendUser                  // AppendUserMessage
+	writeAppendUser                  // AppendUserMessage, AppendExchange
+	writeFinish                      // FinishReply
 )
 
 // writeOp is one queued write and, once done is signalled, its result.
@@ -58,7 +59,8 @@ type writeOp struct {
 	kind     writeKind
 	ctx      context.Context
 	sess     *Session   // writeCreate
-	msg      *Message   // writeAppend, writeAppendUser
+	msg      *Message   // writeAppend, writeAppendUser, writeFinish
+	reply    *Message   // writeAppendUser: AppendExchange's streaming reply
 	userKind string     // writeAppendUser: the kind the session must have
 	id       string     // writeTouch
 	at       time.Time  // writeTouch
@@ -334,6 +336,10 @@ func (op *writeOp) finish(err error) {
 		case writeAppendUser:
 			err = errStoredEarlier
 		}
+	}
+	if op.unsure && op.kind == writeFinish && errors.Is(err, ErrNotFound) {
+		// The reply is no longer streaming: the earlier attempt finished it.
+		err = nil
 	}
 	op.err = err
 	op.done <- struct{}{}

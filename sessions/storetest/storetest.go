@@ -49,6 +49,8 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"Append", testAppend},
 		{"AppendRejectsInvalid", testAppendRejectsInvalid},
 		{"AppendUser", testAppendUser},
+		{"StreamingReply", testStreamingReply},
+		{"StreamingReplyRefusals", testStreamingReplyRefusals},
 		{"SameTimestampOrder", testSameTimestampOrder},
 		{"Paging", testPaging},
 		{"PagingBeforeErrors", testPagingBeforeErrors},
@@ -1209,4 +1211,110 @@ func testMetadataNumbersKept(t *testing.T, st sessions.Store) {
 	if got := mustGet(t, st, "numbers").Metadata; !jsonEqual(t, got, md) {
 		t.Errorf("metadata = %s, want %s", got, md)
 	}
+}
+
+// A reply stored as streaming with its user message is listed after it
+// with status streaming, then finished once with its content, status and
+// metadata; GetMessage reads it only within its session.
+func testStreamingReply(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("visitor"))
+	appendN(t, st, "visitor", 2)
+	m := &sessions.Message{SessionID: "visitor", Content: "question"}
+	reply := &sessions.Message{}
+	got, err := st.AppendExchange(ctx(t), m, reply, sessions.KindVisitor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.MessageCount != 3 {
+		t.Errorf("returned MessageCount = %d, want 3 (the reply not counted)", got.MessageCount)
+	}
+	if n := mustGet(t, st, "visitor").MessageCount; n != 4 {
+		t.Errorf("stored MessageCount = %d, want 4", n)
+	}
+	if reply.ID == "" || reply.ID == m.ID || reply.Role != sessions.RoleAssistant || reply.Status != sessions.StatusStreaming ||
+		reply.SessionID != "visitor" {
+		t.Fatalf("reply not filled in: %+v", reply)
+	}
+	p := mustList(t, st, "visitor", "", 10)
+	if len(p.Messages) != 4 || p.Messages[2].ID != m.ID || p.Messages[3].ID != reply.ID {
+		t.Fatalf("listed %v, want the user message then the reply last", ids(p.Messages))
+	}
+	if last := p.Messages[3]; last.Status != sessions.StatusStreaming || last.Content != "" || last.Role != sessions.RoleAssistant {
+		t.Errorf("streaming reply listed as %+v", last)
+	}
+	gm, err := st.GetMessage(ctx(t), "visitor", reply.ID)
+	if err != nil || gm.Status != sessions.StatusStreaming || gm.ID != reply.ID {
+		t.Fatalf("GetMessage = %+v, %v; want the streaming reply", gm, err)
+	}
+
+	fin := &sessions.Message{ID: reply.ID, SessionID: "visitor", Content: "the answer", Status: sessions.StatusPartial,
+		Metadata: json.RawMessage(`{"events":{"items":[4,6]}}`)}
+	if err := st.FinishReply(ctx(t), fin); err != nil {
+		t.Fatal(err)
+	}
+	gm, err = st.GetMessage(ctx(t), "visitor", reply.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gm.Content != "the answer" || gm.Status != sessions.StatusPartial || !jsonEqual(t, gm.Metadata, fin.Metadata) ||
+		!timeEqual(gm.CreatedAt, reply.CreatedAt) {
+		t.Errorf("finished reply = %+v", gm)
+	}
+	if n := mustGet(t, st, "visitor").MessageCount; n != 4 {
+		t.Errorf("MessageCount after FinishReply = %d, want 4", n)
+	}
+	// Finished once: a second finish finds no streaming reply.
+	again := &sessions.Message{ID: reply.ID, SessionID: "visitor", Content: "other", Status: sessions.StatusComplete}
+	wantErr(t, "FinishReply twice", st.FinishReply(ctx(t), again), sessions.ErrNotFound)
+	if gm, _ := st.GetMessage(ctx(t), "visitor", reply.ID); gm == nil || gm.Content != "the answer" {
+		t.Errorf("a second FinishReply changed the reply: %+v", gm)
+	}
+
+	// Another session's message, or none, is not found.
+	mustCreate(t, st, newSession("other"))
+	_, err = st.GetMessage(ctx(t), "other", reply.ID)
+	wantErr(t, "GetMessage from another session", err, sessions.ErrNotFound)
+	_, err = st.GetMessage(ctx(t), "visitor", "no-such-message")
+	wantErr(t, "GetMessage of an unknown id", err, sessions.ErrNotFound)
+	_, err = st.GetMessage(ctx(t), "visitor", "bad\xff")
+	wantErr(t, "GetMessage of an unstorable id", err, sessions.ErrNotFound)
+	wantErr(t, "FinishReply in another session", st.FinishReply(ctx(t), &sessions.Message{ID: reply.ID, SessionID: "other",
+		Status: sessions.StatusComplete}), sessions.ErrNotFound)
+}
+
+// AppendExchange refuses what AppendUserMessage refuses, storing neither
+// row; FinishReply takes only a final status; a deleted session's reply
+// cannot be finished.
+func testStreamingReplyRefusals(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("visitor"))
+	revoked := newSession("revoked")
+	mustCreate(t, st, revoked)
+	if err := st.RevokeSession(ctx(t), "revoked", t0); err != nil {
+		t.Fatal(err)
+	}
+	_, err := st.AppendExchange(ctx(t), &sessions.Message{SessionID: "revoked", Content: "hi"}, &sessions.Message{}, sessions.KindVisitor)
+	wantErr(t, "AppendExchange to a revoked session", err, sessions.ErrNotFound)
+	_, err = st.AppendExchange(ctx(t), &sessions.Message{SessionID: "visitor", Content: "hi"}, &sessions.Message{}, sessions.KindWidget)
+	wantErr(t, "AppendExchange to another kind", err, sessions.ErrNotFound)
+	first := &sessions.Message{}
+	if _, err := st.AppendExchange(ctx(t), &sessions.Message{SessionID: "visitor", Content: "hi"}, first, sessions.KindVisitor); err != nil {
+		t.Fatal(err)
+	}
+	// The reply's id taken: neither row is stored.
+	_, err = st.AppendExchange(ctx(t), &sessions.Message{SessionID: "visitor", Content: "again"}, &sessions.Message{ID: first.ID}, sessions.KindVisitor)
+	wantErr(t, "AppendExchange with a taken reply id", err, sessions.ErrExists)
+	if p := mustList(t, st, "visitor", "", 10); p.TotalCount != 2 || mustGet(t, st, "visitor").MessageCount != 2 {
+		t.Errorf("after refusals: %d messages stored, count %d; want 2", p.TotalCount, mustGet(t, st, "visitor").MessageCount)
+	}
+	if err := st.FinishReply(ctx(t), &sessions.Message{ID: first.ID, SessionID: "visitor", Status: sessions.StatusStreaming}); err == nil {
+		t.Error("FinishReply took status streaming")
+	}
+	if err := st.AppendMessage(ctx(t), &sessions.Message{SessionID: "visitor", Role: sessions.RoleUser, Status: sessions.StatusStreaming}); err == nil {
+		t.Error("a user message was stored as streaming")
+	}
+	if err := st.DeleteSession(ctx(t), "visitor"); err != nil {
+		t.Fatal(err)
+	}
+	wantErr(t, "FinishReply after the session was deleted", st.FinishReply(ctx(t), &sessions.Message{ID: first.ID, SessionID: "visitor",
+		Status: sessions.StatusComplete, Content: "late"}), sessions.ErrNotFound)
 }
