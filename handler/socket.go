@@ -2,6 +2,7 @@ package handler
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 // DefaultWaitTimeout is how long the proxy keeps a waiting execution alive
@@ -79,9 +81,7 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	if maxRunes <= 0 {
 		maxRunes = 4000 // the module's default
 	}
-	// A sendMessage frame: the message JSON-escaped (at most 6 bytes a
-	// rune) and the other fields.
-	visitor.SetReadLimit(int64(6*maxRunes + 4096))
+	visitor.SetReadLimit(socketFrameLimit(maxRunes, h.cfg.Uploads))
 	rl := &socketRelay{
 		h: h, claims: c, storeID: storeID, keys: keys, maxRunes: maxRunes,
 		visitor: visitor, attached: true,
@@ -89,6 +89,44 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	}
 	rl.run(context.WithoutCancel(r.Context()))
 	return nil
+}
+
+// socketFrameLimit is the largest frame the widget may send: a
+// sendMessage answer with the message JSON-escaped (at most 6 bytes a
+// rune) and the other fields, and, when uploads are on, the most files
+// the uploads block allows as base64 data URLs. A larger frame closes the
+// socket with 1009 before it is read whole.
+func socketFrameLimit(maxRunes int, uploads *upload.Parser) int64 {
+	n := int64(6*maxRunes + 4096)
+	if uploads != nil {
+		n += uploads.MaxDataFilesSize()
+	}
+	return n
+}
+
+// uploadCloseCode is the close code of files refused over the socket:
+// 1009 (message too big) for a file or files over the size limits, 1008
+// (policy violation) for the rest.
+func uploadCloseCode(e *upload.Error) websocket.StatusCode {
+	if e.Reason == upload.ReasonTooLarge || e.Reason == upload.ReasonTotal {
+		return websocket.StatusMessageTooBig
+	}
+	return websocket.StatusPolicyViolation
+}
+
+// socketAttachments is the stored answer's metadata: the files'
+// names, types, sizes and hashes, as the multipart route keeps them (nil
+// when there are none).
+func socketAttachments(files []upload.Info) json.RawMessage {
+	if len(files) == 0 {
+		return nil
+	}
+	out := make([]attachment, len(files))
+	for i, f := range files {
+		out[i] = attachment{Name: f.Name, Type: f.Type, Size: f.Size, SHA256: f.SHA256}
+	}
+	b, _ := json.Marshal(map[string][]attachment{"attachments": out})
+	return b
 }
 
 // socketRelay joins one widget socket to n8n's socket for the same
@@ -162,7 +200,7 @@ func (rl *socketRelay) readN8n(ctx context.Context) {
 			}
 		}
 		if kind == n8nMessage && text != "" {
-			rl.store(sessions.RoleAssistant, text)
+			rl.store(sessions.RoleAssistant, text, nil)
 		}
 		if rl.isAttached() {
 			wctx, cancel := context.WithTimeout(ctx, socketWriteTimeout)
@@ -220,8 +258,14 @@ func (rl *socketRelay) readVisitor(ctx context.Context) {
 			rl.refuse(websocket.StatusUnsupportedData, "only text frames are accepted")
 			return
 		}
-		f, err := checkVisitorFrame(data, rl.claims.SessionID, rl.maxRunes)
-		if err != nil {
+		f, err := checkVisitorFrame(data, rl.claims.SessionID, rl.maxRunes, rl.h.cfg.Uploads)
+		var ue *upload.Error
+		switch {
+		case errors.As(err, &ue):
+			rl.h.cfg.Metrics.UploadRefused(string(ue.Reason))
+			rl.refuse(uploadCloseCode(ue), ue.Message)
+			return
+		case err != nil:
 			rl.h.cfg.Metrics.GuardRefused(metrics.RefusalInput)
 			rl.refuse(websocket.StatusPolicyViolation, err.Error())
 			return
@@ -236,8 +280,10 @@ func (rl *socketRelay) readVisitor(ctx context.Context) {
 			if err != nil {
 				rl.log.Error("rate limiter failed", zap.Error(err))
 			}
-			// Stored before n8n sees it, as every visitor message is.
-			if !rl.store(sessions.RoleUser, f.chatInput) {
+			rl.h.cfg.Metrics.UploadsAccepted(len(f.files))
+			// Stored before n8n sees it, as every visitor message is; of
+			// the files, what the multipart route keeps.
+			if !rl.store(sessions.RoleUser, f.chatInput, socketAttachments(f.files)) {
 				rl.refuse(websocket.StatusInternalError, "the message could not be stored; try again")
 				return
 			}
@@ -304,8 +350,9 @@ func (rl *socketRelay) serverExiting() {
 }
 
 // store records a message of the conversation, detached from the
-// request; it reports whether the message was stored.
-func (rl *socketRelay) store(role, text string) bool {
+// request, with its metadata (nil: none); it reports whether the message
+// was stored.
+func (rl *socketRelay) store(role, text string, meta json.RawMessage) bool {
 	h := rl.h
 	timeout := h.cfg.ReplyStoreTimeout
 	if timeout <= 0 {
@@ -316,7 +363,7 @@ func (rl *socketRelay) store(role, text string) bool {
 	var err error
 	if role == sessions.RoleUser {
 		_, err = h.cfg.Store.AppendUserMessage(ctx, &sessions.Message{
-			SessionID: rl.storeID, Content: text, Status: sessions.StatusComplete,
+			SessionID: rl.storeID, Content: text, Status: sessions.StatusComplete, Metadata: meta,
 		}, sessions.KindWidget)
 	} else {
 		id, idErr := uuid.NewV7()

@@ -1,9 +1,16 @@
 package handler
 
 import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 func TestSocketToken(t *testing.T) {
@@ -58,9 +65,63 @@ func TestCheckVisitorFrame(t *testing.T) {
 		{`{"sessionId":"03b2b262","action":"sendMessage","chatInput":"` + strings.Repeat("é", 13) + `"}`, false, ""},
 		{`[]`, false, ""},
 	} {
-		f, err := checkVisitorFrame([]byte(tc.frame), sid, 12)
+		f, err := checkVisitorFrame([]byte(tc.frame), sid, 12, nil)
 		if (err == nil) != tc.ok || f.chatInput != tc.input {
 			t.Errorf("%s: %+v, %v", tc.frame, f, err)
+		}
+	}
+}
+
+// Files in an answer: checked against the uploads block as the multipart
+// route checks them; without one, any file is refused as uploads_disabled.
+func TestCheckVisitorFrameFiles(t *testing.T) {
+	const sid = "03b2b262"
+	p, err := upload.NewParser(upload.Config{MaxFiles: 2, MaxFileSize: 100, MaxTotal: 150, AllowedTypes: []string{"text/csv", "image/png"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	frame := func(files ...map[string]any) []byte {
+		b, _ := json.Marshal(map[string]any{"sessionId": sid, "action": "sendMessage", "chatInput": "see file", "files": files})
+		return b
+	}
+	csv := func(name, body string) map[string]any {
+		return map[string]any{"name": name, "type": "text/csv", "data": "data:text/csv;base64," + base64.StdEncoding.EncodeToString([]byte(body))}
+	}
+	sum := sha256.Sum256([]byte("a,b\n1,2\n"))
+	f, err := checkVisitorFrame(frame(csv("answer.csv", "a,b\n1,2\n")), sid, 100, p)
+	if err != nil || f.chatInput != "see file" || len(f.files) != 1 ||
+		f.files[0] != (upload.Info{Name: "answer.csv", Type: "text/csv", Size: 8, SHA256: hex.EncodeToString(sum[:])}) {
+		t.Fatalf("accepted file: %+v, %v", f, err)
+	}
+	if f, err := checkVisitorFrame(frame(), sid, 100, nil); err != nil || len(f.files) != 0 {
+		t.Fatalf("files [] without uploads: %+v, %v", f, err)
+	}
+	for _, tc := range []struct {
+		name   string
+		frame  []byte
+		p      *upload.Parser
+		reason upload.Reason // "" for a refusal of the frame itself
+	}{
+		{"uploads off", frame(csv("a.csv", "a")), nil, upload.ReasonDisabled},
+		{"too many", frame(csv("a.csv", "a"), csv("b.csv", "b"), csv("c.csv", "c")), p, upload.ReasonTooMany},
+		{"too big", frame(csv("a.csv", strings.Repeat("a", 101))), p, upload.ReasonTooLarge},
+		{"too big together", frame(csv("a.csv", strings.Repeat("a", 100)), csv("b.csv", strings.Repeat("b", 51))), p, upload.ReasonTotal},
+		{"type not allowed", frame(map[string]any{"name": "a.pdf", "type": "application/pdf", "data": "data:application/pdf;base64,JVBERi0xLjQK"}), p, upload.ReasonType},
+		{"png declared, text inside", frame(map[string]any{"name": "a.png", "type": "image/png", "data": "data:image/png;base64,aGVsbG8="}), p, upload.ReasonMismatch},
+		{"malformed data URL", frame(map[string]any{"name": "a.csv", "type": "text/csv", "data": "data:text/csv,a%2Cb"}), p, upload.ReasonDataURL},
+		{"no data", frame(map[string]any{"name": "a.csv", "type": "text/csv"}), p, ""},
+		{"data not a string", frame(map[string]any{"name": "a.csv", "type": "text/csv", "data": 1}), p, ""},
+		{"unknown file field", frame(map[string]any{"name": "a.csv", "type": "text/csv", "data": "data:text/csv;base64,YQ==", "path": "/etc"}), p, ""},
+	} {
+		f, err := checkVisitorFrame(tc.frame, sid, 100, tc.p)
+		var ue *upload.Error
+		switch {
+		case err == nil:
+			t.Errorf("%s: accepted %+v", tc.name, f)
+		case tc.reason == "" && errors.As(err, &ue):
+			t.Errorf("%s: %v is an upload refusal, want a frame refusal", tc.name, err)
+		case tc.reason != "" && (!errors.As(err, &ue) || ue.Reason != tc.reason):
+			t.Errorf("%s: %v, want %s", tc.name, err, tc.reason)
 		}
 	}
 }
@@ -106,17 +167,53 @@ func FuzzSocketToken(f *testing.F) {
 	})
 }
 
+// FuzzVisitorFrame: whatever the widget sends, the frame is accepted or
+// refused without a panic; an accepted answer has a valid message, and
+// files only within the uploads limits, each one a data URL of the
+// frame that decodes to what was checked.
 func FuzzVisitorFrame(f *testing.F) {
 	f.Add([]byte(`{"sessionId":"s","action":"sendMessage","chatInput":"hi","files":[]}`))
 	f.Add([]byte("n8n|heartbeat-ack"))
 	f.Add([]byte(`{"type":"heartbeat-ack"}`))
+	f.Add([]byte(`{"sessionId":"s","action":"sendMessage","chatInput":"reply with a file","files":[{"name":"answer.csv","type":"text/csv","data":"data:text/csv;base64,YSxiXG4xLDI="}]}`))
+	f.Add([]byte(`{"sessionId":"s","action":"sendMessage","chatInput":"x","files":[{"name":"a.png","type":"image/png","data":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="}]}`))
+	p, err := upload.NewParser(upload.Config{MaxFiles: 2, MaxFileSize: 1 << 10, MaxTotal: 3 << 9, AllowedTypes: []string{"text/csv", "image/png"}})
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		fr, err := checkVisitorFrame(data, "s", 100)
+		fr, err := checkVisitorFrame(data, "s", 100, p)
 		if err != nil {
 			return
 		}
 		if !fr.ack && (fr.chatInput == "" || len([]rune(fr.chatInput)) > 100) {
 			t.Fatalf("accepted %q as %+v", data, fr)
+		}
+		if len(fr.files) > 0 {
+			var m struct {
+				Files []struct{ Data string }
+			}
+			if err := json.Unmarshal(data, &m); err != nil || len(m.Files) != len(fr.files) || len(fr.files) > 2 {
+				t.Fatalf("accepted %d files from %q (%v)", len(fr.files), data, err)
+			}
+			var total int64
+			for i, in := range fr.files {
+				_, b64, err := upload.ParseDataURL(m.Files[i].Data)
+				raw, derr := base64.StdEncoding.DecodeString(b64)
+				sum := sha256.Sum256(raw)
+				if err != nil || derr != nil || int64(len(raw)) != in.Size || in.SHA256 != hex.EncodeToString(sum[:]) {
+					t.Fatalf("file %d accepted as %+v from %q", i, in, m.Files[i].Data)
+				}
+				total += in.Size
+			}
+			if total > 3<<9 {
+				t.Fatalf("accepted %d bytes of files", total)
+			}
+		}
+		if !fr.ack && len(fr.files) == 0 {
+			if _, err := checkVisitorFrame(data, "s", 100, nil); err != nil {
+				t.Fatalf("accepted with uploads on, refused with them off: %v", err)
+			}
 		}
 		_, _ = classifyN8nFrame(data)
 	})

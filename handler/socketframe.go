@@ -6,6 +6,7 @@ import (
 	"errors"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 // The frames of n8n's chat WebSocket (n8n 2.8.4 sends the plain-text
@@ -64,24 +65,40 @@ func classifyN8nFrame(data []byte) (n8nFrame, string) {
 
 // visitorFrame is a frame from the widget that may go on to n8n.
 type visitorFrame struct {
-	ack       bool   // a heartbeat ack (either variant)
-	chatInput string // a sendMessage answer's text, normalised for storing
+	ack       bool          // a heartbeat ack (either variant)
+	chatInput string        // a sendMessage answer's text, normalised for storing
+	files     []upload.Info // the files the answer carries, checked
 }
 
 // visitorMessage is the widget's answer over the socket (Input.vue
 // respondToChatNode): exactly these fields.
 type visitorMessage struct {
-	SessionID *string           `json:"sessionId"`
-	Action    *string           `json:"action"`
-	ChatInput *string           `json:"chatInput"`
-	Files     []json.RawMessage `json:"files"`
+	SessionID *string       `json:"sessionId"`
+	Action    *string       `json:"action"`
+	ChatInput *string       `json:"chatInput"`
+	Files     []visitorFile `json:"files"`
 }
+
+// visitorFile is a file of the answer, as the widget sends it (its name,
+// its File.type and its FileReader data URL); n8n's chatMessageSchema
+// requires all three.
+type visitorFile struct {
+	Name *string `json:"name"`
+	Type *string `json:"type"`
+	Data *string `json:"data"`
+}
+
+// errSocketFields is the refusal of an answer's file without its name,
+// type or data, which n8n would drop without a word.
+var errSocketFields = errors.New("each file needs a name, a type and data")
 
 // checkVisitorFrame accepts only what the widget sends over the socket:
 // heartbeat acks, and sendMessage answers for the socket's own sessionId
-// with a valid message and no files (files over the socket are not
-// accepted). Anything else is refused with the reason the close carries.
-func checkVisitorFrame(data []byte, sessionID string, maxRunes int) (visitorFrame, error) {
+// with a valid message and, when uploads is not nil, files within its
+// limits (checked as the multipart route checks them, decoded from their
+// data URLs). Anything else is refused with the reason the close carries;
+// a refusal of the files is an *upload.Error.
+func checkVisitorFrame(data []byte, sessionID string, maxRunes int, uploads *upload.Parser) (visitorFrame, error) {
 	if string(data) == frameHeartbeatAck {
 		return visitorFrame{ack: true}, nil
 	}
@@ -110,12 +127,29 @@ func checkVisitorFrame(data []byte, sessionID string, maxRunes int) (visitorFram
 		return visitorFrame{}, errors.New("sessionId does not match the socket's")
 	case m.ChatInput == nil:
 		return visitorFrame{}, errors.New("chatInput is required")
-	case len(m.Files) > 0:
-		return visitorFrame{}, errors.New("files are not accepted over the chat socket")
 	}
 	text, err := guard.NormalizeMessage(*m.ChatInput, maxRunes)
 	if err != nil {
 		return visitorFrame{}, guard.WithField(err, "chatInput")
 	}
-	return visitorFrame{chatInput: text}, nil
+	if len(m.Files) == 0 {
+		return visitorFrame{chatInput: text}, nil
+	}
+	if uploads == nil {
+		e := upload.Disabled()
+		e.Message = "file uploads are not accepted on this site"
+		return visitorFrame{}, e
+	}
+	files := make([]upload.DataFile, len(m.Files))
+	for i, f := range m.Files {
+		if f.Name == nil || f.Type == nil || f.Data == nil {
+			return visitorFrame{}, errSocketFields
+		}
+		files[i] = upload.DataFile{Name: *f.Name, Type: *f.Type, Data: *f.Data}
+	}
+	infos, err := uploads.CheckDataFiles(files)
+	if err != nil {
+		return visitorFrame{}, err
+	}
+	return visitorFrame{chatInput: text, files: infos}, nil
 }

@@ -77,10 +77,20 @@ type ChatExecution struct {
 	ID, SessionID, Token string
 	Status               string   // waiting, canceled, success
 	Replies              []string // the chatInput of each answer that resumed it
+	// ReplyFiles are the files of the answers that resumed it, as the
+	// frames carried them (n8n's runNode reads name, type and data).
+	ReplyFiles []ChatFile
 
 	step      int
 	delivered *websocket.Conn // the socket the pending message went to
 	sock      *websocket.Conn
+}
+
+// ChatFile is a file of a visitor's answer over the socket.
+type ChatFile struct {
+	Name string `json:"name"`
+	Type string `json:"type"`
+	Data string `json:"data"` // the widget's data URL
 }
 
 // ChatFrame is one frame on a stand-in socket, for transcripts.
@@ -141,7 +151,8 @@ func (f *N8nChat) Execution(id string) (ChatExecution, bool) {
 	if !ok {
 		return ChatExecution{}, false
 	}
-	return ChatExecution{ID: e.ID, SessionID: e.SessionID, Token: e.Token, Status: e.Status, Replies: append([]string(nil), e.Replies...)}, true
+	return ChatExecution{ID: e.ID, SessionID: e.SessionID, Token: e.Token, Status: e.Status,
+		Replies: append([]string(nil), e.Replies...), ReplyFiles: append([]ChatFile(nil), e.ReplyFiles...)}, true
 }
 
 // Frames returns every frame seen so far on the stand-in's sockets.
@@ -265,9 +276,10 @@ func (f *N8nChat) socket(w http.ResponseWriter, r *http.Request) {
 				continue
 			}
 			var m struct {
-				SessionID *string `json:"sessionId"`
-				Action    string  `json:"action"`
-				ChatInput *string `json:"chatInput"`
+				SessionID *string    `json:"sessionId"`
+				Action    string     `json:"action"`
+				ChatInput *string    `json:"chatInput"`
+				Files     []ChatFile `json:"files"`
 			}
 			if json.Unmarshal(data, &m) != nil || m.SessionID == nil || m.Action != "sendMessage" || m.ChatInput == nil {
 				continue // chatMessageSchema failed: only logged
@@ -275,6 +287,7 @@ func (f *N8nChat) socket(w http.ResponseWriter, r *http.Request) {
 			f.mu.Lock()
 			if e.step < len(f.opts.Workflow) && f.opts.Workflow[e.step].Wait && e.delivered != nil {
 				e.Replies = append(e.Replies, *m.ChatInput)
+				e.ReplyFiles = append(e.ReplyFiles, m.Files...)
 				e.step++
 				e.delivered = nil
 			}
