@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"sync"
 	"time"
@@ -55,6 +56,7 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	setSecurityHeaders(w.Header())
 	if origin := r.Header.Get("Origin"); origin == "" || !h.originAllowed(r, origin) {
 		h.cfg.Metrics.GuardRefused(metrics.RefusalOrigin)
+		h.cfg.Metrics.SocketUpgradeRefused(metrics.UpgradeOrigin)
 		return h.writeError(w, r, http.StatusForbidden, "origin_not_allowed", "this origin may not open the chat socket")
 	}
 	q := r.URL.Query()
@@ -64,11 +66,15 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	}
 	if err != nil {
 		h.cfg.Metrics.GuardRefused(metrics.RefusalInput)
+		h.cfg.Metrics.SocketUpgradeRefused(metrics.UpgradeToken)
 		return h.writeError(w, r, http.StatusForbidden, "forbidden", err.Error())
 	}
 	storeID := widgetSessionID(c.Site, c.SessionID)
 	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: storeID}, {Tier: guard.TierDomain, ID: c.Site}}
 	if !h.rateLimit(w, r, keys[0]) {
+		if w.Header().Get("Retry-After") != "" { // a 429, not a limiter failure
+			h.cfg.Metrics.SocketUpgradeRefused(metrics.UpgradeRateLimited)
+		}
 		return nil
 	}
 	// The Origin was checked above, against allowed_origins.
@@ -81,9 +87,13 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	if maxRunes <= 0 {
 		maxRunes = 4000 // the module's default
 	}
-	visitor.SetReadLimit(socketFrameLimit(maxRunes, h.cfg.Uploads))
+	// readVisitor refuses a frame over the cap itself (1009, counted); the
+	// library's limit, one byte more, only keeps it from reading further.
+	limit := socketFrameLimit(maxRunes, h.cfg.Uploads)
+	visitor.SetReadLimit(limit + 1)
+	h.cfg.Metrics.SocketOpened()
 	rl := &socketRelay{
-		h: h, claims: c, storeID: storeID, keys: keys, maxRunes: maxRunes,
+		h: h, claims: c, storeID: storeID, keys: keys, maxRunes: maxRunes, frameLimit: limit,
 		visitor: visitor, attached: true,
 		log: h.cfg.Logger.With(zap.String("session_id", storeID), zap.String("execution_id", c.ExecutionID)),
 	}
@@ -134,19 +144,22 @@ func socketAttachments(files []upload.Info) json.RawMessage {
 // the visitor has gone (it acks n8n's heartbeats until wait_timeout, so
 // that n8n does not cancel the execution) and when it closes a side.
 type socketRelay struct {
-	h        *Handler
-	log      *zap.Logger
-	claims   socketClaims
-	storeID  string      // the widget conversation's session id
-	keys     []guard.Key // the visitor's rate-limit keys: ip, session, domain
-	maxRunes int
-	visitor  *websocket.Conn
-	up       *websocket.Conn
+	h          *Handler
+	log        *zap.Logger
+	claims     socketClaims
+	storeID    string      // the widget conversation's session id
+	keys       []guard.Key // the visitor's rate-limit keys: ip, session, domain
+	maxRunes   int
+	frameLimit int64 // the largest frame the visitor may send
+	visitor    *websocket.Conn
+	up         *websocket.Conn
+	closed     sync.Once // the visitor's socket has ended and is counted
 
 	mu        sync.Mutex
-	attached  bool // the visitor's socket is open
-	ended     bool // n8n's side ended: nothing starts the wait any more
-	shutdown  bool // the server is exiting
+	endReason string // why the visitor's socket ends (metrics.Socket*), first cause only
+	attached  bool   // the visitor's socket is open
+	ended     bool   // n8n's side ended: nothing starts the wait any more
+	shutdown  bool   // the server is exiting
 	waitTimer *time.Timer
 }
 
@@ -159,7 +172,9 @@ func (rl *socketRelay) run(ctx context.Context) {
 	up, err := rl.h.cfg.Upstream.DialChat(ctx, rl.claims.SessionID, rl.claims.ExecutionID, rl.claims.N8nToken)
 	if err != nil {
 		rl.log.Warn("n8n chat socket unreachable", zap.Error(err))
+		rl.setEnd(metrics.SocketN8nUnreachable)
 		_ = rl.visitor.Close(websocket.StatusInternalError, "the chat service cannot be reached")
+		rl.visitorClosed()
 		return
 	}
 	rl.up = up
@@ -208,6 +223,8 @@ func (rl *socketRelay) readN8n(ctx context.Context) {
 			cancel()
 			if err != nil {
 				rl.detach()
+			} else {
+				rl.h.cfg.Metrics.SocketFrameRelayed(metrics.ToVisitor)
 			}
 		}
 	}
@@ -219,14 +236,18 @@ func (rl *socketRelay) readN8n(ctx context.Context) {
 // n8n's other codes (1008 for an unknown execution) as they are.
 func (rl *socketRelay) n8nEnded(err error) {
 	code, reason := websocket.StatusInternalError, "the chat service ended the conversation"
+	why := metrics.SocketN8nError
 	var ce websocket.CloseError
 	switch {
 	case errors.As(err, &ce) && (ce.Code == websocket.StatusNoStatusRcvd || ce.Code == websocket.StatusNormalClosure):
-		code, reason = websocket.StatusNormalClosure, ""
+		code, reason, why = websocket.StatusNormalClosure, "", metrics.SocketN8nClosed
 	case errors.As(err, &ce) && ce.Code != websocket.StatusAbnormalClosure && ce.Code != websocket.StatusTLSHandshake:
 		code, reason = ce.Code, ce.Reason
 	}
 	rl.mu.Lock()
+	if rl.attached && !rl.shutdown && rl.endReason == "" {
+		rl.endReason = why
+	}
 	rl.ended = true
 	attached, shutdown := rl.attached, rl.shutdown
 	rl.attached = false
@@ -248,14 +269,19 @@ func (rl *socketRelay) n8nEnded(err error) {
 // When the visitor's socket ends, the proxy waits for it no more than
 // wait_timeout.
 func (rl *socketRelay) readVisitor(ctx context.Context) {
+	defer rl.visitorClosed()
 	defer rl.detach()
 	for {
-		typ, data, err := rl.visitor.Read(ctx)
+		typ, data, err := rl.readFrame(ctx)
+		if errors.Is(err, errFrameTooBig) {
+			rl.refuse(metrics.SocketFrameTooBig, websocket.StatusMessageTooBig, err.Error())
+			return
+		}
 		if err != nil {
 			return
 		}
 		if typ != websocket.MessageText {
-			rl.refuse(websocket.StatusUnsupportedData, "only text frames are accepted")
+			rl.refuse(metrics.SocketBinaryFrame, websocket.StatusUnsupportedData, "only text frames are accepted")
 			return
 		}
 		f, err := checkVisitorFrame(data, rl.claims.SessionID, rl.maxRunes, rl.h.cfg.Uploads)
@@ -263,18 +289,18 @@ func (rl *socketRelay) readVisitor(ctx context.Context) {
 		switch {
 		case errors.As(err, &ue):
 			rl.h.cfg.Metrics.UploadRefused(string(ue.Reason))
-			rl.refuse(uploadCloseCode(ue), ue.Message)
+			rl.refuse(metrics.SocketUploadRefused, uploadCloseCode(ue), ue.Message)
 			return
 		case err != nil:
 			rl.h.cfg.Metrics.GuardRefused(metrics.RefusalInput)
-			rl.refuse(websocket.StatusPolicyViolation, err.Error())
+			rl.refuse(metrics.SocketInvalidFrame, websocket.StatusPolicyViolation, err.Error())
 			return
 		}
 		if !f.ack {
 			d, err := rl.h.cfg.Limiter.Allow(ctx, rl.keys...)
 			if err == nil && !d.Allowed {
 				rl.h.cfg.Metrics.RateLimited(string(d.Tier))
-				rl.refuse(websocket.StatusTryAgainLater, "rate limit exceeded; try again later")
+				rl.refuse(metrics.SocketRateLimited, websocket.StatusTryAgainLater, "rate limit exceeded; try again later")
 				return
 			}
 			if err != nil {
@@ -284,14 +310,58 @@ func (rl *socketRelay) readVisitor(ctx context.Context) {
 			// Stored before n8n sees it, as every visitor message is; of
 			// the files, what the multipart route keeps.
 			if !rl.store(sessions.RoleUser, f.chatInput, socketAttachments(f.files)) {
-				rl.refuse(websocket.StatusInternalError, "the message could not be stored; try again")
+				rl.refuse(metrics.SocketStoreFailed, websocket.StatusInternalError, "the message could not be stored; try again")
 				return
 			}
 		}
 		if !rl.writeN8n(ctx, data) {
 			return
 		}
+		rl.h.cfg.Metrics.SocketFrameRelayed(metrics.ToN8n)
 	}
+}
+
+// errFrameTooBig is the refusal of a visitor frame over the size cap.
+var errFrameTooBig = errors.New("the frame is larger than this server accepts")
+
+// readFrame reads the visitor's next frame whole, up to frameLimit bytes;
+// a larger one is errFrameTooBig (and is not read further).
+func (rl *socketRelay) readFrame(ctx context.Context) (websocket.MessageType, []byte, error) {
+	typ, r, err := rl.visitor.Reader(ctx)
+	if err != nil {
+		return 0, nil, err
+	}
+	data, err := io.ReadAll(io.LimitReader(r, rl.frameLimit+1))
+	if err != nil {
+		return 0, nil, err
+	}
+	if int64(len(data)) > rl.frameLimit {
+		return 0, nil, errFrameTooBig
+	}
+	return typ, data, nil
+}
+
+// setEnd records why the visitor's socket ends, unless a cause is known.
+func (rl *socketRelay) setEnd(reason string) {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if rl.endReason == "" {
+		rl.endReason = reason
+	}
+}
+
+// visitorClosed counts the end of the visitor's socket, once: by the
+// first cause recorded, else as the visitor leaving.
+func (rl *socketRelay) visitorClosed() {
+	rl.closed.Do(func() {
+		rl.mu.Lock()
+		reason := rl.endReason
+		rl.mu.Unlock()
+		if reason == "" {
+			reason = metrics.SocketVisitorLeft
+		}
+		rl.h.cfg.Metrics.SocketClosed(reason)
+	})
 }
 
 func (rl *socketRelay) writeN8n(ctx context.Context, data []byte) bool {
@@ -300,9 +370,10 @@ func (rl *socketRelay) writeN8n(ctx context.Context, data []byte) bool {
 	return rl.up.Write(wctx, websocket.MessageText, data) == nil
 }
 
-// refuse closes the visitor's socket with code; n8n's side then waits as
-// for a visitor who left.
-func (rl *socketRelay) refuse(code websocket.StatusCode, reason string) {
+// refuse closes the visitor's socket with code, counted as why; n8n's
+// side then waits as for a visitor who left.
+func (rl *socketRelay) refuse(why string, code websocket.StatusCode, reason string) {
+	rl.setEnd(why)
 	rl.detach()
 	_ = rl.visitor.Close(code, truncate(reason, closeReasonMax))
 }
@@ -338,6 +409,9 @@ func (rl *socketRelay) detach() {
 func (rl *socketRelay) serverExiting() {
 	rl.mu.Lock()
 	rl.shutdown = true
+	if rl.attached && rl.endReason == "" {
+		rl.endReason = metrics.SocketShutdown
+	}
 	attached := rl.attached
 	rl.attached = false
 	rl.mu.Unlock()

@@ -58,6 +58,34 @@ const (
 	RefusalInput  = "input"  // an invalid body or input (400, 413, 415)
 )
 
+// Directions of socket_frames_total: frames relayed over the chat socket.
+const (
+	ToN8n     = "to_n8n"     // the visitor's heartbeat acks and answers, relayed to n8n
+	ToVisitor = "to_visitor" // n8n's heartbeats, messages and continues, relayed to the widget
+)
+
+// Reasons of socket_closes_total: why a widget's chat socket ended.
+const (
+	SocketN8nClosed      = "n8n_closed"      // n8n ended the conversation (the execution finished)
+	SocketN8nError       = "n8n_error"       // n8n dropped its socket or closed it with an error code
+	SocketN8nUnreachable = "n8n_unreachable" // n8n's socket could not be opened (1011)
+	SocketVisitorLeft    = "visitor_left"    // the widget closed its socket or went away
+	SocketShutdown       = "shutdown"        // Caddy exited (1001)
+	SocketInvalidFrame   = "invalid_frame"   // a frame that is neither an ack nor a valid answer (1008)
+	SocketUploadRefused  = "upload_refused"  // an answer's files refused by the uploads checks (1008, 1009)
+	SocketFrameTooBig    = "frame_too_big"   // a frame over the size cap (1009)
+	SocketBinaryFrame    = "binary_frame"    // a binary frame (1003)
+	SocketRateLimited    = "rate_limited"    // an answer over the rate limits (1013)
+	SocketStoreFailed    = "store_failed"    // an answer that could not be stored (1011)
+)
+
+// Reasons of socket_upgrades_refused_total.
+const (
+	UpgradeOrigin      = "origin"       // no Origin, or one not allowed (403)
+	UpgradeToken       = "token"        // no token, or one forged, expired or for another conversation (403)
+	UpgradeRateLimited = "rate_limited" // the ip tier's limit (429)
+)
+
 // UploadAccepted is the result label of upload_files_total for files that
 // passed the uploads checks; refusals are labelled with their reason.
 const UploadAccepted = "accepted"
@@ -134,8 +162,32 @@ var (
 	uploadFiles = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Subsystem: subsystem,
 		Name: "upload_files_total",
-		Help: "Files sent with chat messages, by result: accepted, or the reason the upload was refused (too_many_files, file_too_large, upload_too_large, fields_too_large, type_not_allowed, type_mismatch, type_forbidden, empty_file, invalid_multipart), counted once per refused upload.",
+		Help: "Files sent with chat messages (multipart or over the chat socket), by result: accepted, or the reason the upload was refused (too_many_files, file_too_large, upload_too_large, fields_too_large, type_not_allowed, type_mismatch, type_forbidden, empty_file, invalid_multipart, invalid_data_url, uploads_disabled), counted once per refused upload.",
 	}, []string{"result"})
+
+	activeSockets = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "active_sockets",
+		Help: "Chat sockets of @n8n/chat widgets (chat_socket) open right now.",
+	})
+
+	socketFrames = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "socket_frames_total",
+		Help: "Frames relayed over chat sockets, by direction: to_n8n (the visitor's acks and answers), to_visitor (n8n's frames).",
+	}, []string{"direction"})
+
+	socketCloses = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "socket_closes_total",
+		Help: "Widget chat sockets ended, by reason: n8n_closed, n8n_error, n8n_unreachable, visitor_left, shutdown, or the refusal that closed them (invalid_frame, upload_refused, frame_too_big, binary_frame, rate_limited, store_failed).",
+	}, []string{"reason"})
+
+	socketUpgradesRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem,
+		Name: "socket_upgrades_refused_total",
+		Help: "Chat socket upgrades refused before anything reached n8n, by reason: origin, token, rate_limited.",
+	}, []string{"reason"})
 
 	circuitState = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: namespace, Subsystem: subsystem,
@@ -150,6 +202,7 @@ var (
 		sessionsCreated, messages, upstreamTTFB, upstreamDuration, upstreamErrors,
 		chunksRelayed, bytesRelayed, activeStreams, rateLimited, guardRefusals,
 		uploadFiles, circuitState, pools,
+		activeSockets, socketFrames, socketCloses, socketUpgradesRefused,
 	}
 
 	// own is the registry the module's /metrics route serves, and handler
@@ -177,6 +230,12 @@ func init() {
 		guardRefusals.WithLabelValues(reason)
 	}
 	uploadFiles.WithLabelValues(UploadAccepted)
+	for _, d := range []string{ToN8n, ToVisitor} {
+		socketFrames.WithLabelValues(d)
+	}
+	for _, reason := range []string{UpgradeOrigin, UpgradeToken, UpgradeRateLimited} {
+		socketUpgradesRefused.WithLabelValues(reason)
+	}
 }
 
 // Register adds the module's collectors to reg, typically the config's

@@ -55,6 +55,27 @@ caddy_chatproxy_active_streams 0
 			t.Fatal(err)
 		}
 	}
+	// The chat socket's series too: the open sockets gauge and the
+	// counters go on from where they were.
+	sockets := testutil.ToFloat64(activeSockets)
+	refusedToken := testutil.ToFloat64(socketUpgradesRefused.WithLabelValues(UpgradeToken))
+	rec.SocketOpened()
+	rec.SocketUpgradeRefused(UpgradeToken)
+	third := prometheus.NewPedanticRegistry()
+	if err := Register(third); err != nil {
+		t.Fatalf("third registry: %v", err)
+	}
+	NewRecorder("n8n-reload01", nil).SocketFrameRelayed(ToN8n)
+	if got, err := gatherValue(third, "caddy_chatproxy_active_sockets", nil); err != nil || got != sockets+1 {
+		t.Fatalf("active_sockets after the reload: %v, %v; want %v", got, err, sockets+1)
+	}
+	if got, err := gatherValue(third, "caddy_chatproxy_socket_upgrades_refused_total", map[string]string{"reason": UpgradeToken}); err != nil || got != refusedToken+1 {
+		t.Fatalf("socket_upgrades_refused_total after the reload: %v, %v; want %v", got, err, refusedToken+1)
+	}
+	rec.SocketClosed(SocketVisitorLeft)
+	if got := testutil.ToFloat64(activeSockets); got != sockets {
+		t.Fatalf("active_sockets after the close: %v, want %v", got, sockets)
+	}
 	// Both registries read the same collector.
 	got, err := gatherValue(second, "caddy_chatproxy_rate_limited_total", map[string]string{"tier": "session"})
 	if err != nil || got != before+3 {
@@ -73,6 +94,10 @@ func TestMetricsLint(t *testing.T) {
 	rec.GuardRefused("honeypot")
 	rec.UploadsAccepted(1)
 	rec.UploadRefused("type_mismatch")
+	rec.SocketOpened()
+	rec.SocketFrameRelayed(ToVisitor)
+	rec.SocketUpgradeRefused(UpgradeOrigin)
+	rec.SocketClosed(SocketN8nClosed)
 	reg := prometheus.NewPedanticRegistry()
 	if err := Register(reg); err != nil {
 		t.Fatal(err)

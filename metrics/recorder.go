@@ -182,3 +182,36 @@ func (r *Recorder) SetCircuitState(state string) {
 		circuitState.WithLabelValues(r.upstream, s).Set(v)
 	}
 }
+
+// SocketOpened and SocketClosed bracket a widget's chat socket; reason is
+// one of the Socket* reasons.
+func (r *Recorder) SocketOpened() {
+	if r != nil {
+		activeSockets.Inc()
+	}
+}
+
+// SocketClosed ends what SocketOpened began, counting why.
+func (r *Recorder) SocketClosed(reason string) {
+	if r == nil {
+		return
+	}
+	activeSockets.Dec()
+	socketCloses.WithLabelValues(reason).Inc()
+}
+
+// SocketFrameRelayed counts a frame relayed over a chat socket in a
+// direction (ToN8n, ToVisitor).
+func (r *Recorder) SocketFrameRelayed(direction string) {
+	if r != nil {
+		socketFrames.WithLabelValues(direction).Inc()
+	}
+}
+
+// SocketUpgradeRefused counts a refused chat socket upgrade by reason
+// (UpgradeOrigin, UpgradeToken, UpgradeRateLimited).
+func (r *Recorder) SocketUpgradeRefused(reason string) {
+	if r != nil {
+		socketUpgradesRefused.WithLabelValues(reason).Inc()
+	}
+}
