@@ -215,12 +215,19 @@ func forgeSocketToken(key []byte, claims map[string]any) string {
 
 // The hole closed: only the visitor who started an execution can attach
 // to it, with the token the proxy gave it, from an allowed origin, while
-// fresh. Every refusal happens before anything reaches n8n.
+// fresh, within the rate limits. Every refusal happens before anything
+// reaches n8n (the stand-in counts every request to its /chat). This is
+// the refusal table of docs/n8n-and-widgets.md.
 func TestChatSocketRefusals(t *testing.T) {
 	e := newSocketEnv(t, "sqlite", fastN8n(sendWaitSend...), nil)
 	const victim, attacker = "victim-session-0001", "attacker-session-02"
 	v := e.post(t, victim, "my private question")
 	a := e.postAccept(t, attacker, "hello", "text/plain")
+	// A site whose ip tier allows one request: the POST spends it.
+	limited := newSocketEnv(t, "sqlite", fastN8n(sendWaitSend...), func(cp *ChatProxy) {
+		cp.RateLimits = testRates(map[string][]string{"ip": {"1/1m"}, "session": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}})
+	})
+	l := limited.post(t, victim, "my question")
 	key := deriveKey(e.cp.jwtSecret, "chatproxy chat socket tokens")
 	tampered := []byte(v.ResumeToken)
 	tampered[3] ^= 1
@@ -231,24 +238,31 @@ func TestChatSocketRefusals(t *testing.T) {
 		name, query, origin string
 		upgrade             bool
 		status              int
+		env                 *socketEnv // nil: e
 	}{
 		// Not the socket's: a page the site serves at /chat still works.
-		{"plain GET without Upgrade", socketQuery(victim, v.ExecutionID, v.ResumeToken), allowedOrigin, false, passedOn},
-		{"no token", socketQuery(victim, v.ExecutionID, ""), allowedOrigin, true, 403},
-		{"second visitor's own token for the victim's execution", socketQuery(attacker, v.ExecutionID, a.ResumeToken), allowedOrigin, true, 403},
-		{"second visitor's token, victim's sessionId and execution", socketQuery(victim, v.ExecutionID, a.ResumeToken), allowedOrigin, true, 403},
-		{"victim's token, next execution id", socketQuery(victim, a.ExecutionID, v.ResumeToken), allowedOrigin, true, 403},
-		{"wrong Origin", socketQuery(victim, v.ExecutionID, v.ResumeToken), "https://evil.example.net", true, 403},
-		{"no Origin", socketQuery(victim, v.ExecutionID, v.ResumeToken), "", true, 403},
-		{"tampered token", socketQuery(victim, v.ExecutionID, string(tampered)), allowedOrigin, true, 403},
-		{"expired token", socketQuery(victim, v.ExecutionID, forgeSocketToken(key, claims(victim, v.ExecutionID, time.Now().Add(-time.Second).Unix()))), allowedOrigin, true, 403},
-		{"token signed with another key", socketQuery(victim, v.ExecutionID, forgeSocketToken([]byte("not-the-key"), claims(victim, v.ExecutionID, time.Now().Add(time.Minute).Unix()))), allowedOrigin, true, 403},
-		{"token for another site", socketQuery(victim, v.ExecutionID, forgeSocketToken(key, map[string]any{"s": "other.example.org", "i": victim, "e": v.ExecutionID, "x": time.Now().Add(time.Minute).Unix()})), allowedOrigin, true, 403},
+		{"plain GET without Upgrade", socketQuery(victim, v.ExecutionID, v.ResumeToken), allowedOrigin, false, passedOn, nil},
+		{"no token", socketQuery(victim, v.ExecutionID, ""), allowedOrigin, true, 403, nil},
+		{"second visitor's own token for the victim's execution", socketQuery(attacker, v.ExecutionID, a.ResumeToken), allowedOrigin, true, 403, nil},
+		{"second visitor's token, victim's sessionId and execution", socketQuery(victim, v.ExecutionID, a.ResumeToken), allowedOrigin, true, 403, nil},
+		{"victim's token, next execution id", socketQuery(victim, a.ExecutionID, v.ResumeToken), allowedOrigin, true, 403, nil},
+		{"wrong Origin", socketQuery(victim, v.ExecutionID, v.ResumeToken), "https://evil.example.net", true, 403, nil},
+		{"no Origin", socketQuery(victim, v.ExecutionID, v.ResumeToken), "", true, 403, nil},
+		{"tampered token", socketQuery(victim, v.ExecutionID, string(tampered)), allowedOrigin, true, 403, nil},
+		{"expired token", socketQuery(victim, v.ExecutionID, forgeSocketToken(key, claims(victim, v.ExecutionID, time.Now().Add(-time.Second).Unix()))), allowedOrigin, true, 403, nil},
+		{"token signed with another key", socketQuery(victim, v.ExecutionID, forgeSocketToken([]byte("not-the-key"), claims(victim, v.ExecutionID, time.Now().Add(time.Minute).Unix()))), allowedOrigin, true, 403, nil},
+		{"token for another site", socketQuery(victim, v.ExecutionID, forgeSocketToken(key, map[string]any{"s": "other.example.org", "i": victim, "e": v.ExecutionID, "x": time.Now().Add(time.Minute).Unix()})), allowedOrigin, true, 403, nil},
+		{"token for another session", socketQuery(attacker, v.ExecutionID, forgeSocketToken(key, claims(victim, v.ExecutionID, time.Now().Add(time.Minute).Unix()))), allowedOrigin, true, 403, nil},
+		{"valid upgrade over the ip rate limit", socketQuery(victim, l.ExecutionID, l.ResumeToken), allowedOrigin, true, 429, limited},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			env := e
+			if tc.env != nil {
+				env = tc.env
+			}
 			var status int
 			if tc.upgrade {
-				_, resp, err := e.dial(t, tc.query, tc.origin)
+				_, resp, err := env.dial(t, tc.query, tc.origin)
 				if err == nil {
 					t.Fatal("upgrade accepted")
 				}
@@ -256,7 +270,7 @@ func TestChatSocketRefusals(t *testing.T) {
 					status = resp.StatusCode
 				}
 			} else {
-				req, _ := http.NewRequest("GET", e.srv.URL+"/chat?"+tc.query, nil)
+				req, _ := http.NewRequest("GET", env.srv.URL+"/chat?"+tc.query, nil)
 				req.Header.Set("Origin", tc.origin)
 				resp, err := http.DefaultClient.Do(req)
 				if err != nil {
@@ -269,10 +283,9 @@ func TestChatSocketRefusals(t *testing.T) {
 			if status != tc.status {
 				t.Fatalf("status %d, want %d", status, tc.status)
 			}
-			if n := e.n8n.Sockets(); n != 0 {
+			if n := env.n8n.Sockets(); n != 0 {
 				t.Fatalf("n8n saw %d socket requests", n)
 			}
-			t.Logf("refused: %s → %d; stand-in sockets %d", tc.name, status, e.n8n.Sockets())
 		})
 	}
 	// The victim's own upgrade still works, also with a token written out
