@@ -20,6 +20,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/signed"
 	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
@@ -76,6 +77,9 @@ type Config struct {
 	// WaitTimeout is how long a waiting execution is kept alive after the
 	// visitor's socket went away; zero means DefaultWaitTimeout.
 	WaitTimeout time.Duration
+	// Erasure checks the signature of DELETE {prefix}/user/data with
+	// identity_secret; nil (no identity_secret): the route answers 404.
+	Erasure *signed.Verifier
 	// LogContent adds the message and reply text to each exchange's log
 	// line. Off by default: chat text is the visitor's personal data.
 	LogContent bool
@@ -118,6 +122,8 @@ func New(cfg Config) *Handler {
 		newRoute("/session/destroy", map[string]routeFunc{http.MethodDelete: h.destroySession}),
 		newRoute("/chat/history", map[string]routeFunc{http.MethodGet: h.history}),
 		newRoute("/chat/history/", map[string]routeFunc{http.MethodGet: h.history}),
+		newRoute("/chat/conversations", map[string]routeFunc{http.MethodGet: h.conversations}),
+		newRoute("/user/data", map[string]routeFunc{http.MethodDelete: h.eraseUser}),
 		newRoute("/chat/message", map[string]routeFunc{http.MethodPost: h.chatMessage}),
 		newRoute("/chat/stream", map[string]routeFunc{http.MethodGet: h.chatStreamGet, http.MethodPost: h.chatStreamPost}),
 		newRoute("/n8n/chat", map[string]routeFunc{http.MethodPost: h.widgetChat}),

@@ -37,9 +37,11 @@ type historyResponse struct {
 	HasMore    bool             `json:"has_more"`
 }
 
-// history answers the caller's own conversation. A session id in the path
-// that is not the caller's is 404, exactly like one that does not exist, so
-// the route cannot be used to probe for other visitors' sessions.
+// history answers the caller's own conversation, or for a verified user
+// another of their active conversations, named in the path or by the
+// session_id parameter. Any other session id is 404, exactly like one
+// that does not exist, so the route cannot be used to probe for other
+// visitors' sessions.
 func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID string) error {
 	if !h.rateLimit(w, r, ipKey(r)) {
 		return nil
@@ -48,10 +50,17 @@ func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID stri
 	if !ok {
 		return nil
 	}
-	if sessionID != "" && sessionID != s.ID {
+	q := r.URL.Query()
+	if sessionID == "" {
+		sessionID = q.Get("session_id")
+	}
+	s, err := h.userConversation(r, s, sessionID)
+	if errors.Is(err, sessions.ErrNotFound) {
 		return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 	}
-	q := r.URL.Query()
+	if err != nil {
+		return h.storeError(w, r, "load conversation", err)
+	}
 	limit := defaultHistoryLimit
 	if v := q.Get("limit"); v != "" {
 		n, err := strconv.Atoi(v)

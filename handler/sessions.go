@@ -20,6 +20,9 @@ type createSessionRequest struct {
 	OriginDomain string          `json:"origin_domain"`
 	PageURL      string          `json:"page_url"`
 	Metadata     json.RawMessage `json:"metadata"`
+	// NewConversation starts a new conversation for a verified user
+	// instead of continuing their latest (see openSession).
+	NewConversation bool `json:"new_conversation"`
 }
 
 type createSessionResponse struct {
@@ -43,7 +46,7 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))}) {
 		return nil
 	}
-	s, token, err := h.cfg.Sessions.Create(r.Context(), sessions.NewSession{
+	s, token, err := h.openSession(r, sessions.NewSession{
 		Site:        requestSite(r),
 		PageURL:     req.PageURL,
 		UserAgent:   truncate(r.Header.Get("User-Agent"), 512),
@@ -51,7 +54,7 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 		Fingerprint: guard.Fingerprint(r),
 		Metadata:    metadata,
 		Origin:      r.Header.Get("Origin"), // checked against allowed_origins
-	})
+	}, req.NewConversation)
 	if err != nil {
 		return h.storeError(w, r, "create session", err)
 	}
@@ -91,11 +94,13 @@ func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ strin
 	if !h.rateLimit(w, r, ipKey(r)) {
 		return nil
 	}
-	s, _, ok := h.authenticate(w, r)
+	s, claims, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
 	}
-	if err := h.cfg.Sessions.Revoke(r.Context(), s.ID); err != nil && !errors.Is(err, sessions.ErrNotFound) {
+	// A verified user's conversation is shared by their devices: only
+	// this device's token is given up (Manager.SignOut).
+	if err := h.cfg.Sessions.SignOut(r.Context(), s, claims); err != nil && !errors.Is(err, sessions.ErrNotFound) {
 		return h.storeError(w, r, "revoke session", err)
 	}
 	h.clearSessionCookie(w, r)

@@ -50,7 +50,19 @@ func (m *Manager) now() time.Time {
 
 // Create stores a new session and returns it with its signed token.
 func (m *Manager) Create(ctx context.Context, n NewSession) (*Session, string, error) {
-	now := m.now()
+	s := m.newRow(n, m.now())
+	token, err := m.Tokens.IssueFor(s, n.Origin)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := m.Store.CreateSession(ctx, s); err != nil {
+		return nil, "", err
+	}
+	return s, token, nil
+}
+
+// newRow is the session Create stores for n at now.
+func (m *Manager) newRow(n NewSession, now time.Time) *Session {
 	s := &Session{
 		ID:          n.ID,
 		Kind:        n.Kind,
@@ -74,14 +86,77 @@ func (m *Manager) Create(ctx context.Context, n NewSession) (*Session, string, e
 		// 128 random bits; URL- and path-safe.
 		s.ID = rand.Text()
 	}
+	return s
+}
+
+// Resume continues the verified user's latest active conversation (see
+// Store.ResumeUserSession): its expiry moves to a full TTL from now, the
+// user's details are stored as n.User now proves them, and a new token
+// for it is returned, bound to n.Origin and naming this device's
+// fingerprint. ErrNotFound: the user has no active conversation.
+func (m *Manager) Resume(ctx context.Context, n NewSession) (*Session, string, error) {
+	if n.User == nil {
+		return nil, "", errors.New("resuming a session: no user")
+	}
+	now := m.now()
+	s, err := m.Store.ResumeUserSession(ctx, m.realmUser(n.User), now, now.Add(m.TTL).Truncate(time.Second))
+	if err != nil {
+		return nil, "", err
+	}
+	token, err := m.issueForDevice(s, n)
+	if err != nil {
+		return nil, "", err
+	}
+	return s, token, nil
+}
+
+// Adopt gives the anonymous session anon (active, loaded by the caller)
+// to the verified user n.User: a new session of the user takes its
+// messages, and anon is deleted, so its tokens stop working (see
+// Store.AdoptSession). The conversation keeps anon's start time.
+// ErrNotFound: anon is no longer an active anonymous session.
+func (m *Manager) Adopt(ctx context.Context, anon *Session, n NewSession) (*Session, string, error) {
+	if n.User == nil {
+		return nil, "", errors.New("adopting a session: no user")
+	}
+	now := m.now()
+	s := m.newRow(n, now)
+	s.CreatedAt = anon.CreatedAt
+	if s.Metadata == nil {
+		s.Metadata = anon.Metadata
+	}
+	if s.PageURL == "" {
+		s.PageURL = anon.PageURL
+	}
 	token, err := m.Tokens.IssueFor(s, n.Origin)
 	if err != nil {
 		return nil, "", err
 	}
-	if err := m.Store.CreateSession(ctx, s); err != nil {
+	if err := m.Store.AdoptSession(ctx, anon.ID, s, now); err != nil {
 		return nil, "", err
 	}
 	return s, token, nil
+}
+
+// issueForDevice signs a token for an existing session s on the device
+// that n describes: bound to its Origin, with its fingerprint.
+func (m *Manager) issueForDevice(s *Session, n NewSession) (string, error) {
+	c := *s
+	c.Fingerprint = n.Fingerprint
+	return m.Tokens.IssueFor(&c, n.Origin)
+}
+
+// SignOut gives up the token (claims) of a verified user's session on
+// this device only: the conversation, and the other devices' tokens,
+// stay. An anonymous session is revoked with its messages (Revoke).
+func (m *Manager) SignOut(ctx context.Context, s *Session, claims *Claims) error {
+	if s.User == nil {
+		return m.Revoke(ctx, s.ID)
+	}
+	if err := m.Store.RevokeToken(ctx, s.ID, claims.ID, m.now()); err != nil {
+		return fmt.Errorf("revoking token: %w", err)
+	}
+	return nil
 }
 
 // realmUser is a copy of u in this manager's realm: the audience of its
@@ -132,6 +207,16 @@ func (m *Manager) load(ctx context.Context, claims *Claims) (*Session, *Claims, 
 	if !m.now().Before(s.ExpiresAt) {
 		return nil, nil, fmt.Errorf("%w: expired", ErrSessionGone)
 	}
+	if s.User != nil {
+		// A shared conversation: this device may have signed out.
+		revoked, err := m.Store.TokenRevoked(ctx, s.ID, claims.ID)
+		if err != nil {
+			return nil, nil, fmt.Errorf("loading session: %w", err)
+		}
+		if revoked {
+			return nil, nil, fmt.Errorf("%w: signed out on this device", ErrSessionGone)
+		}
+	}
 	return s, claims, nil
 }
 
@@ -142,7 +227,9 @@ func (m *Manager) load(ctx context.Context, claims *Claims) (*Session, *Claims, 
 // taken from the token without reading the store: ID, Kind, Site,
 // CreatedAt (to the second) and ExpiresAt are set, PageURL is empty and
 // MessageCount is -1 (unknown) until the append returns the stored row.
-// Otherwise, or when the token is past its expiry, it is Authenticate.
+// Otherwise, or when the token is past its expiry or is a verified
+// user's (Claims.Shared: it may have been given up alone), it is
+// Authenticate.
 // minAge lets a caller that needs the stored message count for young
 // sessions (the bot filter's first-message check) have it.
 func (m *Manager) AuthenticateMessage(ctx context.Context, token string, minAge time.Duration) (*Session, *Claims, error) {
@@ -163,7 +250,7 @@ func (m *Manager) AuthenticateMessage(ctx context.Context, token string, minAge 
 func (m *Manager) MessageSession(ctx context.Context, claims *Claims, minAge time.Duration) (*Session, error) {
 	now := m.now()
 	created := claims.IssuedAt.Time
-	if claims.Site == "" || now.Sub(created) < minAge || !now.Before(claims.ExpiresAt.Time) {
+	if claims.Site == "" || claims.Shared || now.Sub(created) < minAge || !now.Before(claims.ExpiresAt.Time) {
 		s, _, err := m.load(ctx, claims)
 		return s, err
 	}

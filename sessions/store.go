@@ -283,13 +283,13 @@ type Store interface {
 	ResumeUserSession(ctx context.Context, u *User, at, expiresAt time.Time) (*Session, error)
 	// AdoptSession gives the conversation of the anonymous visitor session
 	// fromID to a user: s (whose User is required) is created, fromID's
-	// messages move to it in their order and with their ids, and fromID
-	// is revoked, so that its tokens stop working, all in one
-	// transaction; nothing is deleted. s is prepared as by CreateSession
-	// and its MessageCount set to the messages it received. at is the
-	// adoption's time: fromID is revoked at at. ErrNotFound means fromID
-	// is not an anonymous visitor session active at at; ErrExists that
-	// s.ID is taken.
+	// messages move to it in their order and with their ids, and then
+	// fromID is deleted, so that its tokens stop working and nothing of
+	// it is left outside the user's rows (which DeleteUser erases), all
+	// in one transaction. s is prepared as by CreateSession and its
+	// MessageCount set to the messages it received. ErrNotFound means
+	// fromID is not an anonymous visitor session active at at; ErrExists
+	// that s.ID is taken.
 	AdoptSession(ctx context.Context, fromID string, s *Session, at time.Time) error
 	// ListUserSessions returns up to limit of the user's active visitor
 	// sessions (not revoked, not expired at now), newest first (by

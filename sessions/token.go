@@ -55,6 +55,11 @@ type Claims struct {
 	// that carry another Origin are refused. Empty for sessions created
 	// without one (server-side API clients), which are not bound.
 	Origin string `json:"origin,omitempty"`
+	// Shared marks a token of a verified user's session, which several
+	// devices share: each device's token can be given up alone (see
+	// Store.RevokeToken), so such a token is always checked against the
+	// store, never taken on trust.
+	Shared bool `json:"shr,omitempty"`
 }
 
 // OriginAllowed reports whether a request with the given Origin header
@@ -125,6 +130,7 @@ func (t *Tokens) IssueFor(s *Session, origin string) (string, error) {
 		Fingerprint: s.Fingerprint,
 		Site:        s.Site,
 		Origin:      origin,
+		Shared:      s.User != nil,
 	}
 	signed, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString(t.key)
 	if err != nil {

@@ -52,7 +52,7 @@ func (s *PostgresStore) ResumeUserSession(ctx context.Context, u *User, at, expi
 
 // AdoptSession implements Store. The anonymous session's row is locked
 // first, as an append locks it, so a message arriving meanwhile either
-// moves with the others or finds the session revoked.
+// moves with the others or finds the session gone.
 func (s *PostgresStore) AdoptSession(ctx context.Context, fromID string, sess *Session, at time.Time) error {
 	const op = "adopting session"
 	if sess.User == nil {
@@ -99,7 +99,7 @@ FOR UPDATE`, fromID, at).Scan(&one)
 		if _, err := tx.Exec(ctx, `UPDATE chatproxy_sessions SET message_count = $2 WHERE id = $1`, sess.ID, moved); err != nil {
 			return err
 		}
-		_, err = tx.Exec(ctx, `UPDATE chatproxy_sessions SET revoked_at = $2, message_count = 0 WHERE id = $1`, fromID, at)
+		_, err = tx.Exec(ctx, `DELETE FROM chatproxy_sessions WHERE id = $1`, fromID)
 		return err
 	})
 	if err != nil {

@@ -85,7 +85,7 @@ WHERE id = ?1 AND kind = 'visitor' AND user_id IS NULL AND revoked_at IS NULL AN
 		if _, err := tx.ExecContext(ctx, `UPDATE chatproxy_sessions SET message_count = ?2 WHERE id = ?1`, sess.ID, moved); err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE chatproxy_sessions SET revoked_at = ?2, message_count = 0 WHERE id = ?1`, fromID, atUS)
+		_, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE id = ?1`, fromID)
 		return err
 	})
 	if err != nil {
