@@ -17,6 +17,8 @@
 //   - a plain GET without an upgrade: 500 with an HTML page.
 // Like n8n it checks nothing else: no token, no Origin, no session binding.
 // Every frame is recorded with its time (GET /__frames).
+import { createHash } from "node:crypto";
+
 import { WebSocketServer } from "ws";
 
 const heartbeatMs = Number(process.env.E2E_N8N_HEARTBEAT_MS || 30_000);
@@ -47,6 +49,7 @@ export function startExecution(res, sessionId, chatInput) {
 			{ wait: false, text: (e) => `you said: ${e.replies.at(-1) ?? ""}` },
 		],
 		replies: [],
+		files: [],
 		delivered: null,
 		sock: null,
 	});
@@ -56,11 +59,21 @@ export function startExecution(res, sessionId, chatInput) {
 
 function record(exec, fromN8n, data) {
 	frames.push({ at: Date.now(), exec, dir: fromN8n ? "n8n->client" : "client->n8n", data });
-	console.log(`stand-in-n8n: socket exec ${exec} ${fromN8n ? "<<" : ">>"} ${data}`);
+	const shown = data.length > 300 ? `${data.slice(0, 300)}… (${data.length} bytes)` : data;
+	console.log(`stand-in-n8n: socket exec ${exec} ${fromN8n ? "<<" : ">>"} ${shown}`);
+}
+
+// answerFile is what n8n's runNode takes from a file of an answer frame:
+// its name and type, and the bytes of its data URL (decoded here from
+// what follows the comma; the data URL itself is kept as it came).
+function answerFile(f) {
+	const data = typeof f?.data === "string" ? f.data : "";
+	const bytes = Buffer.from(data.slice(data.indexOf(",") + 1), "base64");
+	return { name: f?.name, type: f?.type, dataURLPrefix: data.slice(0, data.indexOf(",") + 1), size: bytes.length, sha256: createHash("sha256").update(bytes).digest("hex") };
 }
 
 export function framesJSON() {
-	return JSON.stringify({ sockets, frames, executions: [...executions.values()].map((e) => ({ id: e.id, status: e.status, replies: e.replies })) });
+	return JSON.stringify({ sockets, frames, executions: [...executions.values()].map((e) => ({ id: e.id, status: e.status, replies: e.replies, files: e.files })) });
 }
 
 // plainGet answers GET /chat without an upgrade as n8n does.
@@ -125,6 +138,7 @@ function session(ws, url) {
 		const st = e.steps[e.step];
 		if (st?.wait && e.delivered === ws) {
 			e.replies.push(m.chatInput);
+			e.files.push(...(Array.isArray(m.files) ? m.files : []).map(answerFile));
 			e.step++;
 			e.delivered = null;
 		}
