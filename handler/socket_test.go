@@ -56,6 +56,7 @@ func TestCheckVisitorFrame(t *testing.T) {
 		{`{"sessionId":"03b2b262","action":"sendMessage","chatInput":"typed reply","files":[]}`, true, "typed reply"},
 		{`{"sessionId":"03b2b262","action":"sendMessage","chatInput":" a\r\nb "}`, true, "a\nb"},
 		{`{"type":"heartbeat"}`, false, ""},
+		{`{"type": "heartbeat-ack"` + strings.Repeat(" ", maxAckFrame) + `}`, false, ""}, // no ack is that long
 		{`n8n|heartbeat`, false, ""},
 		{`{"sessionId":"other","action":"sendMessage","chatInput":"x","files":[]}`, false, ""},
 		{`{"sessionId":"03b2b262","action":"sendMessage","chatInput":"","files":[]}`, false, ""},

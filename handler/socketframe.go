@@ -63,6 +63,11 @@ func classifyN8nFrame(data []byte) (n8nFrame, string) {
 	return n8nMessage, string(data)
 }
 
+// maxAckFrame bounds a JSON heartbeat ack, {"type":"heartbeat-ack"} with
+// room for spaces and escapes: a larger frame (an answer with files) is
+// not decoded a second time as one.
+const maxAckFrame = 256
+
 // visitorFrame is a frame from the widget that may go on to n8n.
 type visitorFrame struct {
 	ack       bool          // a heartbeat ack (either variant)
@@ -106,16 +111,18 @@ func checkVisitorFrame(data []byte, sessionID string, maxRunes int, uploads *upl
 	if len(t) == 0 || t[0] != '{' {
 		return visitorFrame{}, errors.New("unexpected frame")
 	}
-	var ack struct {
-		Type string `json:"type"`
-	}
-	dec := json.NewDecoder(bytes.NewReader(t))
-	dec.DisallowUnknownFields()
-	if dec.Decode(&ack) == nil && ack.Type == "heartbeat-ack" && !dec.More() {
-		return visitorFrame{ack: true}, nil
+	if len(t) <= maxAckFrame {
+		var ack struct {
+			Type string `json:"type"`
+		}
+		dec := json.NewDecoder(bytes.NewReader(t))
+		dec.DisallowUnknownFields()
+		if dec.Decode(&ack) == nil && ack.Type == "heartbeat-ack" && !dec.More() {
+			return visitorFrame{ack: true}, nil
+		}
 	}
 	var m visitorMessage
-	dec = json.NewDecoder(bytes.NewReader(t))
+	dec := json.NewDecoder(bytes.NewReader(t))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&m); err != nil || dec.More() {
 		return visitorFrame{}, errors.New("frame is not a sendMessage object")
