@@ -146,7 +146,7 @@ func (s *PostgresStore) CreateSession(ctx context.Context, sess *Session) error 
 // pgSessionColumns are the columns pgScanSession reads.
 const pgSessionColumns = `id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
        coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count,
-       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes`
+       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes, mode`
 
 const pgGetSession = `SELECT ` + pgSessionColumns + ` FROM chatproxy_sessions WHERE id = $1`
 
@@ -177,7 +177,7 @@ func pgScanSession(row pgx.Row) (*Session, error) {
 	err := row.Scan(
 		&sess.ID, &sess.Kind, &sess.Site, &sess.PageURL, &sess.UserAgent, &sess.ClientIP,
 		&sess.Fingerprint, &md, &sess.CreatedAt, &sess.LastSeenAt, &sess.ExpiresAt, &sess.RevokedAt,
-		&sess.MessageCount, &realm, &userID, &name, &email, &attrs)
+		&sess.MessageCount, &realm, &userID, &name, &email, &attrs, &sess.Mode)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -644,6 +644,83 @@ func finishPage(p *Page, limit int, cut bool) {
 // parallel tests) in different schemas of one database never block each
 // other.
 const pgPurgeLock = `SELECT pg_try_advisory_xact_lock(hashtextextended('chatproxy-purge:' || coalesce(current_schema(), ''), 0))`
+
+// SetSessionMode implements Store.
+func (s *PostgresStore) SetSessionMode(ctx context.Context, id, mode string) error {
+	const op = "setting session mode"
+	if err := checkMode(mode); err != nil {
+		return s.fail(op, err)
+	}
+	if !storable(id) {
+		return s.fail(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return s.fail(op, err)
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE chatproxy_sessions SET mode = $2 WHERE id = $1 AND revoked_at IS NULL`, id, mode)
+	if err != nil {
+		return s.fail(op, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return s.fail(op, ErrNotFound)
+	}
+	return nil
+}
+
+const pgListMessagesAfter = `
+SELECT id, role, content, status, metadata, created_at FROM chatproxy_messages
+WHERE session_id = $1 AND seq > (SELECT seq FROM chatproxy_messages WHERE session_id = $1 AND id = $2)
+ORDER BY seq LIMIT $3`
+
+// ListMessagesAfter implements Store. No row may mean no such message,
+// which a second query tells apart.
+func (s *PostgresStore) ListMessagesAfter(ctx context.Context, sessionID, after string, limit int) ([]Message, error) {
+	const op = "listing messages after"
+	if limit < 0 {
+		return nil, s.fail(op, fmt.Errorf("negative limit %d", limit))
+	}
+	if !storable(sessionID) || !storable(after) || after == "" {
+		return nil, s.fail(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, s.fail(op, err)
+	}
+	rows, err := s.pool.Query(ctx, pgListMessagesAfter, sessionID, after, limit)
+	if err != nil {
+		return nil, s.fail(op, err)
+	}
+	var out []Message
+	for rows.Next() {
+		m := Message{SessionID: sessionID}
+		var md []byte
+		if err := rows.Scan(&m.ID, &m.Role, &m.Content, &m.Status, &md, &m.CreatedAt); err != nil {
+			rows.Close()
+			return nil, s.fail(op, err)
+		}
+		if m.Metadata, err = pgJSON(md); err != nil {
+			rows.Close()
+			return nil, s.fail(op, err)
+		}
+		m.CreatedAt = m.CreatedAt.UTC()
+		out = append(out, m)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, s.fail(op, err)
+	}
+	if len(out) == 0 {
+		var found bool
+		err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM chatproxy_messages WHERE session_id = $1 AND id = $2)`,
+			sessionID, after).Scan(&found)
+		if err != nil {
+			return nil, s.fail(op, err)
+		}
+		if !found {
+			return nil, s.fail(op, ErrNotFound)
+		}
+	}
+	return out, nil
+}
 
 // Purge implements Store. Each batch is one transaction under the purge
 // lock: first old messages (of any session), then expired sessions with

@@ -210,7 +210,7 @@ func liteCreateSession(ctx context.Context, tx *sql.Tx, sess *Session) error {
 // liteSessionColumns are the columns liteScanSession reads.
 const liteSessionColumns = `id, kind, site, coalesce(page_url, ''), coalesce(user_agent, ''), coalesce(client_ip, ''),
        coalesce(fingerprint, ''), metadata, created_at, last_seen_at, expires_at, revoked_at, message_count,
-       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes`
+       user_realm, user_id, coalesce(user_name, ''), coalesce(user_email, ''), user_attributes, mode`
 
 const liteGetSession = `SELECT ` + liteSessionColumns + ` FROM chatproxy_sessions WHERE id = ?1`
 
@@ -243,7 +243,7 @@ func liteScanSession(row *sql.Row) (*Session, error) {
 	err := row.Scan(
 		&sess.ID, &sess.Kind, &sess.Site, &sess.PageURL, &sess.UserAgent, &sess.ClientIP,
 		&sess.Fingerprint, &md, &created, &seen, &expires, &revoked, &sess.MessageCount,
-		&realm, &userID, &name, &email, &attrs)
+		&realm, &userID, &name, &email, &attrs, &sess.Mode)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -658,6 +658,91 @@ func (s *SQLiteStore) ListMessagesWithin(ctx context.Context, sessionID, before 
 	page.TotalCount = int(total)
 	finishPage(&page, limit, cut)
 	return &page, nil
+}
+
+// SetSessionMode implements Store.
+func (s *SQLiteStore) SetSessionMode(ctx context.Context, id, mode string) error {
+	const op = "setting session mode"
+	if err := checkMode(mode); err != nil {
+		return opErr(op, err)
+	}
+	if !storable(id) {
+		return opErr(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return opErr(op, err)
+	}
+	return opErr(op, s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `UPDATE chatproxy_sessions SET mode = ?2 WHERE id = ?1 AND revoked_at IS NULL`, id, mode)
+		if err != nil {
+			return err
+		}
+		return mustAffect(res, ErrNotFound)
+	}))
+}
+
+// liteListMessagesAfter is pgListMessagesAfter for SQLite; the first
+// column tells whether the after message exists.
+const liteListMessagesAfter = `
+WITH a AS (
+    SELECT seq FROM chatproxy_messages WHERE session_id = ?1 AND id = ?2
+), page AS (
+    SELECT seq, id, role, content, status, metadata, created_at FROM chatproxy_messages
+    WHERE session_id = ?1 AND seq > (SELECT seq FROM a)
+    ORDER BY seq LIMIT ?3
+)
+SELECT EXISTS (SELECT 1 FROM a), page.id, page.role, page.content, page.status, page.metadata, page.created_at
+FROM (SELECT 1) AS one LEFT JOIN page ON 1
+ORDER BY page.seq`
+
+// ListMessagesAfter implements Store.
+func (s *SQLiteStore) ListMessagesAfter(ctx context.Context, sessionID, after string, limit int) ([]Message, error) {
+	const op = "listing messages after"
+	if limit < 0 {
+		return nil, opErr(op, fmt.Errorf("negative limit %d", limit))
+	}
+	if !storable(sessionID) || !storable(after) || after == "" {
+		return nil, opErr(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	rows, err := s.r.QueryContext(ctx, liteListMessagesAfter, sessionID, after, int64(limit))
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	defer rows.Close()
+	var (
+		out   []Message
+		found bool
+	)
+	for rows.Next() {
+		var (
+			id, role, content, status, md sql.NullString
+			created                       sql.NullInt64
+		)
+		if err := rows.Scan(&found, &id, &role, &content, &status, &md, &created); err != nil {
+			return nil, opErr(op, err)
+		}
+		if !id.Valid {
+			continue
+		}
+		m := Message{
+			ID: id.String, SessionID: sessionID, Role: role.String, Content: content.String,
+			Status: status.String, CreatedAt: fromMicros(created.Int64),
+		}
+		if md.Valid {
+			m.Metadata = []byte(md.String)
+		}
+		out = append(out, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, opErr(op, err)
+	}
+	if !found {
+		return nil, opErr(op, ErrNotFound)
+	}
+	return out, nil
 }
 
 // Purge implements Store. Each batch is its own write transaction, so a

@@ -54,9 +54,20 @@ const (
 )
 
 // Roles of a message.
+// RoleAgent is a message a person (a human agent, through a signed
+// push) added to the conversation.
 const (
 	RoleUser      = "user"
 	RoleAssistant = "assistant"
+	RoleAgent     = "agent"
+)
+
+// Modes of a session: who answers the visitor. In ModeBot (the default)
+// messages go to n8n; in ModeHuman they are stored and handed to a
+// person (the handoff webhook) instead.
+const (
+	ModeBot   = "bot"
+	ModeHuman = "human"
 )
 
 // Statuses of a message. User messages are always complete; an assistant
@@ -86,6 +97,8 @@ type Session struct {
 	ExpiresAt    time.Time
 	RevokedAt    *time.Time
 	MessageCount int
+	// Mode is ModeBot or ModeHuman; new sessions start in ModeBot.
+	Mode string
 	// User is the visitor the site proved with identity_secret; nil for an
 	// anonymous session.
 	User *User
@@ -247,6 +260,13 @@ type Store interface {
 	// TotalCount counts all the session's messages. A session that does not
 	// exist has no messages: the caller is expected to have loaded it.
 	ListMessages(ctx context.Context, sessionID, before string, limit int) (*Page, error)
+	// ListMessagesAfter returns up to limit messages of the session that
+	// were stored after the message with id after, oldest first; after
+	// must name a message of the session (ErrNotFound otherwise).
+	ListMessagesAfter(ctx context.Context, sessionID, after string, limit int) ([]Message, error)
+	// SetSessionMode sets the session's mode (ModeBot or ModeHuman). It
+	// returns ErrNotFound if there is no such session or it is revoked.
+	SetSessionMode(ctx context.Context, id, mode string) error
 	// ListMessagesWithin is ListMessages with a byte budget as well: the
 	// page holds the newest of those messages whose contents together fit
 	// in maxBytes, and always at least one (a message bigger than the
@@ -513,6 +533,7 @@ func prepareSession(s *Session, now time.Time) error {
 		s.RevokedAt = &r
 	}
 	s.MessageCount = 0 // counted by AppendMessage, never set by hand
+	s.Mode = ModeBot   // changed by SetSessionMode only
 	return nil
 }
 
@@ -550,7 +571,7 @@ func prepareMessage(m *Message, now time.Time) error {
 	if !storable(m.SessionID) {
 		return ErrNotFound // no session can have that id
 	}
-	if m.Role != RoleUser && m.Role != RoleAssistant {
+	if m.Role != RoleUser && m.Role != RoleAssistant && m.Role != RoleAgent {
 		return fmt.Errorf("invalid message role %q", m.Role)
 	}
 	if m.Status == "" {
@@ -626,6 +647,14 @@ func prepareUserMessage(m *Message, now time.Time) error {
 		return fmt.Errorf("AppendUserMessage with role %q", m.Role)
 	}
 	return prepareMessage(m, now)
+}
+
+// checkMode refuses a mode that is not ModeBot or ModeHuman.
+func checkMode(mode string) error {
+	if mode != ModeBot && mode != ModeHuman {
+		return fmt.Errorf("invalid session mode %q", mode)
+	}
+	return nil
 }
 
 // migrateGate runs a store's migrations on first use. Unlike a sync.Once

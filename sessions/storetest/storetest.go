@@ -64,6 +64,9 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"UnstorableIDs", testUnstorableIDs},
 		{"InvalidMetadata", testInvalidMetadata},
 		{"MetadataNumbersKept", testMetadataNumbersKept},
+		{"SessionMode", testSessionMode},
+		{"AgentMessages", testAgentMessages},
+		{"ListAfter", testListAfter},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1317,4 +1320,116 @@ func testStreamingReplyRefusals(t *testing.T, st sessions.Store) {
 	}
 	wantErr(t, "FinishReply after the session was deleted", st.FinishReply(ctx(t), &sessions.Message{ID: first.ID, SessionID: "visitor",
 		Status: sessions.StatusComplete, Content: "late"}), sessions.ErrNotFound)
+}
+
+// testSessionMode: a session starts in bot mode; SetSessionMode switches
+// it, every read (GetSession, AppendUserMessage's returned session) shows
+// it, and a missing or revoked session or an unknown mode is refused.
+func testSessionMode(t *testing.T, st sessions.Store) {
+	s := newSession("handoff")
+	mustCreate(t, st, s)
+	if s.Mode != sessions.ModeBot {
+		t.Errorf("created session's Mode = %q, want %q", s.Mode, sessions.ModeBot)
+	}
+	if got := mustGet(t, st, "handoff").Mode; got != sessions.ModeBot {
+		t.Errorf("stored Mode = %q, want %q", got, sessions.ModeBot)
+	}
+	if err := st.SetSessionMode(ctx(t), "handoff", sessions.ModeHuman); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "handoff").Mode; got != sessions.ModeHuman {
+		t.Errorf("Mode after SetSessionMode(human) = %q", got)
+	}
+	got, err := st.AppendUserMessage(ctx(t), &sessions.Message{SessionID: "handoff", Content: "is anyone there?",
+		CreatedAt: t0.Add(time.Minute)}, sessions.KindVisitor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Mode != sessions.ModeHuman {
+		t.Errorf("AppendUserMessage returned Mode %q, want %q", got.Mode, sessions.ModeHuman)
+	}
+	if err := st.SetSessionMode(ctx(t), "handoff", sessions.ModeBot); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, st, "handoff").Mode; got != sessions.ModeBot {
+		t.Errorf("Mode after SetSessionMode(bot) = %q", got)
+	}
+	if err := st.SetSessionMode(ctx(t), "handoff", "robot"); err == nil || errors.Is(err, sessions.ErrNotFound) {
+		t.Errorf("SetSessionMode(robot) = %v, want an invalid-mode error", err)
+	}
+	if got := mustGet(t, st, "handoff").Mode; got != sessions.ModeBot {
+		t.Errorf("Mode after a refused mode = %q", got)
+	}
+	wantErr(t, "SetSessionMode of a missing session", st.SetSessionMode(ctx(t), "nobody", sessions.ModeHuman), sessions.ErrNotFound)
+	mustCreate(t, st, newSession("gone"))
+	if err := st.RevokeSession(ctx(t), "gone", t0); err != nil {
+		t.Fatal(err)
+	}
+	wantErr(t, "SetSessionMode of a revoked session", st.SetSessionMode(ctx(t), "gone", sessions.ModeHuman), sessions.ErrNotFound)
+	if got := mustGet(t, st, "gone").Mode; got != sessions.ModeBot {
+		t.Errorf("revoked session's Mode changed to %q", got)
+	}
+}
+
+// testAgentMessages: a person's message (role agent) is stored, counted
+// and listed like any other; an unknown role still is not.
+func testAgentMessages(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("desk"))
+	m := &sessions.Message{SessionID: "desk", Role: sessions.RoleAgent, Content: "Hi, I'm Ana from support."}
+	if err := st.AppendMessage(ctx(t), m); err != nil {
+		t.Fatal(err)
+	}
+	p := mustList(t, st, "desk", "", 10)
+	if len(p.Messages) != 1 || p.Messages[0].Role != sessions.RoleAgent || p.Messages[0].ID != m.ID || p.Messages[0].Content != m.Content {
+		t.Fatalf("listed %+v, want the agent message %+v", p.Messages, *m)
+	}
+	if got := mustGet(t, st, "desk").MessageCount; got != 1 {
+		t.Errorf("MessageCount = %d, want 1", got)
+	}
+	if err := st.AppendMessage(ctx(t), &sessions.Message{SessionID: "desk", Role: "system", Content: "x"}); err == nil {
+		t.Error("AppendMessage took role system")
+	}
+}
+
+// testListAfter: the messages after a given one, oldest first, bounded
+// by limit; none after the newest; an id not in the session is
+// ErrNotFound.
+func testListAfter(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("a"))
+	mustCreate(t, st, newSession("b"))
+	msgs := appendN(t, st, "a", 6)
+	other := appendN(t, st, "b", 2)
+	after := func(id string, limit int) []string {
+		t.Helper()
+		got, err := st.ListMessagesAfter(ctx(t), "a", id, limit)
+		if err != nil {
+			t.Fatalf("ListMessagesAfter(%s, %d): %v", id, limit, err)
+		}
+		for _, m := range got {
+			if m.SessionID != "a" {
+				t.Errorf("message %s of session %q", m.ID, m.SessionID)
+			}
+		}
+		return ids(got)
+	}
+	if got, want := after(msgs[1].ID, 10), ids(msgs[2:]); !reflect.DeepEqual(got, want) {
+		t.Errorf("after #1 = %v, want %v", got, want)
+	}
+	if got, want := after(msgs[1].ID, 2), ids(msgs[2:4]); !reflect.DeepEqual(got, want) {
+		t.Errorf("after #1, limit 2 = %v, want %v", got, want)
+	}
+	if got := after(msgs[5].ID, 10); len(got) != 0 {
+		t.Errorf("after the newest = %v, want none", got)
+	}
+	full, err := st.ListMessagesAfter(ctx(t), "a", msgs[4].ID, 10)
+	if err != nil || len(full) != 1 {
+		t.Fatalf("after #4 = %v, %v", full, err)
+	}
+	if g, w := full[0], msgs[5]; g.Role != w.Role || g.Content != w.Content || g.Status != w.Status || !timeEqual(g.CreatedAt, w.CreatedAt) {
+		t.Errorf("after #4 = %+v, want %+v", g, w)
+	}
+	for _, id := range []string{"", "no-such-id", other[0].ID, "bad\x00id"} {
+		_, err := st.ListMessagesAfter(ctx(t), "a", id, 10)
+		wantErr(t, fmt.Sprintf("ListMessagesAfter(%q)", id), err, sessions.ErrNotFound)
+	}
 }
