@@ -1,0 +1,177 @@
+package events
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
+)
+
+func recv(t *testing.T, s *Subscription) string {
+	t.Helper()
+	select {
+	case p := <-s.C():
+		return string(p)
+	case <-s.Done():
+		t.Fatal("subscription ended")
+	case <-time.After(10 * time.Second):
+		t.Fatal("no event within 10s")
+	}
+	return ""
+}
+
+func noEvent(t *testing.T, s *Subscription) {
+	t.Helper()
+	select {
+	case p := <-s.C():
+		t.Fatalf("unexpected event %s", p)
+	default:
+	}
+}
+
+// TestHubInProcess: a payload reaches the subscribers of its session
+// only, in order; a closed subscription gets nothing more.
+func TestHubInProcess(t *testing.T) {
+	h := New(nil, "", nil)
+	defer h.Close()
+	ctx := context.Background()
+	a1, _ := h.Subscribe(ctx, "a")
+	a2, _ := h.Subscribe(ctx, "a")
+	b, _ := h.Subscribe(ctx, "b")
+	for i := range 3 {
+		if err := h.Publish(ctx, "a", fmt.Appendf(nil, "m%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range []*Subscription{a1, a2} {
+		for i := range 3 {
+			if got := recv(t, s); got != fmt.Sprintf("m%d", i) {
+				t.Fatalf("got %s, want m%d", got, i)
+			}
+		}
+	}
+	noEvent(t, b)
+	a1.Close()
+	_ = h.Publish(ctx, "a", []byte("late"))
+	noEvent(t, a1)
+	if got := recv(t, a2); got != "late" {
+		t.Fatal(got)
+	}
+	if n := h.Subscribers(); n != 2 {
+		t.Fatalf("Subscribers = %d, want 2", n)
+	}
+	if err := h.Publish(ctx, "a\nb", nil); err == nil {
+		t.Fatal("a session id with a newline was published")
+	}
+}
+
+// TestHubSlowSubscriberClosed: a subscriber that lets SubscriberBuffer
+// events pile up is closed; the others keep receiving.
+func TestHubSlowSubscriberClosed(t *testing.T) {
+	h := New(nil, "", nil)
+	defer h.Close()
+	ctx := context.Background()
+	slow, _ := h.Subscribe(ctx, "s")
+	fast, _ := h.Subscribe(ctx, "s")
+	for i := range SubscriberBuffer + 1 {
+		_ = h.Publish(ctx, "s", []byte("x"))
+		if got := recv(t, fast); got != "x" {
+			t.Fatalf("fast subscriber, event %d: %s", i, got)
+		}
+	}
+	select {
+	case <-slow.Done():
+	default:
+		t.Fatal("slow subscriber not closed")
+	}
+	if n := h.Subscribers(); n != 1 {
+		t.Fatalf("Subscribers = %d, want 1", n)
+	}
+}
+
+// TestHubClose: Close ends every subscription and refuses new ones.
+func TestHubClose(t *testing.T) {
+	h := New(nil, "", nil)
+	s, _ := h.Subscribe(context.Background(), "x")
+	h.Close()
+	select {
+	case <-s.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("subscription not ended by Close")
+	}
+	if _, err := h.Subscribe(context.Background(), "x"); err != ErrClosed {
+		t.Fatalf("Subscribe after Close = %v, want ErrClosed", err)
+	}
+	h.Close() // twice is fine
+}
+
+func testClient(t *testing.T) *redis.Client {
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := redis.NewClient(opts)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// TestHubAcrossInstances: two hubs on one Redis channel, each with its
+// own client as two Caddy instances have: what one publishes reaches the
+// other's subscribers (and its own), and Subscribe returns only once the
+// channel subscription is live, so nothing published after it is lost.
+func TestHubAcrossInstances(t *testing.T) {
+	channel := "chatproxy-test-" + rand.Text()[:12]
+	a := New(testClient(t), channel, nil)
+	b := New(testClient(t), channel, nil)
+	defer a.Close()
+	defer b.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sb, err := b.Subscribe(ctx, "visitor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := a.Subscribe(ctx, "visitor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Publish(ctx, "visitor", []byte(`{"event":"message"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if got := recv(t, sb); got != `{"event":"message"}` {
+		t.Fatalf("other instance got %s", got)
+	}
+	if got := recv(t, sa); got != `{"event":"message"}` {
+		t.Fatalf("publishing instance got %s", got)
+	}
+	_ = a.Publish(ctx, "someone-else", []byte("x"))
+	_ = a.Publish(ctx, "visitor", []byte("y"))
+	if got := recv(t, sb); got != "y" {
+		t.Fatalf("got %s, want only the visitor's y", got)
+	}
+}
+
+// TestHubRedisDown: with Redis unreachable Subscribe and Publish fail
+// (the events route answers 503; a push is stored and caught up later).
+func TestHubRedisDown(t *testing.T) {
+	c := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", MaxRetries: -1, DialTimeout: time.Second})
+	defer c.Close()
+	h := New(c, "x", nil)
+	defer h.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := h.Subscribe(ctx, "s"); err == nil {
+		t.Fatal("Subscribe with Redis down succeeded")
+	}
+	if h.Subscribers() != 0 {
+		t.Fatal("a failed Subscribe left a subscriber")
+	}
+	if err := h.Publish(ctx, "s", []byte("x")); err == nil {
+		t.Fatal("Publish with Redis down succeeded")
+	}
+}
