@@ -70,6 +70,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    chat_socket     <path> | off
 //	    n8n_socket_url  <url>
 //	    wait_timeout    <duration>
+//	    push_secret     <secret>
+//	    handoff_webhook <url>
+//	    handoff_timeout <duration>
 //	    cookie {
 //	        name      <name>
 //	        same_site lax|strict|none
@@ -108,6 +111,15 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if cp.SessionSecret, err = singleArg(d, option); err == nil && literal(cp.SessionSecret) {
 				err = checked(checkSecret(option, []byte(cp.SessionSecret)))
 			}
+		case "push_secret":
+			if cp.PushSecret, err = singleArg(d, option); err == nil && literal(cp.PushSecret) {
+				err = checked(checkSecret(option, []byte(cp.PushSecret)))
+			}
+		case "handoff_webhook":
+			if cp.HandoffWebhook, err = singleArg(d, option); err == nil && literal(cp.HandoffWebhook) {
+				_, perr := parseURLOption(option, cp.HandoffWebhook)
+				err = checked(perr)
+			}
 		case "database":
 			if cp.Database, err = singleArg(d, option); err == nil && literal(cp.Database) {
 				err = checked(checkDatabase(cp.Database))
@@ -136,7 +148,7 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "n8n_socket_url":
 			cp.N8nSocketURL, err = singleArg(d, option)
 		case "session_ttl", "n8n_token_ttl", "upstream_timeout", "stream_idle_timeout", "max_stream_duration",
-			"history_retention", "purge_interval", "wait_timeout":
+			"history_retention", "purge_interval", "wait_timeout", "handoff_timeout":
 			var v string
 			if v, err = singleArg(d, option); err == nil {
 				var dur caddy.Duration
@@ -150,6 +162,7 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						"history_retention":   &cp.HistoryRetention,
 						"purge_interval":      &cp.PurgeInterval,
 						"wait_timeout":        &cp.WaitTimeout,
+						"handoff_timeout":     &cp.HandoffTimeout,
 					}[option] = dur
 					err = checked(checkMinDuration(option, dur, minDurations[option]))
 				}
@@ -247,6 +260,9 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if literal(cp.JWTSecret) && cp.JWTSecret != "" && cp.JWTSecret == cp.SessionSecret {
 		return d.Errf("chat_proxy: session_secret: must differ from jwt_secret")
 	}
+	if literal(cp.PushSecret) && cp.PushSecret != "" && (cp.PushSecret == cp.JWTSecret || cp.PushSecret == cp.SessionSecret) {
+		return d.Errf("chat_proxy: push_secret: must differ from jwt_secret and session_secret")
+	}
 	return nil
 }
 
@@ -269,7 +285,7 @@ var caddyfileOptions = []string{
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",
 	"log_content", "history_retention", "purge_interval", "chat_socket", "n8n_socket_url", "wait_timeout",
-	"store_wait", "uploads",
+	"store_wait", "uploads", "push_secret", "handoff_webhook", "handoff_timeout",
 }
 
 // cookieOptions are the options of the cookie block.
@@ -280,6 +296,7 @@ var minDurations = map[string]time.Duration{
 	"session_ttl": time.Minute, "n8n_token_ttl": time.Second, "upstream_timeout": time.Second,
 	"stream_idle_timeout": time.Second, "max_stream_duration": time.Second,
 	"history_retention": time.Hour, "purge_interval": time.Minute, "wait_timeout": time.Second,
+	"handoff_timeout": time.Second,
 }
 
 // literal reports whether a value holds no placeholder, so it can be
@@ -288,8 +305,8 @@ func literal(v string) bool { return !strings.Contains(v, "{") }
 
 // didYouMean suggests the known option nearest to an unknown one, as
 // ` (did you mean 'x'?)`, or nothing when none is close: at most two edits
-// away (a third of the name for long names), or the only option that has
-// the unknown name as one of its _-separated parts.
+// away (a third of the name for long names), or the one or two options
+// that have the unknown name as one of their _-separated parts.
 func didYouMean(unknown string, known []string) string {
 	best, bestDist := "", len(unknown)
 	for _, k := range known {
@@ -306,8 +323,8 @@ func didYouMean(unknown string, known []string) string {
 			parts = append(parts, k)
 		}
 	}
-	if len(parts) == 1 {
-		return " (did you mean '" + parts[0] + "'?)"
+	if len(parts) == 1 || len(parts) == 2 {
+		return " (did you mean '" + strings.Join(parts, "' or '") + "'?)"
 	}
 	return ""
 }

@@ -42,6 +42,19 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			},
 		},
 		{
+			name: "push and handoff",
+			input: `chat_proxy {
+				push_secret     {env.PUSH_SECRET}
+				handoff_webhook https://desk.example.com/hooks/chat
+				handoff_timeout 20s
+			}`,
+			want: ChatProxy{
+				PushSecret:     "{env.PUSH_SECRET}",
+				HandoffWebhook: "https://desk.example.com/hooks/chat",
+				HandoffTimeout: caddy.Duration(20 * time.Second),
+			},
+		},
+		{
 			name: "every option",
 			input: `chat_proxy {
 				n8n_webhook     https://n8n.internal:5678/webhook/abc/chat
@@ -198,7 +211,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{
 			name:  "unknown option",
 			input: "chat_proxy {\n\tn8n_webhook http://n8n/x\n\twebhook http://n8n/x\n}",
-			want:  "chat_proxy: unrecognized option 'webhook' (did you mean 'n8n_webhook'?), at Testfile:3",
+			want:  "chat_proxy: unrecognized option 'webhook' (did you mean 'n8n_webhook' or 'handoff_webhook'?), at Testfile:3",
 		},
 		{
 			name:  "unknown option with a block",
@@ -406,6 +419,9 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 		{"webhook with a bad port, password hidden", "n8n_webhook http://u:hunter2@n8n:port/x", "n8n_webhook: not a valid URL"},
 		{"short literal secret", "jwt_secret too-short", "jwt_secret: must be at least 32 bytes, got 9"},
 		{"short literal session secret", "session_secret 0123456789abcdef0123456789abcde", "session_secret: must be at least 32 bytes, got 31"},
+		{"short literal push secret", "push_secret 0123456789abcdef0123456789abcde", "push_secret: must be at least 32 bytes, got 31"},
+		{"handoff_webhook without scheme", "handoff_webhook desk.example.com/hook", "handoff_webhook: must be an absolute http or https URL"},
+		{"handoff_timeout too short", "handoff_timeout 10ms", "handoff_timeout: must be at least 1s, got 10ms"},
 		{"database mysql", "database mysql://chat:hunter2@db/chat", "database: must be a postgres:// or postgresql:// URL, or sqlite:<path>"},
 		{"database sqlite without a path", "database sqlite:", "database: sqlite: needs a file path, as in sqlite:/var/lib/caddy/chat.db"},
 		{"path_prefix without a slash", "path_prefix api/v1", `path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got "api/v1"`},
@@ -436,6 +452,7 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 	// Two literal secrets must differ.
 	same := "0123456789abcdef0123456789abcdef"
 	wantCaddyfileError(t, "chat_proxy {\n\tjwt_secret "+same+"\n\tsession_secret "+same+"\n}", "chat_proxy: session_secret: must differ from jwt_secret, at Testfile:4")
+	wantCaddyfileError(t, "chat_proxy {\n\tjwt_secret "+same+"\n\tpush_secret "+same+"\n}", "chat_proxy: push_secret: must differ from jwt_secret and session_secret, at Testfile:4")
 
 	// Placeholders are left for provision time.
 	var cp ChatProxy
@@ -485,7 +502,7 @@ func TestDidYouMean(t *testing.T) {
 		"allowed_origin":  " (did you mean 'allowed_origins'?)",
 		"jwt-secret":      " (did you mean 'jwt_secret'?)",
 		"sesion_secret":   " (did you mean 'session_secret'?)",
-		"webhook":         " (did you mean 'n8n_webhook'?)",
+		"webhook":         " (did you mean 'n8n_webhook' or 'handoff_webhook'?)",
 		"history":         " (did you mean 'history_retention'?)",
 		"reddis":          " (did you mean 'redis'?)",
 		"secret":          "", // two options end in _secret: no guess

@@ -53,6 +53,9 @@ func (cp *ChatProxy) load() error {
 	// Secrets and the database URL (which may hold a password) live only
 	// in unexported fields once resolved.
 	cp.jwtSecret, cp.sessionSecret = []byte(jwtSecret), []byte(sessionSecret)
+	if err := cp.loadPush(replace); err != nil {
+		return err
+	}
 	if webhook != "" {
 		if cp.webhook, err = parseWebhook(webhook); err != nil {
 			return err
@@ -168,6 +171,46 @@ func (cp *ChatProxy) load() error {
 	return nil
 }
 
+// loadPush resolves push_secret and handoff_webhook and defaults
+// handoff_timeout.
+func (cp *ChatProxy) loadPush(replace func(option, value string, required bool) (string, error)) error {
+	secret, err := replace("push_secret", cp.PushSecret, false)
+	if err != nil {
+		return err
+	}
+	cp.pushSecret = []byte(secret)
+	hook, err := replace("handoff_webhook", cp.HandoffWebhook, false)
+	if err != nil {
+		return err
+	}
+	if hook != "" {
+		if cp.handoff, err = parseURLOption("handoff_webhook", hook); err != nil {
+			return err
+		}
+	}
+	if cp.HandoffTimeout == 0 {
+		cp.HandoffTimeout = caddy.Duration(handler.DefaultHandoffTimeout)
+	}
+	return nil
+}
+
+// checkPush: push_secret, when set, is a secret of its own; a
+// handoff_webhook needs it (its calls are signed with it).
+func (cp *ChatProxy) checkPush() error {
+	if len(cp.pushSecret) > 0 {
+		if err := checkSecret("push_secret", cp.pushSecret); err != nil {
+			return err
+		}
+		if string(cp.pushSecret) == string(cp.jwtSecret) || string(cp.pushSecret) == string(cp.sessionSecret) {
+			return errors.New("push_secret: must differ from jwt_secret and session_secret")
+		}
+	}
+	if cp.handoff != nil && len(cp.pushSecret) == 0 {
+		return errors.New("handoff_webhook: needs push_secret, which signs its calls")
+	}
+	return checkMinDuration("handoff_timeout", cp.HandoffTimeout, time.Second)
+}
+
 // upstreamConfig is the n8n client configuration.
 func (cp *ChatProxy) upstreamConfig() n8n.Config {
 	ua := cp.UpstreamAuth
@@ -211,14 +254,18 @@ func (cp *ChatProxy) rateLimits() map[guard.Tier][]redis_rate.Limit {
 	return limits
 }
 
-func parseWebhook(raw string) (*url.URL, error) {
+func parseWebhook(raw string) (*url.URL, error) { return parseURLOption("n8n_webhook", raw) }
+
+// parseURLOption parses an option that must be an absolute http or https
+// URL.
+func parseURLOption(option, raw string) (*url.URL, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		// url.Parse errors quote the input, which may hold credentials.
-		return nil, errors.New("n8n_webhook: not a valid URL")
+		return nil, fmt.Errorf("%s: not a valid URL", option)
 	}
 	if u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
-		return nil, errors.New("n8n_webhook: must be an absolute http or https URL")
+		return nil, fmt.Errorf("%s: must be an absolute http or https URL", option)
 	}
 	return u, nil
 }
@@ -238,6 +285,7 @@ func (cp *ChatProxy) Validate() error {
 			}
 			return nil
 		},
+		cp.checkPush,
 		func() error {
 			if cp.webhook == nil {
 				return errors.New("n8n_webhook: required")

@@ -6,6 +6,7 @@ package chatproxy
 import (
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -17,13 +18,16 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
+	"github.com/chatproxy/caddy-chatproxy/events"
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/signed"
 	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
@@ -225,8 +229,27 @@ type ChatProxy struct {
 	// refused with 415.
 	Uploads *upload.Config `json:"uploads,omitempty"`
 
+	// The HMAC key (at least 32 bytes) of messages pushed into a
+	// conversation: `POST {path_prefix}/sessions/{id}/messages` must carry
+	// X-Chatproxy-Timestamp and X-Chatproxy-Signature (HMAC-SHA256 of
+	// "<timestamp>.<body>"; see docs/http-api.md), and the proxy signs its
+	// calls to handoff_webhook with it. Must differ from jwt_secret and
+	// session_secret. Absent: that route answers 404.
+	PushSecret string `json:"push_secret,omitempty"`
+
+	// Where the visitor's messages go while a conversation is in human
+	// mode (set by a push with {"mode":"human"}) instead of n8n: an http
+	// or https URL, called with a signed JSON POST. Needs push_secret.
+	// Absent: conversations cannot be handed to a person.
+	HandoffWebhook string `json:"handoff_webhook,omitempty"`
+
+	// How long a call to handoff_webhook may take. Default: 10s.
+	HandoffTimeout caddy.Duration `json:"handoff_timeout,omitempty"`
+
 	jwtSecret     []byte
 	sessionSecret []byte
+	pushSecret    []byte
+	handoff       *url.URL
 	database      string
 	redisURL      string
 	// redisTimeout overrides the limiter's per-call Redis timeout. Tests
@@ -246,6 +269,7 @@ type ChatProxy struct {
 	purger       *sessions.Purger
 	upstream     *n8n.Client
 	drain        *handler.Drain
+	events       *events.Hub
 	untrackPools []func()
 	handler      *handler.Handler
 }
@@ -322,6 +346,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		cp.provisionUpstream,
 		cp.provisionStreaming,
 		cp.provisionUploads,
+		cp.provisionPush,
 		cp.provisionStore,
 	} {
 		if err := step(ctx, hc); err != nil {
@@ -442,6 +467,37 @@ func (cp *ChatProxy) provisionUploads(_ caddy.Context, hc *handler.Config) error
 	return nil
 }
 
+// provisionPush sets up messages pushed into conversations, when
+// push_secret is set: the signature check (replays refused through Redis
+// when configured, so across instances), the events hub that carries
+// pushed messages to open pages (through Redis pub/sub when configured)
+// and the handoff webhook. The hub's streams end when the server shuts
+// down, on a reload too, so that an old configuration's server is not
+// held open by pages that would reconnect anyway.
+func (cp *ChatProxy) provisionPush(ctx caddy.Context, hc *handler.Config) error {
+	if len(cp.pushSecret) == 0 {
+		return nil
+	}
+	var rdb redis.UniversalClient
+	if cp.redis != nil {
+		rdb = cp.redis.Client
+	}
+	hc.Push = &signed.Verifier{Secret: cp.pushSecret, Replay: signed.NewReplay(rdb, signed.DefaultReplayPrefix)}
+	// Instances of one site share jwt_secret, hence the channel; another
+	// site on the same Redis has its own.
+	channel := events.DefaultChannel + ":" + hex.EncodeToString(deriveKey(cp.jwtSecret, "chatproxy events channel")[:8])
+	cp.events = events.New(rdb, channel, cp.logger.Named("events"))
+	hc.Events = cp.events
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
+		srv.RegisterOnShutdown(cp.events.Close)
+	}
+	if cp.handoff != nil {
+		hc.HandoffURL = cp.handoff.String()
+	}
+	hc.HandoffTimeout = time.Duration(cp.HandoffTimeout)
+	return nil
+}
+
 // provisionStore takes a reference to the shared store and starts this
 // handler's history purge, which ends with ctx.
 func (cp *ChatProxy) provisionStore(ctx caddy.Context, hc *handler.Config) error {
@@ -514,6 +570,10 @@ func (cp *ChatProxy) Cleanup() error {
 	// Before the store is released: streams cut short by an exiting Caddy
 	// store their partial replies.
 	cp.drain.Finish()
+	if cp.events != nil {
+		cp.events.Close() // before the Redis client it subscribes with
+		cp.events = nil
+	}
 	if cp.upstream != nil {
 		// Streams still running finish on their own connections.
 		errs = append(errs, cp.upstream.Close())

@@ -1,6 +1,7 @@
 package chatproxy
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	"github.com/chatproxy/caddy-chatproxy/handler"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/upload"
 )
@@ -23,6 +25,7 @@ const (
 	mtSession = "module-test-n8n-secret-0123456789abcdef"  // 38 bytes
 	mtShort   = "0123456789abcdef0123456789abcde"          // 31 bytes
 	mtMin     = "0123456789abcdef0123456789abcdef"         // 32 bytes
+	mtPush    = "module-test-push-secret-0123456789abcdef" // 40 bytes
 	mtLeak    = "hunter2-must-never-appear-in-an-error-xx" // a password
 )
 
@@ -79,6 +82,20 @@ func TestProvisionErrors(t *testing.T) {
 		{"short jwt_secret", func(c *ChatProxy) { c.JWTSecret = mtShort }, "jwt_secret: must be at least 32 bytes, got 31"},
 		{"short session_secret", func(c *ChatProxy) { c.SessionSecret = mtShort }, "session_secret: must be at least 32 bytes, got 31"},
 		{"equal secrets", func(c *ChatProxy) { c.SessionSecret = c.JWTSecret }, "session_secret: must differ from jwt_secret"},
+		{"short push_secret", func(c *ChatProxy) { c.PushSecret = mtShort }, "push_secret: must be at least 32 bytes, got 31"},
+		{"push_secret equal to jwt_secret", func(c *ChatProxy) { c.PushSecret = c.JWTSecret },
+			"push_secret: must differ from jwt_secret and session_secret"},
+		{"push_secret equal to jwt_secret via a placeholder", func(c *ChatProxy) {
+			c.PushSecret = "{env.CHATPROXY_MT_SAME}"
+		}, "push_secret: must differ from jwt_secret and session_secret"},
+		{"unset env push_secret", func(c *ChatProxy) { c.PushSecret = "{env.CHATPROXY_MT_UNSET_VAR}" },
+			"push_secret: evaluated placeholder {env.CHATPROXY_MT_UNSET_VAR} is empty"},
+		{"handoff_webhook without push_secret", func(c *ChatProxy) { c.HandoffWebhook = "https://desk.example.com/hook" },
+			"handoff_webhook: needs push_secret, which signs its calls"},
+		{"handoff_webhook relative", func(c *ChatProxy) { c.PushSecret = mtPush; c.HandoffWebhook = "/hook" },
+			"handoff_webhook: must be an absolute http or https URL"},
+		{"short handoff_timeout", func(c *ChatProxy) { c.PushSecret = mtPush; c.HandoffTimeout = caddy.Duration(time.Millisecond) },
+			"handoff_timeout: must be at least 1s, got 1ms"},
 		{"equal secrets via placeholders", func(c *ChatProxy) {
 			c.JWTSecret, c.SessionSecret = "{env.CHATPROXY_MT_SAME}", mtJWT
 		}, "session_secret: must differ from jwt_secret"},
@@ -231,6 +248,30 @@ func TestProvisionGood(t *testing.T) {
 	}
 	if n, ok := sessions.SharedReferences(key); ok || n != 0 {
 		t.Errorf("after Cleanup the store has %d references", n)
+	}
+}
+
+// TestProvisionPush: with push_secret (and a handoff_webhook) the handler
+// serves the push route and the events stream; Cleanup closes the events
+// hub.
+func TestProvisionPush(t *testing.T) {
+	cp := mtConfig(t, func(c *ChatProxy) {
+		c.PushSecret = mtPush
+		c.HandoffWebhook = "https://desk.example.com/hook?token=x"
+	})
+	if err := mtProvision(t, cp); err != nil {
+		t.Fatal(err)
+	}
+	if string(cp.pushSecret) != mtPush || cp.handoff.String() != "https://desk.example.com/hook?token=x" ||
+		time.Duration(cp.HandoffTimeout) != handler.DefaultHandoffTimeout || cp.events == nil {
+		t.Fatalf("push_secret %q, handoff %v, timeout %v, events %v", cp.pushSecret, cp.handoff, time.Duration(cp.HandoffTimeout), cp.events)
+	}
+	hub := cp.events
+	if err := cp.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hub.Subscribe(context.Background(), "x"); err == nil {
+		t.Fatal("the events hub still takes subscribers after Cleanup")
 	}
 }
 

@@ -73,6 +73,9 @@ type envConfig struct {
 	// zero).
 	Redis        string
 	RedisTimeout time.Duration
+
+	// Push turns pushed messages on (see push_test.go); nil: off.
+	Push *pushConfig
 }
 
 // defaultEnvConfig is the module's default configuration in front of n8n
@@ -204,6 +207,9 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	if rdb != nil {
 		hc.Redis = rdb
 	}
+	if c.Push != nil {
+		c.Push.apply(t, &hc)
+	}
 	return handler.New(hc), store
 }
 
@@ -226,12 +232,18 @@ type chatEnvOpts struct {
 	kind   string // store kind; default sqlite
 	mutate func(*envConfig)
 	encode bool // wrap the handler in Caddy's `encode gzip zstd`
+	// fake is the n8n to use instead of a new one: a second instance of
+	// the same site (same webhook, so the same token audience).
+	fake *testkit.N8n
 }
 
 func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
 	t.Helper()
-	e := &chatEnv{fake: testkit.NewN8n(t, nil), reqCtxs: make(chan context.Context, 64)}
-	e.fake.RequireJWT(testSessionSecret)
+	e := &chatEnv{fake: o.fake, reqCtxs: make(chan context.Context, 64)}
+	if e.fake == nil {
+		e.fake = testkit.NewN8n(t, nil)
+		e.fake.RequireJWT(testSessionSecret)
+	}
 	c := defaultEnvConfig(e.fake.URL())
 	c.Database = o.kind
 	if o.mutate != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
+	"github.com/chatproxy/caddy-chatproxy/events"
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
@@ -83,6 +84,23 @@ type Config struct {
 	// LogContent adds the message and reply text to each exchange's log
 	// line. Off by default: chat text is the visitor's personal data.
 	LogContent bool
+
+	// Push checks the signature of messages pushed into a conversation
+	// (push_secret); nil: the push route answers 404 and there is no
+	// events stream.
+	Push *signed.Verifier
+	// Events carries pushed messages and modes to open events streams;
+	// required with Push.
+	Events *events.Hub
+	// HandoffURL receives a human-mode conversation's visitor messages
+	// (signed with Push's secret); empty: no conversation can be put in
+	// human mode.
+	HandoffURL string
+	// HandoffTimeout bounds a call to HandoffURL; zero means
+	// DefaultHandoffTimeout.
+	HandoffTimeout time.Duration
+	// HandoffClient makes the calls to HandoffURL; nil: one of its own.
+	HandoffClient *http.Client
 }
 
 // Cookie describes the session cookie.
@@ -105,9 +123,13 @@ type Handler struct {
 
 // route is one API path and what each allowed method does there.
 type route struct {
-	path    string // below the prefix; a trailing "/" takes one more path segment
+	path    string // below the prefix; a trailing "/" or a "/*/" takes one path segment
 	methods map[string]routeFunc
 	allow   string // the Allow header value
+	// serverToServer: called by servers with a signed request, never by
+	// a browser, so no origin, CORS or CSRF rule applies (the signature
+	// is checked by the route itself).
+	serverToServer bool
 }
 
 type routeFunc func(w http.ResponseWriter, r *http.Request, param string) error
@@ -127,6 +149,8 @@ func New(cfg Config) *Handler {
 		newRoute("/chat/message", map[string]routeFunc{http.MethodPost: h.chatMessage}),
 		newRoute("/chat/stream", map[string]routeFunc{http.MethodGet: h.chatStreamGet, http.MethodPost: h.chatStreamPost}),
 		newRoute("/n8n/chat", map[string]routeFunc{http.MethodPost: h.widgetChat}),
+		newRoute("/chat/events", map[string]routeFunc{http.MethodGet: h.chatEvents}),
+		serverToServer(newRoute("/sessions/*/messages", map[string]routeFunc{http.MethodPost: h.pushMessage})),
 	}
 	return h
 }
@@ -142,10 +166,25 @@ func newRoute(path string, methods map[string]routeFunc) route {
 	return route{path: path, methods: methods, allow: strings.Join(allow, ", ")}
 }
 
-// match finds the route for an API path and the trailing parameter, if any.
+func serverToServer(rt route) route {
+	rt.serverToServer = true
+	rt.allow = strings.TrimSuffix(rt.allow, ", "+http.MethodOptions)
+	return rt
+}
+
+// match finds the route for an API path and the parameter (the trailing
+// segment, or the one in place of a "*"), if any.
 func (h *Handler) match(apiPath string) (*route, string) {
 	for i := range h.routes {
 		rt := &h.routes[i]
+		if prefix, suffix, ok := strings.Cut(rt.path, "/*/"); ok {
+			rest, found := strings.CutPrefix(apiPath, prefix+"/")
+			param, found2 := strings.CutSuffix(rest, "/"+suffix)
+			if found && found2 && param != "" && !strings.Contains(param, "/") {
+				return rt, param
+			}
+			continue
+		}
 		if prefix, ok := strings.CutSuffix(rt.path, "/"); ok {
 			param, found := strings.CutPrefix(apiPath, prefix+"/")
 			if found && param != "" && !strings.Contains(param, "/") {
@@ -193,6 +232,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	hdr := w.Header()
 	setSecurityHeaders(hdr)
+	if rt.serverToServer {
+		serve := rt.methods[r.Method]
+		if serve == nil {
+			hdr.Set("Allow", rt.allow)
+			return h.writeError(w, r, http.StatusMethodNotAllowed, "method_not_allowed", "method "+r.Method+" is not allowed here; allowed: "+rt.allow)
+		}
+		return serve(w, r, param)
+	}
 	hdr.Add("Vary", "Origin")
 	if !h.checkOrigin(w, r) {
 		return nil

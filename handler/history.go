@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"time"
 
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
@@ -35,6 +34,8 @@ type historyResponse struct {
 	Messages   []historyMessage `json:"messages"`
 	TotalCount int              `json:"total_count"`
 	HasMore    bool             `json:"has_more"`
+	// Mode is bot, or human while a person answers (see push.go).
+	Mode string `json:"mode"`
 }
 
 // history answers the caller's own conversation, or for a verified user
@@ -81,16 +82,10 @@ func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID stri
 		Messages:   make([]historyMessage, len(page.Messages)),
 		TotalCount: page.TotalCount,
 		HasMore:    page.HasMore,
+		Mode:       s.Mode,
 	}
 	for i, m := range page.Messages {
-		resp.Messages[i] = historyMessage{
-			ID:          m.ID,
-			Role:        m.Role,
-			Content:     m.Content,
-			CreatedAt:   m.CreatedAt.UTC().Format(time.RFC3339Nano),
-			Status:      m.Status,
-			Attachments: storedAttachments(m.Metadata),
-		}
+		resp.Messages[i] = toHistoryMessage(m)
 	}
 	return writeJSON(w, http.StatusOK, resp)
 }

@@ -88,6 +88,8 @@ type exchange struct {
 	assistantID string
 	honeypot    string
 	files       []*upload.File // sent to n8n with the message
+	// userMessage is the visitor's message as stored.
+	userMessage *sessions.Message
 
 	// For the bot filter, set by the route's loadSession.
 	tokenFingerprint string // the visitor token's fingerprint claim
@@ -137,7 +139,9 @@ type responseNodesRoute interface {
 //     created here, charging the create tier first).
 //  5. screenBot: the spam and bot filter (403, or the honeypot's answer).
 //  6. storeUserMessage: the message is stored before n8n is called, so
-//     nothing accepted is lost (503 when the store is down).
+//     nothing accepted is lost (503 when the store is down). A
+//     conversation a person has taken over (human mode) stops here: the
+//     message goes to the handoff webhook instead (handOff, handoff.go).
 //  7. send: to n8n; upstreamFailed answers a failure before any text.
 //  8. relay: the reply in the route's format (relaySSE, relayNDJSON,
 //     relayResponseJSON, relayOutputJSON).
@@ -177,6 +181,9 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 	}
 	if !h.storeUserMessage(w, r, ex) {
 		return nil
+	}
+	if ex.session.Mode == sessions.ModeHuman {
+		return h.handOff(w, r, ex, format)
 	}
 	srt, responseNodes := rt.(responseNodesRoute)
 	ex.responseNodes = responseNodes && srt.carriesResponseNodes()
@@ -302,12 +309,13 @@ func (h *Handler) scoreBot(r *http.Request, xl *exchangeLog, signals guard.BotSi
 // that is then lost. The same statement confirms the session is active and
 // returns it as stored, which the exchange then uses.
 func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *exchange) bool {
-	s, err := h.cfg.Store.AppendUserMessage(r.Context(), &sessions.Message{
+	m := &sessions.Message{
 		SessionID: ex.session.ID,
 		Content:   ex.message,
 		Status:    sessions.StatusComplete,
 		Metadata:  ex.stored,
-	}, ex.session.Kind)
+	}
+	s, err := h.cfg.Store.AppendUserMessage(r.Context(), m, ex.session.Kind)
 	if errors.Is(err, sessions.ErrNotFound) && ex.findSession != nil {
 		// The session was assumed, not read: find or create it, then
 		// store the message in it.
@@ -322,6 +330,7 @@ func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *e
 	switch {
 	case err == nil:
 		ex.attach(s)
+		ex.userMessage = m
 		return true
 	case errors.Is(err, sessions.ErrNotFound):
 		// Revoked, expired or deleted, found by the insert or while this

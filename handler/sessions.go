@@ -72,6 +72,8 @@ type validateResponse struct {
 	SessionID    string `json:"session_id"`
 	ExpiresAt    string `json:"expires_at"`
 	MessageCount int    `json:"message_count"`
+	// Mode is bot, or human while a person answers (see push.go).
+	Mode string `json:"mode"`
 }
 
 func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ string) error {
@@ -87,6 +89,7 @@ func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ stri
 		SessionID:    s.ID,
 		ExpiresAt:    s.ExpiresAt.UTC().Format(time.RFC3339),
 		MessageCount: s.MessageCount,
+		Mode:         s.Mode,
 	})
 }
 

@@ -118,7 +118,8 @@ func toLangchain(m sessions.Message) langchainMessage {
 	}
 	kwargs := map[string]any{"content": m.Content, "additional_kwargs": extra, "response_metadata": map[string]any{}}
 	kind := "HumanMessage"
-	if m.Role == sessions.RoleAssistant {
+	if m.Role == sessions.RoleAssistant || m.Role == sessions.RoleAgent {
+		// A person's message (agent) is the bot's side of the chat too.
 		kind = "AIMessage"
 		kwargs["tool_calls"] = []any{}
 		kwargs["invalid_tool_calls"] = []any{}

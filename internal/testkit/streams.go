@@ -188,3 +188,48 @@ func WantStreamEnd(t testing.TB, r io.Reader) {
 		t.Fatalf("after the end of the stream: %q, %v", rest, err)
 	}
 }
+
+// NamedEvent is one event of a stream that names its events (the chat
+// events stream): the event, id and data fields.
+type NamedEvent struct {
+	Event, ID, Data string
+	Comments        []string // comment lines seen before it (keepalives)
+}
+
+// NextNamedEvent reads the next event of a live SSE stream whose events
+// have names; retry fields and comments are skipped (comments are kept
+// on the event). Any other field fails the test, as does a second data
+// line.
+func NextNamedEvent(t testing.TB, br *bufio.Reader) NamedEvent {
+	t.Helper()
+	var ev NamedEvent
+	seen := false
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the event stream: %v (read %q)", err, line)
+		}
+		line = strings.TrimSuffix(line, "\n")
+		field, value, _ := strings.Cut(line, ": ")
+		switch {
+		case line == "":
+			if seen {
+				return ev
+			}
+		case strings.HasPrefix(line, ":"):
+			ev.Comments = append(ev.Comments, line[1:])
+		case field == "retry":
+		case field == "event":
+			ev.Event, seen = value, true
+		case field == "id":
+			ev.ID, seen = value, true
+		case field == "data":
+			if ev.Data != "" {
+				t.Fatalf("event %q has a second data line %q", ev.Event, value)
+			}
+			ev.Data, seen = value, true
+		default:
+			t.Fatalf("unexpected stream line %q", line)
+		}
+	}
+}

@@ -1,0 +1,195 @@
+package handler
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/chatproxy/caddy-chatproxy/events"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/streaming"
+)
+
+// eventsReplayPage is how many missed messages one store read returns;
+// eventsReplayMax bounds a catch-up (a page away for longer reloads its
+// history instead).
+const (
+	eventsReplayPage = 100
+	eventsReplayMax  = 1000
+)
+
+// eventsRetry is the reconnection delay the stream suggests to
+// EventSource, in milliseconds.
+const eventsRetry = "3000"
+
+// chatEvents streams what is pushed into the caller's conversation
+// (GET {prefix}/chat/events, Server-Sent Events): pushed messages as
+// `message` events whose id is the message's, changes of mode as `mode`
+// events. With ?after=<message id> (or the Last-Event-ID header that
+// EventSource sends when it reconnects) the messages stored after that
+// one come first, from the store, so a page that was away misses nothing;
+// a message that arrives both ways is sent once. A `ready` event, with
+// the session's mode, says the stream is live. Keepalive comments keep
+// proxies from closing an idle stream. When the server shuts down or
+// reloads, the stream ends with an `end` event and EventSource
+// reconnects (to the new configuration) by itself.
+func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) error {
+	if !h.rateLimit(w, r, ipKey(r)) {
+		return nil
+	}
+	s, _, ok := h.authenticate(w, r)
+	if !ok {
+		return nil
+	}
+	if h.cfg.Events == nil {
+		return h.writeError(w, r, http.StatusNotFound, "not_found", "pushed events are not enabled (push_secret is not set)")
+	}
+	after := r.URL.Query().Get("after")
+	if after == "" {
+		after = r.Header.Get("Last-Event-ID")
+	}
+	// Subscribe first, then read the store: whatever is stored after the
+	// read comes live, whatever before is in the read.
+	sub, err := h.cfg.Events.Subscribe(r.Context(), s.ID)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return nil
+		}
+		if errors.Is(err, events.ErrClosed) {
+			return h.writeError(w, r, http.StatusServiceUnavailable, CodeServerShutdown, "the server is restarting; reconnect")
+		}
+		h.cfg.Logger.Error("subscribing to pushed events", zap.Error(err))
+		w.Header().Set("Retry-After", "1")
+		return h.writeError(w, r, http.StatusServiceUnavailable, "unavailable", "live events are unavailable; try again")
+	}
+	defer sub.Close()
+	missed, err := h.missedMessages(r.Context(), s.ID, after)
+	if errors.Is(err, sessions.ErrNotFound) {
+		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "after does not name a message of this session")
+	}
+	if err != nil {
+		return h.storeError(w, r, "list missed messages", err)
+	}
+	// The mode as it is now that the subscription is live.
+	current, err := h.cfg.Store.GetSession(r.Context(), s.ID)
+	if err != nil {
+		if errors.Is(err, sessions.ErrNotFound) {
+			return h.sessionGone(w, r)
+		}
+		return h.storeError(w, r, "get session", err)
+	}
+
+	es := &eventStream{w: w, rc: http.NewResponseController(w)}
+	hdr := w.Header()
+	hdr.Set("Content-Type", "text/event-stream")
+	hdr.Set("Cache-Control", "no-cache, no-transform")
+	hdr.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	es.raw("retry: " + eventsRetry + "\n\n")
+	sent := make(map[string]bool, len(missed))
+	for _, m := range missed {
+		data, _ := json.Marshal(toHistoryMessage(m))
+		es.event(eventMessage, m.ID, data)
+		sent[m.ID] = true
+	}
+	ready, _ := json.Marshal(map[string]string{"session_id": s.ID, "mode": current.Mode})
+	es.event("ready", "", ready)
+	if es.flush() != nil {
+		return nil
+	}
+
+	interval := h.cfg.KeepaliveInterval
+	if interval <= 0 {
+		interval = streaming.DefaultKeepaliveInterval
+	}
+	keepalive := time.NewTicker(interval)
+	defer keepalive.Stop()
+	for {
+		select {
+		case <-r.Context().Done():
+			return nil
+		case <-sub.Done():
+			// The server is shutting down or reloading, or this stream fell
+			// behind: the page reconnects and catches up.
+			es.event("end", "", []byte(`{"reason":"reconnect"}`))
+			_ = es.flush()
+			return nil
+		case <-keepalive.C:
+			es.raw(": keepalive\n\n")
+		case payload := <-sub.C():
+			var ev pushedEvent
+			if json.Unmarshal(payload, &ev) != nil || ev.Event == "" {
+				continue
+			}
+			if ev.ID != "" {
+				if sent[ev.ID] {
+					continue
+				}
+				sent[ev.ID] = true
+			}
+			es.event(ev.Event, ev.ID, ev.Data)
+		}
+		if es.flush() != nil {
+			return nil // the client is gone
+		}
+	}
+}
+
+// missedMessages reads the messages stored after the one named after, up
+// to eventsReplayMax; none when after is empty.
+func (h *Handler) missedMessages(ctx context.Context, sessionID, after string) ([]sessions.Message, error) {
+	if after == "" {
+		return nil, nil
+	}
+	var out []sessions.Message
+	for len(out) < eventsReplayMax {
+		page, err := h.cfg.Store.ListMessagesAfter(ctx, sessionID, after, eventsReplayPage)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, page...)
+		if len(page) < eventsReplayPage {
+			break
+		}
+		after = page[len(page)-1].ID
+	}
+	return out, nil
+}
+
+// eventStream writes Server-Sent Events; the first write error sticks.
+type eventStream struct {
+	w   http.ResponseWriter
+	rc  *http.ResponseController
+	err error
+}
+
+func (e *eventStream) raw(s string) {
+	if e.err == nil {
+		_, e.err = e.w.Write([]byte(s))
+	}
+}
+
+// event writes one event. data is one line of JSON (json.Marshal escapes
+// every newline), so it needs one data line.
+func (e *eventStream) event(name, id string, data []byte) {
+	b := make([]byte, 0, len(data)+64)
+	b = append(append(append(b, "event: "...), name...), '\n')
+	if id != "" {
+		b = append(append(append(b, "id: "...), id...), '\n')
+	}
+	b = append(append(append(b, "data: "...), data...), "\n\n"...)
+	if e.err == nil {
+		_, e.err = e.w.Write(b)
+	}
+}
+
+func (e *eventStream) flush() error {
+	if e.err == nil {
+		e.err = e.rc.Flush()
+	}
+	return e.err
+}
