@@ -12,7 +12,7 @@ import (
 )
 
 // exposedHeaders are the response headers a widget's script may read.
-const exposedHeaders = "X-Message-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
+const exposedHeaders = "X-Message-ID, X-Chatproxy-Mode, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
 
 // allowedRequestHeaders are the request headers a preflight may ask for.
 const allowedRequestHeaders = "Authorization, Content-Type, Accept, Last-Event-ID"
