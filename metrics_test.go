@@ -123,10 +123,11 @@ func (d *mxDelta) want(deltas map[mxKey]float64) {
 	}
 }
 
-// eventually waits (briefly) until each series has moved by its delta.
+// eventually waits (up to 10 s, for a loaded machine) until each series
+// has moved by its delta.
 func (d *mxDelta) eventually(deltas map[mxKey]float64) {
 	d.t.Helper()
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for {
 		done := true
 		for k, delta := range deltas {
