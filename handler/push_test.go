@@ -575,3 +575,24 @@ func TestHumanModeHandoff(t *testing.T) {
 		})
 	}
 }
+
+// TestPushRedisDown: with redis configured but not answering, a push
+// cannot be checked for replay and is refused with 503 (nothing stored,
+// never accepted unchecked), and the events stream answers 503 too.
+func TestPushRedisDown(t *testing.T) {
+	down := redis.NewClient(&redis.Options{Addr: testkit.ClosedPort(t), MaxRetries: -1, DialTimeout: time.Second})
+	t.Cleanup(func() { _ = down.Close() })
+	e := pushEnv(t, "", &pushConfig{Secret: testPushSecret, Redis: down, Channel: "c"}, nil)
+	s := e.newSession(t)
+	rec := e.push(t, s.SessionID, `{"content":"lost?"}`)
+	if rec.Code != http.StatusServiceUnavailable || decode[apiErr](t, rec).Error != "unavailable" || rec.Header().Get("Retry-After") == "" {
+		t.Fatalf("push with Redis down: %d %s", rec.Code, rec.Body)
+	}
+	if got := e.history(t, s.Token).TotalCount; got != 0 {
+		t.Fatalf("%d messages stored", got)
+	}
+	resp := e.do(t, "GET", "/api/v1/chat/events", "", authz(s.Token))
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("events with Redis down: %d", resp.StatusCode)
+	}
+}
