@@ -328,12 +328,15 @@ func TestPushLiveOnAnotherInstance(t *testing.T) {
 	if rec := a.push(t, other.SessionID, `{"content":"not for you","role":"agent"}`); rec.Code != http.StatusCreated {
 		t.Fatalf("push to the other visitor: %d %s", rec.Code, rec.Body)
 	}
+	start := time.Now()
 	rec := a.push(t, s.SessionID, `{"content":"A person will answer you now.","role":"agent"}`)
 	if rec.Code != http.StatusCreated {
 		t.Fatalf("push: %d %s", rec.Code, rec.Body)
 	}
+	answered := time.Since(start)
 	pushed := decode[pushResp](t, rec).Message
 	got := messageOf(t, testkit.NextNamedEvent(t, br))
+	t.Logf("push answered in %v; on the other instance's stream %v after it was sent", answered, time.Since(start))
 	if got.ID != pushed.ID || got.Content != "A person will answer you now." || got.Role != "agent" {
 		t.Fatalf("live event = %+v, want the pushed %+v", got, pushed)
 	}
