@@ -43,6 +43,42 @@ type Request struct {
 	// Files are sent with the message; with any, the request is
 	// multipart/form-data (see Attachment) instead of JSON.
 	Files []Attachment
+	// User is the visitor the site proved with identity_secret, sent as
+	// the body's and the token's "user" with verified true; nil for an
+	// anonymous visitor, whose request has no "user" at all.
+	User *User
+}
+
+// User is a verified visitor as the proxy proved it.
+type User struct {
+	ID    string
+	Name  string
+	Email string
+	// Attributes is a JSON object (the identity token's attributes), or
+	// nil: sent as {}.
+	Attributes json.RawMessage
+}
+
+// userInfo is the body's and the token's "user". Every field is always
+// present, so a workflow can read user.name without checking for it;
+// verified is always true (an anonymous visitor has no "user").
+type userInfo struct {
+	ID         string          `json:"id"`
+	Name       string          `json:"name"`
+	Email      string          `json:"email"`
+	Verified   bool            `json:"verified"`
+	Attributes json.RawMessage `json:"attributes"`
+}
+
+func (u *User) info() *userInfo {
+	if u == nil {
+		return nil
+	}
+	attrs := u.Attributes
+	if len(bytes.TrimSpace(attrs)) == 0 || string(attrs) == "null" {
+		attrs = json.RawMessage("{}")
+	}
+	return &userInfo{ID: u.ID, Name: u.Name, Email: u.Email, Verified: true, Attributes: attrs}
 }
 
 // sessionInfo is the body's "session" object.
@@ -64,6 +100,7 @@ type requestBody struct {
 	Message   string          `json:"message"`
 	Metadata  json.RawMessage `json:"metadata"`
 	Session   sessionInfo     `json:"session"`
+	User      *userInfo       `json:"user,omitempty"`
 	JWTToken  string          `json:"jwt_token,omitempty"`
 	Timestamp string          `json:"timestamp"`
 }
@@ -113,6 +150,7 @@ func (c *Client) buildBody(req *Request, now time.Time) ([]byte, string, error) 
 			UserAgent:    req.UserAgent,
 			MessageCount: req.MessageCount,
 		},
+		User:      req.User.info(),
 		JWTToken:  token,
 		Timestamp: now.UTC().Format(time.RFC3339Nano),
 	})
@@ -123,7 +161,8 @@ func (c *Client) buildBody(req *Request, now time.Time) ([]byte, string, error) 
 }
 
 // signToken returns the HS256 token for n8n: exp = now + TokenTTL, iat,
-// nbf, jti, iss, aud, sub plus the session claims and type "n8n_chat".
+// nbf, jti, iss, aud, sub plus the session claims and type "n8n_chat",
+// and user for a verified visitor.
 func (c *Client) signToken(req *Request, now time.Time) (string, error) {
 	claims := jwt.MapClaims{
 		"iss":           c.cfg.Issuer,
@@ -139,6 +178,9 @@ func (c *Client) signToken(req *Request, now time.Time) (string, error) {
 		"client_ip":     req.ClientIP,
 		"user_agent":    req.UserAgent,
 		"type":          "n8n_chat",
+	}
+	if u := req.User.info(); u != nil {
+		claims["user"] = u
 	}
 	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(c.cfg.SessionSecret))
 	if err != nil {
