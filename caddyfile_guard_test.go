@@ -58,10 +58,18 @@ func TestUnmarshalCaddyfileGuardOptions(t *testing.T) {
 				rate_limit session 5/30s
 				rate_limit domain  1000/1m
 				rate_limit create  10/1m 100/1h
+				rate_limit user    20/1m 300/1h
 			}`,
 			want: ChatProxy{RateLimits: testRates(map[string][]string{
 				"ip": {"120/1m", "5000/1d"}, "session": {"5/30s"}, "domain": {"1000/1m"}, "create": {"10/1m", "100/1h"},
+				"user": {"20/1m", "300/1h"},
 			})},
+		},
+		{
+			name:  "the user tier turned off",
+			input: "chat_proxy {\n\trate_limit user off\n}",
+			want:  ChatProxy{RateLimits: map[string][]guard.Rate{"user": {}}},
+			json:  `{"rate_limits":{"user":[]}}`,
 		},
 		{
 			name:  "bot_detection off",
@@ -187,7 +195,7 @@ func TestUnmarshalCaddyfileGuardErrors(t *testing.T) {
 		{"duplicate tier, the second off", "chat_proxy {\n\trate_limit create 10/1m\n\trate_limit create off\n}",
 			"chat_proxy: duplicate option 'rate_limit create', at Testfile:3"},
 		{"unknown tier", "chat_proxy {\n\trate_limit ipv6 60/1m\n}",
-			`chat_proxy: option 'rate_limit': unknown rate limit tier "ipv6" (want ip, session, domain or create), at Testfile:2`},
+			`chat_proxy: option 'rate_limit': unknown rate limit tier "ipv6" (want ip, session, domain, create or user), at Testfile:2`},
 		{"tier without rates", "chat_proxy {\n\trate_limit ip\n}",
 			"chat_proxy: option 'rate_limit' needs a tier and at least one rate, as in: rate_limit ip 60/1m 1000/1h, at Testfile:2"},
 		{"bare rate_limit", "chat_proxy {\n\trate_limit\n}",
@@ -285,7 +293,7 @@ func TestProvisionGuardErrors(t *testing.T) {
 		{"redis from an unset env", func(c *ChatProxy) { c.Redis = "{env.CHATPROXY_MT_UNSET_VAR}" },
 			"redis: evaluated placeholder {env.CHATPROXY_MT_UNSET_VAR} is empty"},
 		{"unknown tier", func(c *ChatProxy) { c.RateLimits = testRates(map[string][]string{"ipv6": {"60/1m"}}) },
-			`rate_limit: unknown rate limit tier "ipv6" (want ip, session, domain or create)`},
+			`rate_limit: unknown rate limit tier "ipv6" (want ip, session, domain, create or user)`},
 		{"rate out of bounds", func(c *ChatProxy) {
 			c.RateLimits = map[string][]guard.Rate{"ip": {{Events: 0, Window: caddy.Duration(time.Minute)}}}
 		},

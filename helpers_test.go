@@ -66,7 +66,7 @@ func newTestProxy(t *testing.T, kind string, mutate func(*ChatProxy)) *ChatProxy
 }
 
 func generousLimits() map[string][]guard.Rate {
-	return testRates(map[string][]string{"ip": {"100000/1m"}, "session": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}})
+	return testRates(map[string][]string{"ip": {"100000/1m"}, "session": {"100000/1m"}, "domain": {"100000/1m"}, "create": {"100000/1m"}, "user": {"100000/1m"}})
 }
 
 func provision(t *testing.T, cp *ChatProxy) {

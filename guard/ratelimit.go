@@ -30,29 +30,32 @@ const (
 	TierSession Tier = "session" // per visitor or widget session: chat routes
 	TierDomain  Tier = "domain"  // per site (the session's origin host)
 	TierCreate  Tier = "create"  // session creations per client IP
+	TierUser    Tier = "user"    // per verified user (identity_secret), across their sessions: chat routes
 )
 
 // Tiers lists every tier, in a stable order.
-func Tiers() []Tier { return []Tier{TierIP, TierSession, TierDomain, TierCreate} }
+func Tiers() []Tier { return []Tier{TierIP, TierSession, TierDomain, TierCreate, TierUser} }
 
 // ParseTier parses a tier name as written in the Caddyfile.
 func ParseTier(s string) (Tier, error) {
 	t := Tier(s)
 	if !slices.Contains(Tiers(), t) {
-		return "", fmt.Errorf("unknown rate limit tier %q (want ip, session, domain or create)", s)
+		return "", fmt.Errorf("unknown rate limit tier %q (want ip, session, domain, create or user)", s)
 	}
 	return t, nil
 }
 
 // DefaultLimits returns the default windows of every tier (SPEC §3): ip
-// 60/1m and 1000/1h, session 30/1m, domain 1000/1m, create 10/1m. The map
-// is new on every call, so callers may change it.
+// 60/1m and 1000/1h, session 30/1m, domain 1000/1m, create 10/1m, user
+// 30/1m (one person's budget, however many tabs and devices they chat
+// from). The map is new on every call, so callers may change it.
 func DefaultLimits() map[Tier][]redis_rate.Limit {
 	return map[Tier][]redis_rate.Limit{
 		TierIP:      {redis_rate.PerMinute(60), redis_rate.PerHour(1000)},
 		TierSession: {redis_rate.PerMinute(30)},
 		TierDomain:  {redis_rate.PerMinute(1000)},
 		TierCreate:  {redis_rate.PerMinute(10)},
+		TierUser:    {redis_rate.PerMinute(30)},
 	}
 }
 
@@ -439,7 +442,7 @@ type RateLimitBody struct {
 	Error      string `json:"error"`       // always "rate_limited"
 	Message    string `json:"message"`     // human text
 	RetryAfter int    `json:"retry_after"` // whole seconds, as in Retry-After
-	Tier       Tier   `json:"tier"`        // ip, session, domain or create
+	Tier       Tier   `json:"tier"`        // ip, session, domain, create or user
 }
 
 // SetHeaders writes the rate-limit headers of d:

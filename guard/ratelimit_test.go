@@ -86,12 +86,12 @@ func TestFormatWindow(t *testing.T) {
 }
 
 func TestParseTier(t *testing.T) {
-	for _, s := range []string{"ip", "session", "domain", "create"} {
+	for _, s := range []string{"ip", "session", "domain", "create", "user"} {
 		if tier, err := ParseTier(s); err != nil || string(tier) != s {
 			t.Errorf("ParseTier(%q) = %q, %v", s, tier, err)
 		}
 	}
-	for _, s := range []string{"", "IP", "user", "ip "} {
+	for _, s := range []string{"", "IP", "users", "ip "} {
 		if _, err := ParseTier(s); err == nil {
 			t.Errorf("ParseTier(%q): want an error", s)
 		}
@@ -118,12 +118,12 @@ func TestDefaultLimits(t *testing.T) {
 
 func TestNewLimiterRefusesBadConfig(t *testing.T) {
 	cases := map[string]LimiterConfig{
-		"unknown tier":     {Limits: map[Tier][]redis_rate.Limit{"user": {redis_rate.PerMinute(1)}}},
+		"unknown tier":     {Limits: map[Tier][]redis_rate.Limit{"users": {redis_rate.PerMinute(1)}}},
 		"duplicate window": {Limits: map[Tier][]redis_rate.Limit{TierIP: {redis_rate.PerMinute(1), redis_rate.PerMinute(2)}}},
 		"zero rate":        {Limits: map[Tier][]redis_rate.Limit{TierIP: {{Period: time.Minute}}}},
 		"short window":     {Limits: map[Tier][]redis_rate.Limit{TierIP: {{Rate: 1, Burst: 1, Period: 500 * time.Millisecond}}}},
 		"negative block":   {BlockFor: -time.Second},
-		"bad block tier":   {BlockTiers: []Tier{"user"}},
+		"bad block tier":   {BlockTiers: []Tier{"users"}},
 		"no ctx timeouts":  {Redis: redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})},
 		"cluster no tag": {Redis: redis.NewClusterClient(&redis.ClusterOptions{
 			Addrs: []string{"127.0.0.1:1"}, ContextTimeoutEnabled: true,
@@ -539,7 +539,7 @@ func TestAllowInputs(t *testing.T) {
 	if _, err := l.Allow(ctx, Key{TierIP, ""}); err == nil {
 		t.Error("empty id accepted")
 	}
-	if _, err := l.Allow(ctx, Key{"user", "x"}); err == nil {
+	if _, err := l.Allow(ctx, Key{"users", "x"}); err == nil {
 		t.Error("unknown tier accepted")
 	}
 	// A tier without limits is not limited.

@@ -56,6 +56,8 @@ const (
 	RefusalOrigin = "origin" // a disallowed Origin (403)
 	RefusalCSRF   = "csrf"   // a cookie request without browser evidence of an allowed origin (403)
 	RefusalInput  = "input"  // an invalid body or input (400, 413, 415)
+	// RefusalIdentity: an identity proof that failed (401 invalid_identity).
+	RefusalIdentity = "identity"
 )
 
 // Directions of socket_frames_total: frames relayed over the chat socket.
@@ -150,13 +152,13 @@ var (
 	rateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Subsystem: subsystem,
 		Name: "rate_limited_total",
-		Help: "Requests refused with 429, by the refusing tier (ip, session, domain, create).",
+		Help: "Requests refused with 429, by the refusing tier (ip, session, domain, create, user).",
 	}, []string{"tier"})
 
 	guardRefusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Subsystem: subsystem,
 		Name: "guard_refusals_total",
-		Help: "Requests refused (or, for honeypot, quietly answered) by the guard, by reason: origin, csrf, input, or a bot signal; a bot refusal counts once per signal.",
+		Help: "Requests refused (or, for honeypot, quietly answered) by the guard, by reason: origin, csrf, input, identity, or a bot signal; a bot refusal counts once per signal.",
 	}, []string{"reason"})
 
 	uploadFiles = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -223,10 +225,10 @@ func init() {
 	})
 	// Series that exist from the start, so that rate() and absent-based
 	// alerts work before the first refusal.
-	for _, tier := range []string{"ip", "session", "domain", "create"} {
+	for _, tier := range []string{"ip", "session", "domain", "create", "user"} {
 		rateLimited.WithLabelValues(tier)
 	}
-	for _, reason := range []string{RefusalOrigin, RefusalCSRF, RefusalInput} {
+	for _, reason := range []string{RefusalOrigin, RefusalCSRF, RefusalInput, RefusalIdentity} {
 		guardRefusals.WithLabelValues(reason)
 	}
 	uploadFiles.WithLabelValues(UploadAccepted)
