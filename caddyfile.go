@@ -39,6 +39,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    n8n_webhook     <url>
 //	    jwt_secret      <secret>
 //	    session_secret  <secret>
+//	    identity_secret <secret>
 //	    database        <postgres-url>|sqlite:<path>
 //	    allowed_origins <origin...>
 //	    path_prefix     <path>
@@ -53,7 +54,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    on_client_disconnect cancel | finish
 //	    circuit_breaker <failures> <open duration>
 //	    redis           <redis-url>
-//	    rate_limit      <ip|session|domain|create> <N>/<window>... | off
+//	    rate_limit      <ip|session|domain|create|user> <N>/<window>... | off
 //	    rate_limit_block <refusals> <duration> | off
 //	    bot_detection   off | <threshold>
 //	    metrics_allow   <cidr...>
@@ -119,6 +120,10 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if cp.HandoffWebhook, err = singleArg(d, option); err == nil && literal(cp.HandoffWebhook) {
 				_, perr := parseURLOption(option, cp.HandoffWebhook)
 				err = checked(perr)
+			}
+		case "identity_secret":
+			if cp.IdentitySecret, err = singleArg(d, option); err == nil && literal(cp.IdentitySecret) {
+				err = checked(checkSecret(option, []byte(cp.IdentitySecret)))
 			}
 		case "database":
 			if cp.Database, err = singleArg(d, option); err == nil && literal(cp.Database) {
@@ -263,6 +268,10 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if literal(cp.PushSecret) && cp.PushSecret != "" && (cp.PushSecret == cp.JWTSecret || cp.PushSecret == cp.SessionSecret) {
 		return d.Errf("chat_proxy: push_secret: must differ from jwt_secret and session_secret")
 	}
+	if literal(cp.IdentitySecret) && cp.IdentitySecret != "" &&
+		(cp.IdentitySecret == cp.JWTSecret || cp.IdentitySecret == cp.SessionSecret || cp.IdentitySecret == cp.PushSecret) {
+		return d.Errf("chat_proxy: identity_secret: must differ from jwt_secret, session_secret and push_secret")
+	}
 	return nil
 }
 
@@ -280,7 +289,7 @@ func checked(err error) error {
 // caddyfileOptions are the options of the chat_proxy block, for "did you
 // mean" suggestions.
 var caddyfileOptions = []string{
-	"n8n_webhook", "jwt_secret", "session_secret", "database", "allowed_origins", "path_prefix",
+	"n8n_webhook", "jwt_secret", "session_secret", "identity_secret", "database", "allowed_origins", "path_prefix",
 	"session_ttl", "max_body_size", "cookie", "n8n_token_ttl", "upstream_auth", "upstream_timeout",
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",

@@ -34,11 +34,13 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				n8n_webhook    {env.N8N_URL}
 				jwt_secret     {env.JWT}
 				session_secret {file./run/secrets/session}
+				identity_secret {env.IDENTITY}
 			}`,
 			want: ChatProxy{
-				N8nWebhook:    "{env.N8N_URL}",
-				JWTSecret:     "{env.JWT}",
-				SessionSecret: "{file./run/secrets/session}",
+				N8nWebhook:     "{env.N8N_URL}",
+				JWTSecret:      "{env.JWT}",
+				SessionSecret:  "{file./run/secrets/session}",
+				IdentitySecret: "{env.IDENTITY}",
 			},
 		},
 		{
@@ -422,6 +424,8 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 		{"short literal push secret", "push_secret 0123456789abcdef0123456789abcde", "push_secret: must be at least 32 bytes, got 31"},
 		{"handoff_webhook without scheme", "handoff_webhook desk.example.com/hook", "handoff_webhook: must be an absolute http or https URL"},
 		{"handoff_timeout too short", "handoff_timeout 10ms", "handoff_timeout: must be at least 1s, got 10ms"},
+		{"short literal identity secret", "identity_secret 0123456789abcdef0123456789abcde", "identity_secret: must be at least 32 bytes, got 31"},
+		{"rate_limit of an unknown tier", "rate_limit users 5/1m", `option 'rate_limit': unknown rate limit tier "users" (want ip, session, domain, create or user)`},
 		{"database mysql", "database mysql://chat:hunter2@db/chat", "database: must be a postgres:// or postgresql:// URL, or sqlite:<path>"},
 		{"database sqlite without a path", "database sqlite:", "database: sqlite: needs a file path, as in sqlite:/var/lib/caddy/chat.db"},
 		{"path_prefix without a slash", "path_prefix api/v1", `path_prefix: must be a path such as /api/v1 (letters, digits, - . _ ~ and /), got "api/v1"`},
@@ -453,6 +457,7 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 	same := "0123456789abcdef0123456789abcdef"
 	wantCaddyfileError(t, "chat_proxy {\n\tjwt_secret "+same+"\n\tsession_secret "+same+"\n}", "chat_proxy: session_secret: must differ from jwt_secret, at Testfile:4")
 	wantCaddyfileError(t, "chat_proxy {\n\tjwt_secret "+same+"\n\tpush_secret "+same+"\n}", "chat_proxy: push_secret: must differ from jwt_secret and session_secret, at Testfile:4")
+	wantCaddyfileError(t, "chat_proxy {\n\tsession_secret "+same+"\n\tidentity_secret "+same+"\n}", "chat_proxy: identity_secret: must differ from jwt_secret, session_secret and push_secret, at Testfile:4")
 
 	// Placeholders are left for provision time.
 	var cp ChatProxy

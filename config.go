@@ -40,7 +40,7 @@ func (cp *ChatProxy) load() error {
 		return out, nil
 	}
 	var err error
-	var webhook, jwtSecret, sessionSecret string
+	var webhook, jwtSecret, sessionSecret, identitySecret string
 	if webhook, err = replace("n8n_webhook", cp.N8nWebhook, false); err != nil {
 		return err
 	}
@@ -50,12 +50,16 @@ func (cp *ChatProxy) load() error {
 	if sessionSecret, err = replace("session_secret", cp.SessionSecret, false); err != nil {
 		return err
 	}
+	if identitySecret, err = replace("identity_secret", cp.IdentitySecret, false); err != nil {
+		return err
+	}
 	// Secrets and the database URL (which may hold a password) live only
 	// in unexported fields once resolved.
 	cp.jwtSecret, cp.sessionSecret = []byte(jwtSecret), []byte(sessionSecret)
 	if err := cp.loadPush(replace); err != nil {
 		return err
 	}
+	cp.identitySecret = []byte(identitySecret)
 	if webhook != "" {
 		if cp.webhook, err = parseWebhook(webhook); err != nil {
 			return err
@@ -287,6 +291,9 @@ func (cp *ChatProxy) Validate() error {
 		},
 		cp.checkPush,
 		func() error {
+			return checkIdentitySecret(cp.identitySecret, cp.jwtSecret, cp.sessionSecret, cp.pushSecret)
+		},
+		func() error {
 			if cp.webhook == nil {
 				return errors.New("n8n_webhook: required")
 			}
@@ -346,6 +353,25 @@ func checkSecret(option string, secret []byte) error {
 		return fmt.Errorf("%s: required", option)
 	case len(secret) < minSecretLength:
 		return fmt.Errorf("%s: must be at least %d bytes, got %d", option, minSecretLength, len(secret))
+	}
+	return nil
+}
+
+// checkIdentitySecret: identity_secret is optional; when set, it is as
+// long as the other secrets and differs from each, so that no token or
+// hash made with one key is ever good for another's purpose (a site's
+// user_hash must not sign a push, nor a visitor token prove a user).
+func checkIdentitySecret(secret, jwtSecret, sessionSecret, pushSecret []byte) error {
+	if len(secret) == 0 {
+		return nil
+	}
+	if err := checkSecret("identity_secret", secret); err != nil {
+		return err
+	}
+	for _, other := range [][]byte{jwtSecret, sessionSecret, pushSecret} {
+		if string(secret) == string(other) {
+			return errors.New("identity_secret: must differ from jwt_secret, session_secret and push_secret")
+		}
 	}
 	return nil
 }

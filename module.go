@@ -24,6 +24,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/events"
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -75,6 +76,15 @@ type ChatProxy struct {
 	// The HMAC key (at least 32 bytes) that signs the short-lived tokens
 	// sent to n8n. Required; must differ from jwt_secret.
 	SessionSecret string `json:"session_secret,omitempty"`
+
+	// The HMAC key (at least 32 bytes) with which the site's backend
+	// proves its logged-in visitors: a user_hash (hex HMAC-SHA256 of the
+	// user id) or an HS256 identity_token, sent at session creation or in
+	// the @n8n/chat widget's metadata. Their user then reaches n8n as
+	// `user` with verified true. Must differ from jwt_secret,
+	// session_secret and push_secret. Default: none, and identity fields
+	// are refused with 401 invalid_identity.
+	IdentitySecret string `json:"identity_secret,omitempty"`
 
 	// Where sessions and messages are stored. A `postgres://` or
 	// `postgresql://` URL uses PostgreSQL; `sqlite:<path>` uses the embedded
@@ -246,12 +256,13 @@ type ChatProxy struct {
 	// How long a call to handoff_webhook may take. Default: 10s.
 	HandoffTimeout caddy.Duration `json:"handoff_timeout,omitempty"`
 
-	jwtSecret     []byte
-	sessionSecret []byte
-	pushSecret    []byte
-	handoff       *url.URL
-	database      string
-	redisURL      string
+	jwtSecret      []byte
+	sessionSecret  []byte
+	pushSecret     []byte
+	identitySecret []byte
+	handoff        *url.URL
+	database       string
+	redisURL       string
 	// redisTimeout overrides the limiter's per-call Redis timeout. Tests
 	// that count exact budgets set it, so that a starved CI machine does
 	// not push the limiter into its in-process fallback mid-count.
@@ -342,6 +353,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 	}
 	for _, step := range []func(caddy.Context, *handler.Config) error{
 		cp.provisionSessions,
+		cp.provisionIdentity,
 		cp.provisionGuard,
 		cp.provisionUpstream,
 		cp.provisionStreaming,
@@ -354,6 +366,20 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		}
 	}
 	cp.handler = handler.New(*hc)
+	return nil
+}
+
+// provisionIdentity sets up the verification of the site's proofs of its
+// visitors when identity_secret is set.
+func (cp *ChatProxy) provisionIdentity(_ caddy.Context, hc *handler.Config) error {
+	if len(cp.identitySecret) == 0 {
+		return nil
+	}
+	v, err := identity.NewVerifier(cp.identitySecret, nil)
+	if err != nil {
+		return fmt.Errorf("identity_secret: %w", err)
+	}
+	hc.Identity = v
 	return nil
 }
 

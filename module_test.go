@@ -96,6 +96,13 @@ func TestProvisionErrors(t *testing.T) {
 			"handoff_webhook: must be an absolute http or https URL"},
 		{"short handoff_timeout", func(c *ChatProxy) { c.PushSecret = mtPush; c.HandoffTimeout = caddy.Duration(time.Millisecond) },
 			"handoff_timeout: must be at least 1s, got 1ms"},
+		{"short identity_secret", func(c *ChatProxy) { c.IdentitySecret = mtShort }, "identity_secret: must be at least 32 bytes, got 31"},
+		{"identity_secret equal to jwt_secret", func(c *ChatProxy) { c.IdentitySecret = c.JWTSecret },
+			"identity_secret: must differ from jwt_secret, session_secret and push_secret"},
+		{"identity_secret equal to session_secret", func(c *ChatProxy) { c.IdentitySecret = c.SessionSecret },
+			"identity_secret: must differ from jwt_secret, session_secret and push_secret"},
+		{"identity_secret from unset env", func(c *ChatProxy) { c.IdentitySecret = "{env.CHATPROXY_MT_UNSET_VAR}" },
+			"identity_secret: evaluated placeholder {env.CHATPROXY_MT_UNSET_VAR} is empty"},
 		{"equal secrets via placeholders", func(c *ChatProxy) {
 			c.JWTSecret, c.SessionSecret = "{env.CHATPROXY_MT_SAME}", mtJWT
 		}, "session_secret: must differ from jwt_secret"},

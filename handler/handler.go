@@ -18,6 +18,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/events"
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	ident "github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -42,6 +43,10 @@ type Config struct {
 	Bots *guard.BotScorer
 	// Redis is the limiter's shared client, for /health; nil without Redis.
 	Redis redis.UniversalClient
+	// Identity verifies the site's proofs of its logged-in visitors
+	// (identity_secret); nil when not configured, and identity fields are
+	// then refused.
+	Identity *ident.Verifier
 	// Upstream forwards messages to n8n.
 	Upstream *n8n.Client
 	// MaxMessageLength is the longest message in runes.
