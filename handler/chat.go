@@ -92,7 +92,7 @@ func (a *apiChat) identify(w http.ResponseWriter, r *http.Request) (identity, bo
 		}
 		site = s.Site
 	}
-	return identity{sessionID: claims.Subject, site: site}, true
+	return identity{sessionID: claims.Subject, site: site, userID: claims.User}, true
 }
 
 func (a *apiChat) readMessage(w http.ResponseWriter, r *http.Request) (messageInput, *errBadBody) {
@@ -108,7 +108,7 @@ func (a *apiChat) readMessage(w http.ResponseWriter, r *http.Request) (messageIn
 		website, _ := form.Value("website")
 		return messageInput{
 			message: message, messageField: "message",
-			extra: formJSON(form, "context"), extraField: "context",
+			extra: a.h.unverifiedUser(formJSON(form, "context")), extraField: "context",
 			pageURL: pageURL, honeypot: website, form: form,
 		}, nil
 	}
@@ -121,7 +121,7 @@ func (a *apiChat) readMessage(w http.ResponseWriter, r *http.Request) (messageIn
 	}
 	return messageInput{
 		message: req.Message, messageField: "message",
-		extra: req.Context, extraField: "context",
+		extra: a.h.unverifiedUser(req.Context), extraField: "context",
 		pageURL: req.PageURL, honeypot: req.Website,
 	}, nil
 }

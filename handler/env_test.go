@@ -24,6 +24,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
@@ -76,6 +77,11 @@ type envConfig struct {
 
 	// Push turns pushed messages on (see push_test.go); nil: off.
 	Push *pushConfig
+	// IdentitySecret turns verified visitors on (identity_secret).
+	IdentitySecret string
+	// Logger receives the handler's log; nil discards it.
+	Logger     *zap.Logger
+	LogContent bool
 }
 
 // defaultEnvConfig is the module's default configuration in front of n8n
@@ -210,6 +216,15 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	if c.Push != nil {
 		c.Push.apply(t, &hc)
 	}
+	if c.IdentitySecret != "" {
+		if hc.Identity, err = identity.NewVerifier([]byte(c.IdentitySecret), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.Logger != nil {
+		hc.Logger = c.Logger
+	}
+	hc.LogContent = c.LogContent
 	return handler.New(hc), store
 }
 

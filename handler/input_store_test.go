@@ -73,7 +73,7 @@ func TestClientInputIsNotAStoreOutage(t *testing.T) {
 	}
 
 	// What was stored of the headers is text, cut to 512 bytes.
-	for _, id := range []string{widgetSessionID("shop.example.com", "widget-input-0002"), widgetSessionID("shop.example.com", "widget-input-0003")} {
+	for _, id := range []string{widgetSessionID("shop.example.com", "widget-input-0002", ""), widgetSessionID("shop.example.com", "widget-input-0003", "")} {
 		s, err := e.store.GetSession(context.Background(), id)
 		if err != nil {
 			t.Fatal(err)

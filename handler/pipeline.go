@@ -60,6 +60,17 @@ type chatRoute interface {
 type identity struct {
 	sessionID string
 	site      string
+	userID    string // the verified user's id, for the user tier; empty when anonymous
+}
+
+// rateLimitKeys are the keys a chat message counts against: ip, session
+// and domain, and user for a verified visitor.
+func (id identity) rateLimitKeys(r *http.Request) []guard.Key {
+	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: id.sessionID}, {Tier: guard.TierDomain, ID: id.site}}
+	if id.userID != "" {
+		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: id.userID})
+	}
+	return keys
 }
 
 // messageInput is what a chat request carries besides its session, as the
@@ -90,6 +101,9 @@ type exchange struct {
 	files       []*upload.File // sent to n8n with the message
 	// userMessage is the visitor's message as stored.
 	userMessage *sessions.Message
+	// user is the verified user the request itself proved (the widget's
+	// metadata); nil: the session's, if any (see verifiedUser).
+	user *sessions.User
 
 	// For the bot filter, set by the route's loadSession.
 	tokenFingerprint string // the visitor token's fingerprint claim
@@ -164,7 +178,7 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 		return h.writeBadBody(w, r, bad)
 	}
 	h.track(ex, xl)
-	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierSession, ID: id.sessionID}, guard.Key{Tier: guard.TierDomain, ID: id.site}) {
+	if !h.rateLimit(w, r, id.rateLimitKeys(r)...) {
 		return nil
 	}
 	s, ok := rt.loadSession(w, r, ex)
@@ -256,6 +270,18 @@ func (ex *exchange) attach(s *sessions.Session) {
 	if !ex.ownPageURL {
 		ex.pageURL = s.PageURL
 	}
+}
+
+// verifiedUser is the user n8n is told about: the one the request proved,
+// else the session's (a visitor session created with a proof), else nil.
+func (ex *exchange) verifiedUser() *sessions.User {
+	if ex.user != nil {
+		return ex.user
+	}
+	if ex.session != nil {
+		return ex.session.User
+	}
+	return nil
 }
 
 func inputError(err error) *errBadBody {
@@ -364,6 +390,7 @@ func (h *Handler) send(r *http.Request, ex *exchange) (*n8n.Reply, error) {
 		MessageCount:  ex.session.MessageCount, // counts the message just stored
 		Files:         upstreamFiles(ex.files),
 		ResponseNodes: ex.responseNodes,
+		User:          upstreamUser(ex.verifiedUser()),
 	})
 	h.noteSent(ex, start, reply, err)
 	return reply, err

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
+	ident "github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/internal/cleantext"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -23,6 +24,9 @@ type createSessionRequest struct {
 	// NewConversation starts a new conversation for a verified user
 	// instead of continuing their latest (see openSession).
 	NewConversation bool `json:"new_conversation"`
+	// The site's proof of a logged-in visitor: user_id with user_hash
+	// (and the display fields name, email), or identity_token.
+	ident.Proof
 }
 
 type createSessionResponse struct {
@@ -46,6 +50,10 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 	if !h.rateLimit(w, r, ipKey(r), guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))}) {
 		return nil
 	}
+	user, err := h.verifyIdentity(r, routeSessionCreate, req.Proof)
+	if err != nil {
+		return h.refuseIdentity(w, r, err) // nothing is created
+	}
 	s, token, err := h.openSession(r, sessions.NewSession{
 		Site:        requestSite(r),
 		PageURL:     req.PageURL,
@@ -53,6 +61,7 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 		ClientIP:    clientIP(r),
 		Fingerprint: guard.Fingerprint(r),
 		Metadata:    metadata,
+		User:        user,
 		Origin:      r.Header.Get("Origin"), // checked against allowed_origins
 	}, req.NewConversation)
 	if err != nil {

@@ -69,8 +69,11 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 		h.cfg.Metrics.SocketUpgradeRefused(metrics.UpgradeToken)
 		return h.writeError(w, r, http.StatusForbidden, "forbidden", err.Error())
 	}
-	storeID := widgetSessionID(c.Site, c.SessionID)
+	storeID := widgetSessionID(c.Site, c.SessionID, c.User)
 	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: storeID}, {Tier: guard.TierDomain, ID: c.Site}}
+	if c.User != "" {
+		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: c.User})
+	}
 	if !h.rateLimit(w, r, keys[0]) {
 		if w.Header().Get("Retry-After") != "" { // a 429, not a limiter failure
 			h.cfg.Metrics.SocketUpgradeRefused(metrics.UpgradeRateLimited)
@@ -148,7 +151,7 @@ type socketRelay struct {
 	log        *zap.Logger
 	claims     socketClaims
 	storeID    string      // the widget conversation's session id
-	keys       []guard.Key // the visitor's rate-limit keys: ip, session, domain
+	keys       []guard.Key // the visitor's rate-limit keys: ip, session, domain (and user)
 	maxRunes   int
 	frameLimit int64 // the largest frame the visitor may send
 	visitor    *websocket.Conn

@@ -27,6 +27,10 @@ type socketClaims struct {
 	// N8nToken is n8n's own resumeToken (newer n8n checks it on the
 	// socket); the widget never sees it apart from inside this token.
 	N8nToken string `json:"t,omitempty"`
+	// User is the verified user's id when the widget proved one: the
+	// conversation is that user's (see widgetSessionID), and the user
+	// rate-limit tier applies.
+	User string `json:"u,omitempty"`
 }
 
 var (

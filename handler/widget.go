@@ -68,15 +68,19 @@ func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) e
 	if err := guard.CheckWidgetSessionID(req.SessionID); err != nil {
 		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", guard.WithField(err, "sessionId").Error())
 	}
+	user, err := h.widgetUser(r, &req)
+	if err != nil {
+		return h.refuseIdentity(w, r, err)
+	}
 	site := requestSite(r)
-	id := widgetSessionID(site, req.SessionID)
+	id := widgetSessionID(site, req.SessionID, userID(user))
 	if req.Action == "loadPreviousSession" {
 		return h.widgetHistory(w, r, id)
 	}
 	if req.ChatInput == nil {
 		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "chatInput is required")
 	}
-	return h.runExchange(w, r, &widgetExchange{h: h, site: site, id: id, req: req, form: form})
+	return h.runExchange(w, r, &widgetExchange{h: h, site: site, id: id, req: req, form: form, user: user})
 }
 
 // widgetFormRequest reads the widget's multipart fields: action, sessionId,
@@ -94,9 +98,18 @@ func widgetFormRequest(form *upload.Form) widgetRequest {
 
 // widgetSessionID names a widget conversation: the same sessionId from two
 // sites is two conversations, and no widget id can equal a visitor
-// session's id (those are 26 base32 characters without a prefix).
-func widgetSessionID(site, sessionID string) string {
-	sum := sha256.Sum256([]byte(site + "\x00" + sessionID))
+// session's id (those are 26 base32 characters without a prefix). A
+// verified user's conversation (userID set) is apart from the anonymous
+// one of the same sessionId and from any other user's: holding a
+// sessionId is not enough to read or write a verified conversation, and
+// a visitor who logs out (the page stops sending the proof) no longer
+// sees it.
+func widgetSessionID(site, sessionID, userID string) string {
+	key := site + "\x00" + sessionID
+	if userID != "" {
+		key += "\x00user\x00" + userID
+	}
+	sum := sha256.Sum256([]byte(key))
 	return "w_" + base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:20])
 }
 
@@ -162,13 +175,14 @@ type widgetExchange struct {
 	h        *Handler
 	site, id string
 	req      widgetRequest
-	form     *upload.Form // the files of a multipart message, or nil
+	form     *upload.Form   // the files of a multipart message, or nil
+	user     *sessions.User // the user the metadata proved, or nil
 }
 
 func (wx *widgetExchange) name() string { return metrics.RouteWidget }
 
 func (wx *widgetExchange) identify(http.ResponseWriter, *http.Request) (identity, bool) {
-	return identity{sessionID: wx.id, site: wx.site}, true
+	return identity{sessionID: wx.id, site: wx.site, userID: userID(wx.user)}, true
 }
 
 func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messageInput, *errBadBody) {
@@ -185,11 +199,12 @@ func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messa
 // only when the insert finds none.
 func (wx *widgetExchange) loadSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool) {
 	ex.slide = true
+	ex.user = wx.user
 	if wx.h.cfg.Bots == nil {
 		ex.findSession = func(w http.ResponseWriter, r *http.Request) (*sessions.Session, bool) {
 			return wx.findSession(w, r, ex)
 		}
-		return &sessions.Session{ID: wx.id, Kind: sessions.KindWidget, Site: wx.site, MessageCount: -1}, true
+		return &sessions.Session{ID: wx.id, Kind: sessions.KindWidget, Site: wx.site, MessageCount: -1, User: wx.user}, true
 	}
 	return wx.findSession(w, r, ex)
 }
@@ -210,7 +225,7 @@ func (wx *widgetExchange) findSession(w http.ResponseWriter, r *http.Request, ex
 	if isNew && !h.rateLimit(w, r, guard.Key{Tier: guard.TierCreate, ID: guard.IPKeyID(clientIP(r))}) {
 		return nil, false
 	}
-	if s, err = h.ensureWidgetSession(r, s, wx.site, wx.id); err != nil {
+	if s, err = h.ensureWidgetSession(r, s, wx.site, wx.id, wx.user); err != nil {
 		_ = h.storeError(w, r, "create widget session", err)
 		return nil, false
 	}
@@ -249,7 +264,7 @@ func widgetStreaming(accept string) bool {
 // ensureWidgetSession returns the conversation for a widget sessionId,
 // creating it on first use and restarting it when it ended. (An active
 // one slides its expiry forward with the reply: see slideSession.)
-func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site, id string) (*sessions.Session, error) {
+func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site, id string, user *sessions.User) (*sessions.Session, error) {
 	ctx := r.Context()
 	now := h.now()
 	if s != nil && s.Kind == sessions.KindWidget && s.Active(now) {
@@ -269,6 +284,7 @@ func (h *Handler) ensureWidgetSession(r *http.Request, s *sessions.Session, site
 		UserAgent:   truncate(r.Header.Get("User-Agent"), 512),
 		ClientIP:    clientIP(r),
 		Fingerprint: guard.Fingerprint(r),
+		User:        user,
 	})
 	if errors.Is(err, sessions.ErrExists) {
 		// Two first messages raced; use the one that won.
@@ -295,6 +311,7 @@ func (wx *widgetExchange) executionStarted(w http.ResponseWriter, _ *http.Reques
 		ExecutionID: st.ExecutionID,
 		Expires:     h.now().Add(SocketTokenTTL).Unix(),
 		N8nToken:    st.ResumeToken,
+		User:        userID(wx.user),
 	})
 	return writeJSON(w, http.StatusOK, map[string]any{
 		"executionStarted": true,

@@ -60,6 +60,11 @@ type Claims struct {
 	// Store.RevokeToken), so such a token is always checked against the
 	// store, never taken on trust.
 	Shared bool `json:"shr,omitempty"`
+	// User is the id of the verified user the session belongs to
+	// (identity_secret), so that a chat message is rate-limited per user
+	// before the session row is read. Empty for an anonymous session. The
+	// token's holder can read it; the page sent it.
+	User string `json:"uid,omitempty"`
 }
 
 // OriginAllowed reports whether a request with the given Origin header
@@ -131,6 +136,9 @@ func (t *Tokens) IssueFor(s *Session, origin string) (string, error) {
 		Site:        s.Site,
 		Origin:      origin,
 		Shared:      s.User != nil,
+	}
+	if s.User != nil {
+		claims.User = s.User.ID
 	}
 	signed, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString(t.key)
 	if err != nil {

@@ -73,8 +73,20 @@ type N8nBody struct {
 		UserAgent    string `json:"user_agent"`
 		MessageCount int    `json:"message_count"`
 	} `json:"session"`
-	JWTToken  string `json:"jwt_token"`
-	Timestamp string `json:"timestamp"`
+	// User is the verified visitor (identity_secret); nil when the body
+	// has no "user", as for every anonymous visitor.
+	User      *N8nUser `json:"user"`
+	JWTToken  string   `json:"jwt_token"`
+	Timestamp string   `json:"timestamp"`
+}
+
+// N8nUser is the body's (and the token's) "user".
+type N8nUser struct {
+	ID         string          `json:"id"`
+	Name       string          `json:"name"`
+	Email      string          `json:"email"`
+	Verified   bool            `json:"verified"`
+	Attributes json.RawMessage `json:"attributes"`
 }
 
 // Call is one request the fake received.
@@ -87,6 +99,9 @@ type Call struct {
 	Raw    []byte
 	Body   N8nBody
 	Fields map[string]json.RawMessage // the body's top-level keys
+	// Claims are the bearer token's claims, verified (RequireJWT); nil
+	// without RequireJWT.
+	Claims jwt.MapClaims
 
 	// Parts are a multipart/form-data body's parts, in order (Raw, Body
 	// and Fields stay empty): read as they arrive, files hashed and never
@@ -322,8 +337,14 @@ func (f *N8n) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	f.mu.Lock()
-	f.calls = append(f.calls, c)
 	script, secret := f.script, f.jwtSecret
+	f.mu.Unlock()
+	var jwtErr *jwtRefusal
+	if secret != nil {
+		c.Claims, jwtErr = checkJWT(r, secret)
+	}
+	f.mu.Lock()
+	f.calls = append(f.calls, c)
 	f.mu.Unlock()
 	select {
 	case f.arrived <- c:
@@ -358,7 +379,9 @@ func (f *N8n) serve(w http.ResponseWriter, r *http.Request) {
 			`{"code":404,"message":"The requested webhook is not registered."}`)
 		return
 	}
-	if secret != nil && !checkJWT(w, r, secret) {
+	if jwtErr != nil {
+		w.Header().Set("WWW-Authenticate", `Basic realm="Webhook"`)
+		Write(w, jwtErr.status, "text/plain", jwtErr.text)
 		return
 	}
 	if c.MultipartErr != nil {
@@ -376,20 +399,24 @@ func (f *N8n) serve(w http.ResponseWriter, r *http.Request) {
 
 // checkJWT does what n8n's Webhook node JWT Auth does (research §3.1,
 // §7): it reads "Authorization: <anything> <token>" and verifies it.
-func checkJWT(w http.ResponseWriter, r *http.Request, secret []byte) bool {
+// A refused token is answered (once the call is recorded) as n8n does.
+func checkJWT(r *http.Request, secret []byte) (jwt.MapClaims, *jwtRefusal) {
 	_, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !ok || token == "" {
-		w.Header().Set("WWW-Authenticate", `Basic realm="Webhook"`)
-		Write(w, http.StatusUnauthorized, "text/plain", "No token provided")
-		return false
+		return nil, &jwtRefusal{http.StatusUnauthorized, "No token provided"}
 	}
-	_, err := jwt.NewParser(jwt.WithValidMethods([]string{"HS256"})).Parse(token, func(*jwt.Token) (any, error) { return secret, nil })
+	claims := jwt.MapClaims{}
+	_, err := jwt.NewParser(jwt.WithValidMethods([]string{"HS256"})).ParseWithClaims(token, claims, func(*jwt.Token) (any, error) { return secret, nil })
 	if err != nil {
-		w.Header().Set("WWW-Authenticate", `Basic realm="Webhook"`)
-		Write(w, http.StatusForbidden, "text/plain", "invalid signature")
-		return false
+		return nil, &jwtRefusal{http.StatusForbidden, "invalid signature"}
 	}
-	return true
+	return claims, nil
+}
+
+// jwtRefusal is n8n's answer to a request whose token JWT Auth refused.
+type jwtRefusal struct {
+	status int
+	text   string
 }
 
 // Wait blocks until ch is closed or receives, and reports true; it reports
