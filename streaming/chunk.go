@@ -117,6 +117,11 @@ type Options struct {
 	// upstream data: items that arrived together leave in one write
 	// instead of one write each, and none waits while upstream is silent.
 	Batch bool
+	// ResumeAfter continues a reply's SSE stream for a client that has its
+	// events up to this id: Start writes no begin event, and the next event
+	// has id ResumeAfter+1. Zero: a stream from begin. Ignored by
+	// NDJSONWriter.
+	ResumeAfter uint64
 }
 
 // stream is the part both writers share: the mutex, the sticky write error,

@@ -32,6 +32,7 @@ import (
 type SSEWriter struct {
 	stream
 	lastID uint64
+	resume bool // Options.ResumeAfter: no begin event
 }
 
 var _ Writer = (*SSEWriter)(nil)
@@ -48,7 +49,7 @@ const MessageIDHeader = "X-Message-ID"
 // NewSSEWriter returns a writer for w. Nothing is written before Start (or
 // the first event), so the caller may still set headers such as X-Message-ID.
 func NewSSEWriter(w http.ResponseWriter, opts Options) *SSEWriter {
-	return &SSEWriter{stream: newStream(w, opts, sseKeepalive)}
+	return &SSEWriter{stream: newStream(w, opts, sseKeepalive), lastID: opts.ResumeAfter, resume: opts.ResumeAfter > 0}
 }
 
 func setSSEHeaders(h http.Header) {
@@ -75,6 +76,10 @@ func (s *SSEWriter) Start() error {
 func (s *SSEWriter) ensureStartedLocked() error {
 	if s.started {
 		return s.err
+	}
+	if s.resume {
+		// A resumed stream: the client has begin (and more) already.
+		return s.startLocked(setSSEHeaders, nil)
 	}
 	s.lastID++
 	b := appendSSEDataStart(s.buf[:0], s.lastID)
@@ -148,6 +153,26 @@ func (s *SSEWriter) Done() error {
 		b = append(appendSSEDataEnd(b), sseDone...)
 		s.buf = b
 		err = s.writeBufLocked()
+	}
+	stopped := s.finishLocked()
+	s.mu.Unlock()
+	if stopped != nil {
+		<-stopped
+	}
+	return err
+}
+
+// DoneWithoutEnd ends a resumed stream whose end event the client already
+// has: it writes only "data: [DONE]" (once, like Done, which it counts as).
+func (s *SSEWriter) DoneWithoutEnd() error {
+	s.mu.Lock()
+	if s.done {
+		s.mu.Unlock()
+		return nil
+	}
+	err := s.ensureStartedLocked()
+	if err == nil {
+		err = s.writeLocked(sseDone)
 	}
 	stopped := s.finishLocked()
 	s.mu.Unlock()

@@ -398,3 +398,36 @@ func TestWriteChunkDispatch(t *testing.T) {
 		t.Errorf("got %q", rec.Body.String())
 	}
 }
+
+// A resumed stream (Options.ResumeAfter) has no begin: its first event has
+// the id after the one the client has; DoneWithoutEnd ends a stream whose
+// end the client already has with [DONE] alone.
+func TestSSEResumeAfter(t *testing.T) {
+	rec := httptest.NewRecorder()
+	w := NewSSEWriter(rec, Options{KeepaliveInterval: -1, ResumeAfter: 7})
+	if err := w.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Item("x"); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Done(); err != nil {
+		t.Fatal(err)
+	}
+	want := "id: 8\ndata: {\"type\":\"item\",\"content\":\"x\"}\n\nid: 9\ndata: {\"type\":\"end\"}\n\ndata: [DONE]\n\n"
+	if got := rec.Body.String(); got != want || rec.Header().Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("resumed stream %q, want %q", got, want)
+	}
+
+	rec = httptest.NewRecorder()
+	w = NewSSEWriter(rec, Options{KeepaliveInterval: -1, ResumeAfter: 3})
+	if err := w.DoneWithoutEnd(); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Done(); err != nil || w.LastID() != 3 {
+		t.Fatalf("Done after DoneWithoutEnd: %v, last id %d", err, w.LastID())
+	}
+	if got := rec.Body.String(); got != "data: [DONE]\n\n" {
+		t.Fatalf("stream after its end %q", got)
+	}
+}
