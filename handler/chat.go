@@ -71,6 +71,10 @@ type apiChat struct {
 
 func (a *apiChat) name() string { return a.route }
 
+// resumable: the chat API's replies can be resumed and stopped by their
+// message id (GET {prefix}/chat/stream/{id}, POST {prefix}/chat/stop/{id}).
+func (a *apiChat) resumable() bool { return true }
+
 // identify verifies the token; its claims name the session and its site,
 // so the store is not needed yet.
 func (a *apiChat) identify(w http.ResponseWriter, r *http.Request) (identity, bool) {

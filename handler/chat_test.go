@@ -684,6 +684,10 @@ func TestChatUserMessageStoredFirst(t *testing.T) {
 				switch {
 				case err != nil:
 					seen <- "error: " + err.Error()
+				case len(page.Messages) == 2 && page.Messages[1].Role == "assistant" && page.Messages[1].Status == "streaming":
+					// A chat API reply's row is stored with the message.
+					m := page.Messages[0]
+					seen <- m.Role + "/" + m.Status + "/" + m.Content
 				case len(page.Messages) != 1:
 					seen <- fmt.Sprintf("%d messages", len(page.Messages))
 				default:

@@ -29,6 +29,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/replies"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -82,6 +83,14 @@ type envConfig struct {
 	// Logger receives the handler's log; nil discards it.
 	Logger     *zap.Logger
 	LogContent bool
+	// Store, when set, is used instead of a fresh store of Database (a
+	// second instance on the first one's database).
+	Store sessions.Store
+	// Replies is the live-reply hub; nil: the handler's own, in process.
+	Replies *replies.Hub
+	// DetachedTimeout is handler.Config's (zero: a reply stops when its
+	// last client leaves).
+	DetachedTimeout time.Duration
 }
 
 // defaultEnvConfig is the module's default configuration in front of n8n
@@ -144,10 +153,12 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	t.Helper()
 	var store sessions.Store
 	var err error
-	switch c.Database {
-	case "", "sqlite":
+	switch {
+	case c.Store != nil:
+		store = c.Store
+	case c.Database == "", c.Database == "sqlite":
 		store, err = sessions.OpenSQLite(filepath.Join(t.TempDir(), "chat.db"))
-	case "postgres":
+	case c.Database == "postgres":
 		store, err = sessions.OpenPostgres(testenv.PostgresURL(t))
 	default:
 		store, err = sessions.OpenPostgres(c.Database)
@@ -155,7 +166,9 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = store.Close() })
+	if c.Store == nil {
+		t.Cleanup(func() { _ = store.Close() })
+	}
 	// A hash key of its own keeps this handler's budgets apart from every
 	// other test's in the shared Redis.
 	lc := guard.LimiterConfig{Limits: c.Limits, HashKey: []byte(rand.Text()), RedisTimeout: c.RedisTimeout}
@@ -207,6 +220,8 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 		MaxMessageLength:   c.MaxMessageLength,
 		FinishOnDisconnect: c.FinishOnDisconnect,
 		Drain:              handler.NewDrain(),
+		Replies:            c.Replies,
+		DetachedTimeout:    c.DetachedTimeout,
 		Metrics:            metrics.NewRecorder("n8n-handler-test", allowed),
 		MetricsAllow:       []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 	}

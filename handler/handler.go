@@ -21,6 +21,7 @@ import (
 	ident "github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/replies"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/signed"
 	"github.com/chatproxy/caddy-chatproxy/upload"
@@ -86,6 +87,18 @@ type Config struct {
 	// Erasure checks the signature of DELETE {prefix}/user/data with
 	// identity_secret; nil (no identity_secret): the route answers 404.
 	Erasure *signed.Verifier
+	// Replies carries live replies to resumed streams and stops to the
+	// instance producing a reply (through Redis when it has a client);
+	// nil: New makes one for this process.
+	Replies *replies.Hub
+	// DetachedTimeout is how long a chat API reply goes on without a
+	// client following it (with on_client_disconnect cancel) before it is
+	// stopped and stored partial; zero or less: stopped when its last
+	// client leaves. With FinishOnDisconnect a reply is read to its end.
+	DetachedTimeout time.Duration
+	// MaxStreamDuration is the n8n client's max_stream_duration: a reply
+	// still streaming long after it is found lost. Zero: the default.
+	MaxStreamDuration time.Duration
 	// LogContent adds the message and reply text to each exchange's log
 	// line. Off by default: chat text is the visitor's personal data.
 	LogContent bool
@@ -141,6 +154,9 @@ type routeFunc func(w http.ResponseWriter, r *http.Request, param string) error
 
 // New builds a handler from a provisioned configuration.
 func New(cfg Config) *Handler {
+	if cfg.Replies == nil {
+		cfg.Replies = replies.NewHub(replies.Config{Logger: cfg.Logger})
+	}
 	h := &Handler{cfg: cfg}
 	h.routes = []route{
 		newRoute("/session/create", map[string]routeFunc{http.MethodPost: h.createSession}),
@@ -153,6 +169,8 @@ func New(cfg Config) *Handler {
 		newRoute("/user/data", map[string]routeFunc{http.MethodDelete: h.eraseUser}),
 		newRoute("/chat/message", map[string]routeFunc{http.MethodPost: h.chatMessage}),
 		newRoute("/chat/stream", map[string]routeFunc{http.MethodGet: h.chatStreamGet, http.MethodPost: h.chatStreamPost}),
+		newRoute("/chat/stream/", map[string]routeFunc{http.MethodGet: h.resumeStream}),
+		newRoute("/chat/stop/", map[string]routeFunc{http.MethodPost: h.stopReply}),
 		newRoute("/n8n/chat", map[string]routeFunc{http.MethodPost: h.widgetChat}),
 		newRoute("/chat/events", map[string]routeFunc{http.MethodGet: h.chatEvents}),
 		serverToServer(newRoute("/sessions/*/messages", map[string]routeFunc{http.MethodPost: h.pushMessage})),

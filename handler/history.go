@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
@@ -85,6 +86,10 @@ func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID stri
 		Mode:       s.Mode,
 	}
 	for i, m := range page.Messages {
+		if m.Status == sessions.StatusStreaming && time.Since(m.CreatedAt) > h.staleAfter() {
+			// Its instance went away before storing it (see finishLost).
+			m = *h.finishLost(r.Context(), &m)
+		}
 		resp.Messages[i] = toHistoryMessage(m)
 	}
 	return writeJSON(w, http.StatusOK, resp)

@@ -122,6 +122,11 @@ type exchange struct {
 	// responseNodes: the route carries on n8n's executionStarted answers
 	// (see responseNodesRoute).
 	responseNodes bool
+
+	// live, for a route whose replies can be resumed and stopped, is the
+	// reply's live record (live.go); its row is stored as streaming with
+	// the user message and finished by storeReply.
+	live *liveReply
 }
 
 // responseNodesRoute is a chat route that can carry on n8n's "Using
@@ -156,6 +161,9 @@ type responseNodesRoute interface {
 //     nothing accepted is lost (503 when the store is down). A
 //     conversation a person has taken over (human mode) stops here: the
 //     message goes to the handoff webhook instead (handOff, handoff.go).
+//     A route whose replies can be resumed (resumableRoute) registers the
+//     reply as live first and stores its row, as streaming, in the same
+//     statement (live.go).
 //  7. send: to n8n; upstreamFailed answers a failure before any text.
 //  8. relay: the reply in the route's format (relaySSE, relayNDJSON,
 //     relayResponseJSON, relayOutputJSON).
@@ -193,6 +201,10 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 	case guard.ActionHoneypot:
 		return format.honeypot(w, ex)
 	}
+	if rr, ok := rt.(resumableRoute); ok && rr.resumable() {
+		ex.live = h.beginLive(r, ex)
+		defer ex.live.close()
+	}
 	if !h.storeUserMessage(w, r, ex) {
 		return nil
 	}
@@ -202,6 +214,11 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 	srt, responseNodes := rt.(responseNodesRoute)
 	ex.responseNodes = responseNodes && srt.carriesResponseNodes()
 	reply, err := h.send(r, ex)
+	if err != nil && ex.live != nil && ex.live.stopped.Load() {
+		// Stopped before n8n's first byte.
+		h.storeReply(r, ex, "", sessions.StatusPartial)
+		return format.stopped(w, ex)
+	}
 	if err != nil {
 		return h.upstreamFailed(w, r, ex, err)
 	}
@@ -341,7 +358,15 @@ func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *e
 		Status:    sessions.StatusComplete,
 		Metadata:  ex.stored,
 	}
-	s, err := h.cfg.Store.AppendUserMessage(r.Context(), m, ex.session.Kind)
+	var (
+		s   *sessions.Session
+		err error
+	)
+	if ex.live != nil {
+		s, err = h.cfg.Store.AppendExchange(r.Context(), m, &sessions.Message{ID: ex.assistantID}, ex.session.Kind)
+	} else {
+		s, err = h.cfg.Store.AppendUserMessage(r.Context(), m, ex.session.Kind)
+	}
 	if errors.Is(err, sessions.ErrNotFound) && ex.findSession != nil {
 		// The session was assumed, not read: find or create it, then
 		// store the message in it.
@@ -375,7 +400,10 @@ func (h *Handler) storeUserMessage(w http.ResponseWriter, r *http.Request, ex *e
 // it is still bounded by the client's own timeouts (max_stream_duration).
 func (h *Handler) send(r *http.Request, ex *exchange) (*n8n.Reply, error) {
 	ctx := r.Context()
-	if h.cfg.FinishOnDisconnect {
+	switch {
+	case ex.live != nil:
+		ctx = ex.live.ctx // cancelled by a stop or the detached timeout
+	case h.cfg.FinishOnDisconnect:
 		ctx = context.WithoutCancel(ctx)
 	}
 	start := time.Now()
@@ -410,6 +438,9 @@ func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, ex *exc
 		return h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the message could not be forwarded")
 	}
 	h.logUpstreamError(ex, ue)
+	if ue.Code != n8n.CodeCanceled {
+		ex.live.error(ue.Code, ue.Message) // for a resumed stream
+	}
 	h.storeReply(r, ex, "", sessions.StatusError)
 	if ue.Code == n8n.CodeCanceled {
 		return nil // the client is gone
@@ -440,7 +471,14 @@ func (h *Handler) logUpstreamError(ex *exchange, ue *n8n.Error) {
 // connection cut) is tried again until ReplyStoreTimeout, so a short
 // outage loses no reply; the reply keeps its id, so an attempt whose
 // commit went through unacknowledged makes the next one find it stored.
+//
+// A live reply (ex.live) gets its end event, then its streaming row is
+// finished with the text, the status and the events' boundaries.
 func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string) {
+	var metadata json.RawMessage
+	if ex.live != nil {
+		text, metadata = ex.live.finish(text)
+	}
 	h.noteReplyEnded(ex, text, status)
 	timeout := h.cfg.ReplyStoreTimeout
 	if timeout <= 0 {
@@ -456,13 +494,20 @@ func (h *Handler) storeReply(r *http.Request, ex *exchange, text, status string)
 	}
 	wait := replyStoreFirstRetry
 	for attempt := 1; ; attempt++ {
-		err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{
+		m := &sessions.Message{
 			ID:        ex.assistantID,
 			SessionID: ex.session.ID,
 			Role:      sessions.RoleAssistant,
 			Content:   text,
 			Status:    status,
-		})
+			Metadata:  metadata,
+		}
+		var err error
+		if ex.live != nil {
+			err = h.cfg.Store.FinishReply(ctx, m)
+		} else {
+			err = h.cfg.Store.AppendMessage(ctx, m)
+		}
 		switch {
 		case err == nil, errors.Is(err, sessions.ErrNotFound):
 			return // stored, or the visitor deleted the session meanwhile

@@ -89,6 +89,21 @@ func (c *countingStore) AppendUserMessage(ctx context.Context, m *sessions.Messa
 	return c.Store.AppendUserMessage(ctx, m, kind)
 }
 
+func (c *countingStore) AppendExchange(ctx context.Context, m, reply *sessions.Message, kind string) (*sessions.Session, error) {
+	c.count("AppendExchange")
+	return c.Store.AppendExchange(ctx, m, reply, kind)
+}
+
+func (c *countingStore) FinishReply(ctx context.Context, m *sessions.Message) error {
+	c.count("FinishReply")
+	return c.Store.FinishReply(ctx, m)
+}
+
+func (c *countingStore) GetMessage(ctx context.Context, sessionID, id string) (*sessions.Message, error) {
+	c.count("GetMessage")
+	return c.Store.GetMessage(ctx, sessionID, id)
+}
+
 func (c *countingStore) ListMessages(ctx context.Context, sessionID, before string, limit int) (*sessions.Page, error) {
 	c.count("ListMessages")
 	return c.Store.ListMessages(ctx, sessionID, before, limit)
@@ -320,7 +335,12 @@ func TestMessageStoreCalls(t *testing.T) {
 			if rec := send(); rec.Code != http.StatusOK {
 				t.Fatalf("second message: %d %s", rec.Code, rec.Body)
 			}
+			// Two writes either way: a chat API reply's row is stored
+			// (streaming) with the message and finished at the end.
 			want := map[string]int{"AppendUserMessage": 1, "AppendMessage": 1}
+			if !tc.widget {
+				want = map[string]int{"AppendExchange": 1, "FinishReply": 1}
+			}
 			if tc.reads > 0 {
 				want["GetSession"] = tc.reads
 			}

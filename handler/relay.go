@@ -24,6 +24,9 @@ type replyFormat interface {
 	relay(w http.ResponseWriter, r *http.Request, ex *exchange, reply *n8n.Reply) relayed
 	// honeypot answers a caught bot like a person, in the same format.
 	honeypot(w http.ResponseWriter, ex *exchange) error
+	// stopped answers a reply stopped before n8n's first byte: an empty
+	// reply (a stream's begin and end).
+	stopped(w http.ResponseWriter, ex *exchange) error
 }
 
 // relayed is the outcome of a relay.
@@ -58,6 +61,12 @@ func (s streamRelay) honeypot(w http.ResponseWriter, ex *exchange) error {
 	sw := s.newWriter(w, streaming.Options{KeepaliveInterval: -1})
 	sw.Header().Set("X-Message-ID", ex.assistantID)
 	_ = sw.Item(honeypotReply)
+	return sw.Done()
+}
+
+func (s streamRelay) stopped(w http.ResponseWriter, ex *exchange) error {
+	sw := s.newWriter(w, streaming.Options{KeepaliveInterval: -1})
+	sw.Header().Set("X-Message-ID", ex.assistantID)
 	return sw.Done()
 }
 
@@ -103,8 +112,13 @@ func (h *Handler) relayStream(sw streaming.Writer, ex *exchange, reply *n8n.Repl
 	var text strings.Builder
 	status := sessions.StatusComplete
 	clientGone := sw.Start() != nil
+	if clientGone {
+		ex.live.clientLeft()
+	}
+	// A live reply (resumable) is not cancelled here when its client
+	// leaves: it may be resumed; its detached timeout or a stop cancels it.
 	for {
-		if clientGone && !h.cfg.FinishOnDisconnect {
+		if clientGone && !h.cfg.FinishOnDisconnect && ex.live == nil {
 			// cancel mode: stop n8n at once, keep what was relayed.
 			_ = reply.Close()
 			status = sessions.StatusPartial
@@ -123,26 +137,45 @@ func (h *Handler) relayStream(sw streaming.Writer, ex *exchange, reply *n8n.Repl
 				status = sessions.StatusError
 			}
 			var ue *n8n.Error
-			if shutdown() {
-				if !clientGone {
-					_ = sw.Error(CodeServerShutdown, shutdownMessage)
+			code, message := "", ""
+			switch {
+			case ex.live.halted():
+				// Stopped, or no client for detached_timeout: the stream
+				// just ends. A stopped reply is partial even when empty.
+				if ex.live.stopped.Load() {
+					status = sessions.StatusPartial
 				}
-			} else if errors.As(err, &ue) {
+				if errors.As(err, &ue) {
+					h.logUpstreamError(ex, ue) // counted as the client's leaving
+				}
+			case shutdown():
+				code, message = CodeServerShutdown, shutdownMessage
+			case errors.As(err, &ue):
 				h.logUpstreamError(ex, ue)
-				if !clientGone && ue.Code != n8n.CodeCanceled {
-					_ = sw.Error(ue.Code, ue.Message)
+				if ue.Code != n8n.CodeCanceled {
+					code, message = ue.Code, ue.Message
 				}
-			} else if !clientGone {
-				_ = sw.Error(n8n.CodeError, "the reply from the chat workflow broke off")
+			default:
+				code, message = n8n.CodeError, "the reply from the chat workflow broke off"
+			}
+			if code != "" {
+				ex.live.error(code, message)
+				if !clientGone {
+					_ = sw.Error(code, message)
+				}
 			}
 			break
 		}
+		if chunk = ex.live.item(chunk); chunk == "" && ex.live != nil {
+			continue // nothing left once cleaned: no event, here or live
+		}
 		text.WriteString(chunk)
 		if clientGone {
-			continue // finish mode: read to the end, then store it whole
+			continue // read to the end (finish, or a live reply), then store it whole
 		}
 		if err := sw.Item(chunk); err != nil {
 			clientGone = true
+			ex.live.clientLeft()
 		}
 	}
 	_ = sw.Done()
@@ -182,8 +215,18 @@ func (j jsonRelay) honeypot(w http.ResponseWriter, ex *exchange) error {
 	return writeJSON(w, http.StatusOK, j.body(ex, honeypotReply))
 }
 
+func (j jsonRelay) stopped(w http.ResponseWriter, ex *exchange) error {
+	return writeJSON(w, http.StatusOK, j.body(ex, ""))
+}
+
 func (j jsonRelay) relay(w http.ResponseWriter, r *http.Request, ex *exchange, reply *n8n.Reply) relayed {
 	text, err := reply.ReadAll()
+	if err != nil && ex.live.halted() {
+		// Stopped: the answer is what arrived.
+		return relayed{text: text, status: sessions.StatusPartial, finish: func() error {
+			return writeJSON(w, http.StatusOK, j.body(ex, text))
+		}}
+	}
 	if err == nil {
 		return relayed{text: text, status: sessions.StatusComplete, finish: func() error {
 			return writeJSON(w, http.StatusOK, j.body(ex, text))

@@ -343,7 +343,7 @@ func (s *PostgresStore) AppendUserMessage(ctx context.Context, m *Message, kind 
 // of both rows, in that order, so that the reply's seq comes second.
 const pgAppendExchange = `
 WITH s AS (
-    UPDATE chatproxy_sessions SET message_count = message_count + 2
+    UPDATE chatproxy_sessions SET message_count = message_count + CASE mode WHEN 'human' THEN 1 ELSE 2 END
     WHERE id = $2 AND kind = $7 AND revoked_at IS NULL AND expires_at > $6
     RETURNING ` + pgSessionColumns + `
 ), m AS (
@@ -352,6 +352,7 @@ WITH s AS (
     FROM s, (VALUES (1, $1::text, 'user', $3::text, $4::text, $5::jsonb, $6::timestamptz),
                     (2, $8::text, 'assistant', '', 'streaming', NULL::jsonb, $9::timestamptz))
             AS v (n, id, role, content, status, metadata, created_at)
+    WHERE v.n = 1 OR s.mode <> 'human'
     ORDER BY v.n
 )
 SELECT * FROM s`
@@ -377,7 +378,9 @@ func (s *PostgresStore) AppendExchange(ctx context.Context, m, reply *Message, k
 	if err != nil {
 		return nil, s.fail(op, err)
 	}
-	w.out.MessageCount-- // the reply is not counted in what the caller sees
+	if w.out.Mode != ModeHuman {
+		w.out.MessageCount-- // the reply is not counted in what the caller sees
+	}
 	return w.out, nil
 }
 

@@ -409,18 +409,17 @@ func liteAppendUserMessage(ctx context.Context, tx *sql.Tx, m, reply *Message, k
 		n = 2
 	}
 	res, err := tx.ExecContext(ctx, `
-UPDATE chatproxy_sessions SET message_count = message_count + ?4
+UPDATE chatproxy_sessions SET message_count = message_count + CASE mode WHEN 'human' THEN 1 ELSE ?4 END
 WHERE id = ?1 AND kind = ?3 AND revoked_at IS NULL AND expires_at > ?2`,
 		m.SessionID, m.CreatedAt.UnixMicro(), kind, n)
 	if err := liteInsertCounted(ctx, tx, res, err, m); err != nil {
 		return nil, err
 	}
-	if reply != nil {
-		if err := liteInsert(ctx, tx, reply); err != nil {
-			return nil, err
-		}
+	sess, err := liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))
+	if err != nil || reply == nil || sess.Mode == ModeHuman {
+		return sess, err
 	}
-	return liteScanSession(tx.QueryRowContext(ctx, liteGetSession, m.SessionID))
+	return sess, liteInsert(ctx, tx, reply)
 }
 
 // AppendExchange implements Store.
@@ -443,7 +442,9 @@ func (s *SQLiteStore) AppendExchange(ctx context.Context, m, reply *Message, kin
 	if err != nil {
 		return nil, opErr(op, err)
 	}
-	w.out.MessageCount-- // the reply is not counted in what the caller sees
+	if w.out.Mode != ModeHuman {
+		w.out.MessageCount-- // the reply is not counted in what the caller sees
+	}
 	return w.out, nil
 }
 

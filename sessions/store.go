@@ -244,7 +244,8 @@ type Store interface {
 	// is empty, its id and time are filled in like m's. Both rows count
 	// in message_count, but the returned session's MessageCount counts m
 	// and not the reply (what the workflow is told). FinishReply stores
-	// the reply once it has ended.
+	// the reply once it has ended. A session in ModeHuman gets no reply
+	// row (a person answers, not n8n): only m is stored and counted.
 	AppendExchange(ctx context.Context, m, reply *Message, kind string) (*Session, error)
 	// FinishReply stores the content, status (complete, partial or error)
 	// and metadata of a reply AppendExchange stored as streaming; m.ID and

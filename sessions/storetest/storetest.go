@@ -1315,6 +1315,22 @@ func testStreamingReplyRefusals(t *testing.T, st sessions.Store) {
 	if err := st.AppendMessage(ctx(t), &sessions.Message{SessionID: "visitor", Role: sessions.RoleUser, Status: sessions.StatusStreaming}); err == nil {
 		t.Error("a user message was stored as streaming")
 	}
+	// A conversation a person has taken over gets no reply row.
+	mustCreate(t, st, newSession("human"))
+	if err := st.SetSessionMode(ctx(t), "human", sessions.ModeHuman); err != nil {
+		t.Fatal(err)
+	}
+	hm, hr := &sessions.Message{SessionID: "human", Content: "to a person"}, &sessions.Message{}
+	got, err := st.AppendExchange(ctx(t), hm, hr, sessions.KindVisitor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Mode != sessions.ModeHuman || got.MessageCount != 1 || mustGet(t, st, "human").MessageCount != 1 {
+		t.Errorf("human mode: returned %+v, stored count %d; want mode human, 1 message", got, mustGet(t, st, "human").MessageCount)
+	}
+	if p := mustList(t, st, "human", "", 10); p.TotalCount != 1 || p.Messages[0].ID != hm.ID {
+		t.Errorf("human mode stored %v, want only the visitor's message", ids(p.Messages))
+	}
 	if err := st.DeleteSession(ctx(t), "visitor"); err != nil {
 		t.Fatal(err)
 	}
