@@ -52,6 +52,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_stream_duration <duration>
 //	    max_message_length  <runes>
 //	    on_client_disconnect cancel | finish
+//	    detached_timeout <duration> | off
 //	    circuit_breaker <failures> <open duration>
 //	    redis           <redis-url>
 //	    rate_limit      <ip|session|domain|create|user> <N>/<window>... | off
@@ -170,6 +171,15 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 						"handoff_timeout":     &cp.HandoffTimeout,
 					}[option] = dur
 					err = checked(checkMinDuration(option, dur, minDurations[option]))
+				}
+			}
+		case "detached_timeout":
+			var v string
+			if v, err = singleArg(d, option); err == nil {
+				if v == "off" {
+					cp.DetachedTimeout = DetachedTimeoutOff
+				} else if cp.DetachedTimeout, err = parseDuration(d, option, v); err == nil {
+					err = checked(checkDetachedTimeout(cp.DetachedTimeout))
 				}
 			}
 		case "store_wait":
@@ -295,6 +305,7 @@ var caddyfileOptions = []string{
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",
 	"log_content", "history_retention", "purge_interval", "chat_socket", "n8n_socket_url", "wait_timeout",
 	"store_wait", "uploads", "push_secret", "handoff_webhook", "handoff_timeout",
+	"detached_timeout",
 }
 
 // cookieOptions are the options of the cookie block.

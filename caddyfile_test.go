@@ -157,6 +157,16 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  ChatProxy{ChatSocket: "/chat", N8nSocketURL: "ws://n8n-main:5678/chat", WaitTimeout: caddy.Duration(15 * time.Minute)},
 		},
 		{
+			name:  "detached_timeout",
+			input: "chat_proxy {\n detached_timeout 2m\n}",
+			want:  ChatProxy{DetachedTimeout: caddy.Duration(2 * time.Minute)},
+		},
+		{
+			name:  "detached_timeout off",
+			input: "chat_proxy {\n detached_timeout off\n}",
+			want:  ChatProxy{DetachedTimeout: DetachedTimeoutOff},
+		},
+		{
 			name:  "chat socket off",
 			input: "chat_proxy {\n chat_socket off\n}",
 			want:  ChatProxy{ChatSocket: "off"},
@@ -443,6 +453,8 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 			`redis: "****@cache:6379" is not a redis:// or rediss:// URL; write redis://****@cache:6379`},
 		{"redis other scheme", "redis http://cache:6379", `redis: "http://cache:6379" is not a redis:// or rediss:// URL`},
 		{"redis bad database", "redis redis://cache:6379/zero", `redis: invalid database number: "zero"`},
+		{"detached_timeout too short", "detached_timeout 500ms", "detached_timeout: must be off or from 1s to 1h, got 500ms"},
+		{"detached_timeout too long", "detached_timeout 2h", "detached_timeout: must be off or from 1s to 1h, got 2h0m0s"},
 		{"on_client_disconnect", "on_client_disconnect later", `on_client_disconnect: must be cancel or finish, got "later"`},
 		{"bot_detection", "bot_detection on", `bot_detection: got "on", want off or a threshold from 1 to 99`},
 	} {

@@ -160,6 +160,9 @@ func (cp *ChatProxy) load() error {
 	if cp.OnClientDisconnect == "" {
 		cp.OnClientDisconnect = "cancel"
 	}
+	if cp.DetachedTimeout == 0 {
+		cp.DetachedTimeout = caddy.Duration(DefaultDetachedTimeout)
+	}
 	if cp.MaxMessageLength == 0 {
 		cp.MaxMessageLength = DefaultMaxMessageLength
 	}
@@ -305,6 +308,7 @@ func (cp *ChatProxy) Validate() error {
 		func() error { return checkDatabase(cp.database) },
 		func() error { return checkOrigins(cp.AllowedOrigins) },
 		func() error { return checkOnClientDisconnect(cp.OnClientDisconnect) },
+		func() error { return checkDetachedTimeout(cp.DetachedTimeout) },
 		func() error { return checkMessageLength(cp.MaxMessageLength) },
 		func() error { return checkMinDuration("n8n_token_ttl", cp.N8nTokenTTL, time.Second) },
 		func() error { return checkMinDuration("upstream_timeout", cp.UpstreamTimeout, time.Second) },
@@ -440,6 +444,18 @@ func checkOrigins(origins []string) error {
 func checkOnClientDisconnect(v string) error {
 	if v != "cancel" && v != "finish" {
 		return fmt.Errorf("on_client_disconnect: must be cancel or finish, got %q", v)
+	}
+	return nil
+}
+
+// checkDetachedTimeout: off (negative), or from 1s to 1h: a reply nobody
+// follows should not hold n8n for longer.
+func checkDetachedTimeout(d caddy.Duration) error {
+	if d < 0 {
+		return nil
+	}
+	if d < caddy.Duration(time.Second) || d > caddy.Duration(time.Hour) {
+		return fmt.Errorf("detached_timeout: must be off or from 1s to 1h, got %s", time.Duration(d))
 	}
 	return nil
 }

@@ -348,15 +348,15 @@ func TestDrillPostgresUnreachable(t *testing.T) {
 // stored. A stream holds no database connection, so the client still gets
 // the whole reply and data: [DONE].
 //
-// The assistant row is written by storeReply (handler/chat.go) once the
-// reply has ended: detached from the request, bounded by a 10 s timeout,
-// one attempt, its failure only logged. So:
-//   - if the database is still unreachable when the reply ends, the
-//     attempt fails at once (the pool's dial is refused; the 10 s bound
-//     only matters for a database that hangs) and no assistant row is
-//     written: the history shows the user message unanswered, which is
-//     true of what the visitor can find later, and consistent
-//     (message_count is raised in the same statement that inserts a row);
+// The assistant row is stored, as streaming and empty, with the user
+// message, and finished by storeReply (handler/pipeline.go) once the reply
+// has ended: detached from the request, retried until a timeout, its
+// failure only logged. So:
+//   - if the database is still unreachable when the reply's store gives
+//     up, the row stays streaming and empty: the history shows the user
+//     message unanswered (until the row is found lost and stored as an
+//     error), which is true of what the visitor can find later, and
+//     consistent (message_count counted both rows in one statement);
 //   - if it is back by then, the reply is stored whole, as complete.
 func TestDrillPostgresCutMidStream(t *testing.T) {
 	t.Parallel()
@@ -381,8 +381,10 @@ func TestDrillPostgresCutMidStream(t *testing.T) {
 	}{
 		{"database back before the reply ends", beforeEnd, answered},
 		{"database back while the reply's store is retried", whileRetrying, answered},
-		// The question stays without its answer: counts stay consistent.
-		{"database down past the reply's store timeout", afterGivingUp, []drillRow{{"user", "complete", msg}}},
+		// The question stays without its answer (its reply's row, stored
+		// with the question, stays as it was: streaming, empty, until it is
+		// found lost; see TestResumeLostReply): counts stay consistent.
+		{"database down past the reply's store timeout", afterGivingUp, []drillRow{{"user", "complete", msg}, {"assistant", "streaming", ""}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -622,8 +624,9 @@ func drillRaceBuild() bool {
 // 1,000 visitors leave in the middle of their streams at once, half with
 // a FIN and half with a RST. Afterwards nothing is left behind: no handler
 // or goroutine, no connection to n8n (each upstream request was
-// cancelled), no PostgreSQL connection checked out, and every reply is
-// stored as partial with the text relayed before the visitor left.
+// cancelled once no client resumed it for detached_timeout, here 1s), no
+// PostgreSQL connection checked out, and every reply is stored as partial
+// with the text relayed before the visitor left.
 //
 // Not parallel: goroutine counts are process-wide. Parallel tests of this
 // package only start once every sequential top-level test has returned, so
@@ -647,7 +650,7 @@ func TestDrillThousandClientsDisconnect(t *testing.T) {
 
 func drillDisconnects(t *testing.T, kind string, streams int) {
 	const first = "The first words of a long answer, "
-	e := newChatEnv(t, chatEnvOpts{kind: kind})
+	e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) { cp.DetachedTimeout = caddy.Duration(time.Second) }})
 	// n8n writes one item, then holds the stream until the proxy abandons
 	// it: unlike fakeThen's, this hold is not limited to fakeWaitLimit, as
 	// opening 1,000 streams on a loaded machine may take longer than that.

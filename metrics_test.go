@@ -296,7 +296,8 @@ func TestMetricsRoute(t *testing.T) {
 // chunks, bytes and the upstream histograms; a stream is active while it
 // runs.
 func TestMetricsChatExchange(t *testing.T) {
-	e := mxEnv(t, nil)
+	// detached_timeout off: a reply is stopped as soon as its visitor leaves.
+	e := mxEnv(t, func(cp *ChatProxy) { cp.DetachedTimeout = DetachedTimeoutOff })
 	up := e.cp.upstreamLabel()
 	if strings.Contains(up, "webhook") || !strings.HasPrefix(up, "n8n-") || len(up) != 12 {
 		t.Fatalf("upstream label %q", up)

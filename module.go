@@ -27,6 +27,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
+	"github.com/chatproxy/caddy-chatproxy/replies"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/signed"
 	"github.com/chatproxy/caddy-chatproxy/upload"
@@ -46,6 +47,10 @@ const (
 	DefaultChatSocket = "/chat"
 	// DefaultMaxMessageLength is in runes, as the original design's limit.
 	DefaultMaxMessageLength = 4000
+	// DefaultDetachedTimeout covers a page reload or a network change.
+	DefaultDetachedTimeout = 30 * time.Second
+	// DetachedTimeoutOff is detached_timeout off (JSON: any negative value).
+	DetachedTimeoutOff = caddy.Duration(-1)
 	// DefaultBotThreshold refuses a message only on strong evidence: no
 	// single ordinary signal reaches it.
 	DefaultBotThreshold = 50
@@ -156,6 +161,16 @@ type ChatProxy struct {
 	// stops the n8n request at once and stores the partial reply; `finish`
 	// reads the reply to its end and stores it whole.
 	OnClientDisconnect string `json:"on_client_disconnect,omitempty"`
+
+	// How long a chat API reply goes on without any client following it
+	// (its own request gone, no resumed stream open on any instance)
+	// before it is stopped and stored partial, so that a page reloaded
+	// mid-answer can resume it (`GET {prefix}/chat/stream/{message_id}`).
+	// It applies with on_client_disconnect `cancel`; with `finish` a reply
+	// is read to its end whether followed or not. `off` (JSON: a negative
+	// value) stops a reply as soon as its last client leaves. From 1s to
+	// 1h. Default: 30s.
+	DetachedTimeout caddy.Duration `json:"detached_timeout,omitempty"`
 
 	// The longest message accepted, in characters (Unicode code points)
 	// after trimming. Default: 4000.
@@ -281,6 +296,7 @@ type ChatProxy struct {
 	upstream     *n8n.Client
 	drain        *handler.Drain
 	events       *events.Hub
+	releaseHub   func()
 	untrackPools []func()
 	handler      *handler.Handler
 }
@@ -467,6 +483,20 @@ func (cp *ChatProxy) provisionUpstream(_ caddy.Context, hc *handler.Config) erro
 // when the visitor leaves, and when Caddy exits (see handler.Drain).
 func (cp *ChatProxy) provisionStreaming(ctx caddy.Context, hc *handler.Config) error {
 	hc.FinishOnDisconnect = cp.OnClientDisconnect == "finish"
+	hc.DetachedTimeout = time.Duration(cp.DetachedTimeout)
+	hc.MaxStreamDuration = time.Duration(cp.MaxStreamDuration)
+	// Live replies: shared by every handler of the process on the same
+	// Redis (or without one), across reloads, so a resume reaches a reply
+	// that a handler of the previous config is producing.
+	hubKey, hubCfg := "local", replies.Config{Logger: cp.logger.Named("replies")}
+	if cp.redis != nil {
+		hubKey, hubCfg.Redis = cp.redis.Key, cp.redis.Client
+	}
+	hub, release, err := replies.AcquireHub(hubKey, hubCfg)
+	if err != nil {
+		return err
+	}
+	hc.Replies, cp.releaseHub = hub, release
 	cp.drain = handler.NewDrain()
 	cp.drain.HookServer(ctx, cp.logger)
 	hc.Drain = cp.drain
@@ -604,6 +634,11 @@ func (cp *ChatProxy) Cleanup() error {
 		// Streams still running finish on their own connections.
 		errs = append(errs, cp.upstream.Close())
 		cp.upstream = nil
+	}
+	if cp.releaseHub != nil {
+		// Before the Redis client it may use.
+		cp.releaseHub()
+		cp.releaseHub = nil
 	}
 	if cp.redis != nil {
 		errs = append(errs, cp.redis.Release())

@@ -76,6 +76,7 @@ func TestProvisionErrors(t *testing.T) {
 		{"chat_socket not a path", func(c *ChatProxy) { c.ChatSocket = "chat" },
 			`chat_socket: must be off or a path such as /chat, not below path_prefix, got "chat"`},
 		{"short wait_timeout", func(c *ChatProxy) { c.WaitTimeout = caddy.Duration(time.Millisecond) }, "wait_timeout: must be at least 1s, got 1ms"},
+		{"short detached_timeout", func(c *ChatProxy) { c.DetachedTimeout = caddy.Duration(time.Millisecond) }, "detached_timeout: must be off or from 1s to 1h, got 1ms"},
 		{"n8n_socket_url not ws", func(c *ChatProxy) { c.N8nSocketURL = "ftp://n8n/chat" }, "upstream: n8n: socket URL must be ws, wss, http or https"},
 		{"missing jwt_secret", func(c *ChatProxy) { c.JWTSecret = "" }, "jwt_secret: required"},
 		{"missing session_secret", func(c *ChatProxy) { c.SessionSecret = "" }, "session_secret: required"},
