@@ -138,9 +138,10 @@ func TestIdentityCreateMatrix(t *testing.T) {
 					if err != nil || stored.User == nil || stored.User.ID != tc.wantUser.ID || stored.User.Name != tc.wantUser.Name {
 						t.Fatalf("stored session %+v (%v): want user %+v", stored, err, tc.wantUser)
 					}
-					rec = e.serve(t, "POST", "/api/v1/chat/message", `{"message":"hi"}`, authz(s.Token, "Origin", allowedOrigin, "Accept", "application/json"))
-					if rec.Code != http.StatusOK {
-						t.Fatalf("message: %d %s", rec.Code, rec.Body)
+					// The SSE API (the default answer to a chat message).
+					rec = e.serve(t, "POST", "/api/v1/chat/message", `{"message":"hi"}`, authz(s.Token, "Origin", allowedOrigin))
+					if rec.Code != http.StatusOK || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/event-stream") {
+						t.Fatalf("message: %d %s %s", rec.Code, rec.Header().Get("Content-Type"), rec.Body)
 					}
 					c := e.fake.Last(t)
 					u := c.Body.User
@@ -168,8 +169,8 @@ func TestIdentityAnonymousN8nHasNoUser(t *testing.T) {
 	s := e.newSession(t)
 	rec := e.serve(t, "POST", "/api/v1/chat/message",
 		`{"message":"hi","context":{"user":{"id":"admin","name":"Mallory","verified":true},"page":"x"}}`,
-		authz(s.Token, "Origin", allowedOrigin, "Accept", "application/json"))
-	if rec.Code != http.StatusOK {
+		authz(s.Token, "Origin", allowedOrigin))
+	if rec.Code != http.StatusOK || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/event-stream") {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	c := e.fake.Last(t)

@@ -24,6 +24,12 @@ func TestSocketToken(t *testing.T) {
 	if got, err := parseSocketToken(key, tok, now); err != nil || got != c {
 		t.Fatalf("parse: %+v, %v", got, err)
 	}
+	// A verified user's conversation: the user id travels in the token.
+	cu := c
+	cu.User = "user-42"
+	if got, err := parseSocketToken(key, signSocketToken(key, cu), now); err != nil || got != cu {
+		t.Fatalf("parse with a user: %+v, %v", got, err)
+	}
 	p, sig, _ := strings.Cut(tok, ".")
 	for _, tc := range []struct {
 		name, token string
