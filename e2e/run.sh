@@ -105,7 +105,8 @@ wait_for() { # url what pid (up to about 30 s, or until pid exits)
 # Fresh secrets per run, read by Caddy through {env.*} placeholders.
 E2E_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 E2E_SESSION_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-export E2E_JWT_SECRET E2E_SESSION_SECRET
+E2E_IDENTITY_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export E2E_JWT_SECRET E2E_SESSION_SECRET E2E_IDENTITY_SECRET
 export E2E_REPO=$repo E2E_DIR=$e2e E2E_ARTIFACTS=$artifacts
 
 # start_servers starts the stand-in n8n and Caddy on fresh ports; it fails

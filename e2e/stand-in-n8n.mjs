@@ -4,9 +4,11 @@
 // (begin, items, end), each line flushed on its own and spaced out in time
 // so the browser can be seen receiving a reply piece by piece.
 //
-// It records every request it gets (action, sessionId, chatInput), so the
-// tests can assert what reached "n8n" and what did not: GET /__requests
-// lists them, GET /__counts counts them by action.
+// It records every request it gets (action, sessionId, chatInput, and the
+// verified visitor: the body's user and the signed token's user claim), so
+// the tests can assert what reached "n8n" and what did not: GET /__requests
+// lists them, GET /__counts counts them by action. A verified visitor is
+// greeted by name, from the body's user.name.
 //
 // A multipart/form-data request (a message with files) is read as n8n's
 // Chat Trigger reads it: the fields, then one "files" part per file. It is
@@ -16,7 +18,7 @@
 // size and SHA-256, and whether its bytes agree with its type.
 //
 //   E2E_N8N_PORT=8081 node stand-in-n8n.mjs
-import { createHash } from "node:crypto";
+import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import http from "node:http";
 
 import { replyParts } from "./lib/reply.mjs";
@@ -30,6 +32,34 @@ if (!port) {
 }
 
 const requests = [];
+
+// tokenClaims returns the claims of the request's bearer token when it is
+// an HS256 JWT signed with the session secret (what n8n's JWT Auth checks),
+// else null.
+function tokenClaims(authorization) {
+	const secret = process.env.E2E_SESSION_SECRET;
+	const token = (authorization ?? "").replace(/^Bearer /, "");
+	const [head, payload, sig] = token.split(".");
+	if (!secret || !head || !payload || !sig) return null;
+	const want = createHmac("sha256", secret).update(`${head}.${payload}`).digest();
+	const got = Buffer.from(sig, "base64url");
+	if (got.length !== want.length || !timingSafeEqual(got, want)) return null;
+	if (JSON.parse(Buffer.from(head, "base64url").toString()).alg !== "HS256") return null;
+	return JSON.parse(Buffer.from(payload, "base64url").toString());
+}
+
+// bodyUser is the body's user (JSON text in a multipart body), or null.
+function bodyUser(body) {
+	let u = body.user ?? null;
+	if (typeof u === "string") {
+		try {
+			u = JSON.parse(u);
+		} catch {
+			u = null;
+		}
+	}
+	return u;
+}
 
 function chunk(type, content) {
 	const metadata = { nodeId: "agent", nodeName: "AI Agent", itemIndex: 0, runIndex: 0, timestamp: Date.now() };
@@ -141,6 +171,9 @@ const server = http.createServer(async (req, res) => {
 		chatInput: body.chatInput ?? null,
 		authorization: req.headers.authorization ? req.headers.authorization.split(" ")[0] : null,
 		jwtMatches: Boolean(body.jwt_token) && req.headers.authorization === `Bearer ${body.jwt_token}`,
+		user: bodyUser(body),
+		tokenUser: tokenClaims(req.headers.authorization)?.user ?? null,
+		metadata: typeof body.metadata === "string" ? body.metadata : JSON.stringify(body.metadata ?? null),
 		multipart,
 	};
 	requests.push(entry);
@@ -163,7 +196,7 @@ const server = http.createServer(async (req, res) => {
 	});
 	res.flushHeaders();
 	res.write(chunk("begin"));
-	for (const part of replyParts(String(entry.chatInput ?? ""))) {
+	for (const part of replyParts(String(entry.chatInput ?? ""), entry.user)) {
 		await sleep(chunkDelayMs);
 		if (res.destroyed) return;
 		res.write(chunk("item", part));

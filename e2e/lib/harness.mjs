@@ -20,6 +20,8 @@ export const env = {
 	n8nURL: need("E2E_N8N_URL"),
 	artifacts: need("E2E_ARTIFACTS"),
 	prefix: "/api/v1",
+	// The chat site's identity_secret: a test plays the site's backend.
+	identitySecret: need("E2E_IDENTITY_SECRET"),
 };
 env.api = env.apiOrigin + env.prefix;
 
