@@ -62,6 +62,8 @@ func TestCheckVisitorFrame(t *testing.T) {
 		{`{"sessionId":"03b2b262","action":"sendMessage","chatInput":"typed reply","files":[]}`, true, "typed reply"},
 		{`{"sessionId":"03b2b262","action":"sendMessage","chatInput":" a\r\nb "}`, true, "a\nb"},
 		{`{"type":"heartbeat"}`, false, ""},
+		{`{"TYPE":"heartbeat-ack"}`, false, ""},
+		{`{"type":"heartbeat-ack","type":"heartbeat-ack"}`, false, ""},
 		{`{"type": "heartbeat-ack"` + strings.Repeat(" ", maxAckFrame) + `}`, false, ""}, // no ack is that long
 		{`n8n|heartbeat`, false, ""},
 		{`{"sessionId":"other","action":"sendMessage","chatInput":"x","files":[]}`, false, ""},
@@ -119,6 +121,20 @@ func TestCheckVisitorFrameFiles(t *testing.T) {
 		{"no data", frame(map[string]any{"name": "a.csv", "type": "text/csv"}), p, ""},
 		{"data not a string", frame(map[string]any{"name": "a.csv", "type": "text/csv", "data": 1}), p, ""},
 		{"unknown file field", frame(map[string]any{"name": "a.csv", "type": "text/csv", "data": "data:text/csv;base64,YQ==", "path": "/etc"}), p, ""},
+		// The frame goes to n8n as it came, and n8n reads it with
+		// JSON.parse, where "files" and "Files" are two fields and the
+		// last of two "files" wins: a key the checks would read other than
+		// n8n does is refused, so what is checked is what n8n gets.
+		{"files hidden behind Files", []byte(`{"sessionId":"` + sid + `","action":"sendMessage","chatInput":"x",` +
+			`"files":[{"name":"a.exe","type":"application/x-msdownload","data":"data:application/x-msdownload;base64,TVqQAAM="}],"Files":[]}`), p, ""},
+		{"data behind DATA", []byte(`{"sessionId":"` + sid + `","action":"sendMessage","chatInput":"x","files":[{"name":"a.csv","type":"text/csv",` +
+			`"data":"data:application/x-msdownload;base64,TVqQAAM=","DATA":"data:text/csv;base64,YQ=="}]}`), p, ""},
+		{"files twice", []byte(`{"sessionId":"` + sid + `","action":"sendMessage","chatInput":"x",` +
+			`"files":[{"name":"a.csv","type":"text/csv","data":"data:text/csv;base64,YQ=="}],"files":[]}`), p, ""},
+		{"another session behind SessionId", []byte(`{"sessionId":"other","SessionId":"` + sid + `","action":"sendMessage","chatInput":"x"}`), p, ""},
+		{"long input behind CHATINPUT", []byte(`{"sessionId":"` + sid + `","action":"sendMessage","chatInput":"` +
+			strings.Repeat("a", 500) + `","CHATINPUT":"short"}`), p, ""},
+		{"data after the object", []byte(`{"sessionId":"` + sid + `","action":"sendMessage","chatInput":"x"}]`), p, ""},
 	} {
 		f, err := checkVisitorFrame(tc.frame, sid, 100, tc.p)
 		var ue *upload.Error
@@ -195,6 +211,16 @@ func FuzzVisitorFrame(f *testing.F) {
 		}
 		if !fr.ack && (fr.chatInput == "" || len([]rune(fr.chatInput)) > 100) {
 			t.Fatalf("accepted %q as %+v", data, fr)
+		}
+		// n8n reads the relayed frame with exact-case keys: an accepted
+		// answer has no key the checks would have read another way.
+		var keys map[string]json.RawMessage
+		if !fr.ack && json.Unmarshal(data, &keys) == nil {
+			for k := range keys {
+				if k != "sessionId" && k != "action" && k != "chatInput" && k != "files" {
+					t.Fatalf("accepted %q with key %q", data, k)
+				}
+			}
 		}
 		if len(fr.files) > 0 {
 			var m struct {

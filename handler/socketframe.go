@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/upload"
@@ -112,19 +113,15 @@ func checkVisitorFrame(data []byte, sessionID string, maxRunes int, uploads *upl
 		return visitorFrame{}, errors.New("unexpected frame")
 	}
 	if len(t) <= maxAckFrame {
-		var ack struct {
-			Type string `json:"type"`
-		}
+		var typ *string
 		dec := json.NewDecoder(bytes.NewReader(t))
-		dec.DisallowUnknownFields()
-		if dec.Decode(&ack) == nil && ack.Type == "heartbeat-ack" && !dec.More() {
+		err := decodeExactObject(dec, map[string]any{"type": &typ})
+		if err == nil && typ != nil && *typ == "heartbeat-ack" && atEOF(dec) {
 			return visitorFrame{ack: true}, nil
 		}
 	}
-	var m visitorMessage
-	dec := json.NewDecoder(bytes.NewReader(t))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&m); err != nil || dec.More() {
+	m, err := decodeVisitorMessage(t)
+	if err != nil {
 		return visitorFrame{}, errors.New("frame is not a sendMessage object")
 	}
 	switch {
@@ -159,4 +156,78 @@ func checkVisitorFrame(data []byte, sessionID string, maxRunes int, uploads *upl
 		return visitorFrame{}, err
 	}
 	return visitorFrame{chatInput: text, files: infos}, nil
+}
+
+// decodeVisitorMessage decodes the widget's answer as n8n reads the frame
+// it is relayed unchanged to (JSON.parse): encoding/json would match
+// "Files" or "DATA" to a field and keep the last of two "files", so the
+// checks could read other values than n8n does (a file hidden from them
+// behind "Files": []). Here every key must be one of the fields, in its
+// exact case, at most once; nothing may follow the object.
+func decodeVisitorMessage(t []byte) (visitorMessage, error) {
+	var m visitorMessage
+	dec := json.NewDecoder(bytes.NewReader(t))
+	files := func() error {
+		tok, err := dec.Token()
+		if err != nil || tok == nil { // null: no files
+			return err
+		}
+		if tok != json.Delim('[') {
+			return errors.New("files is not an array")
+		}
+		for dec.More() {
+			var f visitorFile
+			if err := decodeExactObject(dec, map[string]any{"name": &f.Name, "type": &f.Type, "data": &f.Data}); err != nil {
+				return err
+			}
+			m.Files = append(m.Files, f)
+		}
+		_, err = dec.Token() // ]
+		return err
+	}
+	err := decodeExactObject(dec, map[string]any{
+		"sessionId": &m.SessionID, "action": &m.Action, "chatInput": &m.ChatInput, "files": files,
+	})
+	if err == nil && !atEOF(dec) {
+		err = errors.New("data after the object")
+	}
+	return m, err
+}
+
+// decodeExactObject decodes the JSON object next in dec: each key must
+// be one of fields, in its exact case, at most once; its value is decoded
+// into the field's pointer, or by the field's func.
+func decodeExactObject(dec *json.Decoder, fields map[string]any) error {
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return errors.New("not an object")
+	}
+	seen := make(map[string]bool, len(fields))
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		key, _ := tok.(string)
+		field, ok := fields[key]
+		if !ok || seen[key] {
+			return errors.New("unexpected or repeated field")
+		}
+		seen[key] = true
+		if decode, ok := field.(func() error); ok {
+			err = decode()
+		} else {
+			err = dec.Decode(field)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	_, err := dec.Token() // }
+	return err
+}
+
+// atEOF reports whether dec has nothing left but white space.
+func atEOF(dec *json.Decoder) bool {
+	_, err := dec.Token()
+	return err == io.EOF
 }
