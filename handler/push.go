@@ -2,6 +2,7 @@ package handler
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -99,7 +100,7 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 		return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 	}
 	if err != nil {
-		return h.storeError(w, r, "get session", err)
+		return h.pushStoreError(w, r, "get session", err)
 	}
 	resp := pushResponse{SessionID: s.ID, Mode: s.Mode}
 	if req.Mode != "" {
@@ -107,7 +108,7 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 			if errors.Is(err, sessions.ErrNotFound) {
 				return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 			}
-			return h.storeError(w, r, "set session mode", err)
+			return h.pushStoreError(w, r, "set session mode", err)
 		}
 		resp.Mode = req.Mode
 		data, _ := json.Marshal(map[string]string{"mode": req.Mode})
@@ -121,13 +122,24 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 		if errors.Is(err, sessions.ErrNotFound) {
 			return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 		}
-		return h.storeError(w, r, "store pushed message", err)
+		return h.pushStoreError(w, r, "store pushed message", err)
 	}
 	hm := toHistoryMessage(*m)
 	resp.Message = &hm
 	data, _ := json.Marshal(hm)
 	h.publish(r, s.ID, pushedEvent{Event: eventMessage, ID: m.ID, Data: data})
 	return writeJSON(w, http.StatusCreated, resp)
+}
+
+// pushStoreError answers a push the store failed, which stored no
+// message: its signature, accepted and remembered, is given up again, so
+// that the caller's retry of the same request is not refused as a replay
+// (a mode already set is set once more, which changes nothing).
+func (h *Handler) pushStoreError(w http.ResponseWriter, r *http.Request, what string, err error) error {
+	if ferr := h.cfg.Push.Forget(context.WithoutCancel(r.Context()), r.Header); ferr != nil {
+		h.cfg.Logger.Warn("giving up the signature of a failed push; its retry must be signed again", zap.Error(ferr))
+	}
+	return h.storeError(w, r, what, err)
 }
 
 // readPush decodes and checks a push's body.

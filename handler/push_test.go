@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"database/sql"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -20,6 +21,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/handler"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
+	"github.com/chatproxy/caddy-chatproxy/sessions"
 	"github.com/chatproxy/caddy-chatproxy/signed"
 )
 
@@ -597,5 +599,56 @@ func TestPushRedisDown(t *testing.T) {
 	resp := e.do(t, "GET", "/api/v1/chat/events", "", authz(s.Token))
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("events with Redis down: %d", resp.StatusCode)
+	}
+}
+
+// TestPushRetryAfterStoreFailure: a push refused with 503 because the
+// store failed stored nothing, so the caller's retry of the very same
+// signed request (n8n's Retry On Fail sends the same headers) is
+// accepted and stored, not refused as a replay; once stored, it is one.
+func TestPushRetryAfterStoreFailure(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			e := pushEnv(t, kind, &pushConfig{Secret: testPushSecret}, nil)
+			s := e.newSession(t)
+			body := `{"session_id":"` + s.SessionID + `","content":"Your order has shipped."}`
+			headers := signedHeaders(testPushSecret, body, time.Now())
+			path := "/api/v1/sessions/" + s.SessionID + "/messages"
+			failMessageInserts(t, e.store)
+			rec := e.serve(t, "POST", path, body, headers)
+			wantError(t, rec, http.StatusServiceUnavailable, "store_unavailable")
+			healMessageInserts(t, e.store)
+			if rec := e.serve(t, "POST", path, body, headers); rec.Code != http.StatusCreated {
+				t.Fatalf("the same push retried after the store failed: %d %s", rec.Code, rec.Body)
+			}
+			if h := e.history(t, s.Token); h.TotalCount != 1 || h.Messages[0].Content != "Your order has shipped." {
+				t.Fatalf("history %+v", h)
+			}
+			wantError(t, e.serve(t, "POST", path, body, headers), http.StatusUnauthorized, "invalid_signature")
+		})
+	}
+}
+
+// healMessageInserts undoes failMessageInserts.
+func healMessageInserts(t *testing.T, store sessions.Store) {
+	t.Helper()
+	ctx := context.Background()
+	switch s := store.(type) {
+	case *sessions.PostgresStore:
+		if _, err := s.Pool().Exec(ctx, `DROP TRIGGER chat_test_fail ON chatproxy_messages`); err != nil {
+			t.Fatal(err)
+		}
+	case *sessions.SQLiteStore:
+		db, err := sql.Open("sqlite", s.Path())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		if _, err := db.ExecContext(ctx, `DROP TRIGGER chat_test_fail`); err != nil {
+			t.Fatal(err)
+		}
+	default:
+		t.Fatalf("unknown store %T", store)
 	}
 }

@@ -47,6 +47,16 @@ func (r *RedisReplay) First(ctx context.Context, key string, ttl time.Duration) 
 	return ok, nil
 }
 
+// Forget implements Forgetter.
+func (r *RedisReplay) Forget(ctx context.Context, key string) error {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	if err := r.client.Del(ctx, r.prefix+":"+key).Err(); err != nil {
+		return errors.New("redis: " + trimRedis(err.Error()))
+	}
+	return nil
+}
+
 func trimRedis(s string) string {
 	const p = "redis: "
 	if len(s) >= len(p) && s[:len(p)] == p {
@@ -107,6 +117,14 @@ func (m *MemoryReplay) First(_ context.Context, key string, ttl time.Duration) (
 	}
 	m.seen[key] = now.Add(ttl)
 	return true, nil
+}
+
+// Forget implements Forgetter.
+func (m *MemoryReplay) Forget(_ context.Context, key string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.seen, key)
+	return nil
 }
 
 // Len is the number of remembered signatures, expired or not.

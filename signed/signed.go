@@ -124,6 +124,11 @@ type ReplayGuard interface {
 	First(ctx context.Context, key string, ttl time.Duration) (bool, error)
 }
 
+// Forgetter is a ReplayGuard that can give a remembered key up again.
+type Forgetter interface {
+	Forget(ctx context.Context, key string) error
+}
+
 // Verifier checks signed requests made with one secret. Its zero Window
 // is DefaultWindow and its nil Now is time.Now. Replay must be set (see
 // NewRedisReplay and NewMemoryReplay); it may be shared by verifiers of
@@ -174,4 +179,20 @@ func (v *Verifier) Verify(ctx context.Context, h http.Header, body []byte) error
 		return ErrReplayed
 	}
 	return nil
+}
+
+// Forget gives up the signature of h, which Verify accepted, so that the
+// same request may be sent again: for a request that had no effect
+// because the server failed (a retry must not be refused as a replay).
+// A guard that cannot forget keeps it.
+func (v *Verifier) Forget(ctx context.Context, h http.Header) error {
+	_, mac, err := ParseHeaders(h.Get(HeaderTimestamp), h.Get(HeaderSignature))
+	if err != nil {
+		return err
+	}
+	f, ok := v.Replay.(Forgetter)
+	if !ok {
+		return nil
+	}
+	return f.Forget(ctx, hex.EncodeToString(mac))
 }

@@ -242,6 +242,48 @@ func TestReplayRefusedAcrossInstances(t *testing.T) {
 	}
 }
 
+// TestForget: a signature given up after a failed request is accepted
+// once more, in memory and across instances through Redis; one never
+// accepted is not remembered by forgetting it.
+func TestForget(t *testing.T) {
+	rdb, prefix := testRedis(t)
+	rdb2, _ := testRedis(t)
+	now := time.Now()
+	for _, tc := range []struct {
+		name       string
+		first, two ReplayGuard
+	}{
+		{"memory", NewMemoryReplay(0, nil), nil},
+		{"redis", NewRedisReplay(rdb, prefix, 5*time.Second), NewRedisReplay(rdb2, prefix, 5*time.Second)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := &Verifier{Secret: secret, Replay: tc.first, Now: func() time.Time { return now }}
+			b := a
+			if tc.two != nil {
+				b = &Verifier{Secret: secret, Replay: tc.two, Now: func() time.Time { return now }}
+			}
+			body := []byte(`{"content":"retried ` + tc.name + `"}`)
+			h := signedAt(secret, body, now)
+			ctx := context.Background()
+			if err := a.Verify(ctx, h, body); err != nil {
+				t.Fatalf("first: %v", err)
+			}
+			if err := a.Forget(ctx, h); err != nil {
+				t.Fatalf("Forget: %v", err)
+			}
+			if err := b.Verify(ctx, h, body); err != nil {
+				t.Fatalf("after Forget: %v", err)
+			}
+			if err := a.Verify(ctx, h, body); !errors.Is(err, ErrReplayed) {
+				t.Fatalf("replay after the retry = %v, want ErrReplayed", err)
+			}
+			if err := a.Forget(ctx, headers("x", "y")); !errors.Is(err, ErrMalformed) {
+				t.Fatalf("Forget of malformed headers = %v", err)
+			}
+		})
+	}
+}
+
 // TestRedisDownIsUnavailable: a Redis that does not answer makes Verify
 // fail with ErrUnavailable (503), never accept unchecked.
 func TestRedisDownIsUnavailable(t *testing.T) {
