@@ -88,7 +88,8 @@ type ChatProxy struct {
 	// the @n8n/chat widget's metadata. Their user then reaches n8n as
 	// `user` with verified true. Must differ from jwt_secret,
 	// session_secret and push_secret. Default: none, and identity fields
-	// are refused with 401 invalid_identity.
+	// are refused with 401 invalid_identity. It also signs the site's
+	// erasure call, DELETE {prefix}/user/data, which is 404 without it.
 	IdentitySecret string `json:"identity_secret,omitempty"`
 
 	// Where sessions and messages are stored. A `postgres://` or
@@ -371,6 +372,7 @@ func (cp *ChatProxy) Provision(ctx caddy.Context) error {
 		cp.provisionSessions,
 		cp.provisionIdentity,
 		cp.provisionGuard,
+		cp.provisionErasure,
 		cp.provisionUpstream,
 		cp.provisionStreaming,
 		cp.provisionUploads,
@@ -396,6 +398,22 @@ func (cp *ChatProxy) provisionIdentity(_ caddy.Context, hc *handler.Config) erro
 		return fmt.Errorf("identity_secret: %w", err)
 	}
 	hc.Identity = v
+	return nil
+}
+
+// provisionErasure sets up the signature check of the site's erasure call
+// (DELETE {prefix}/user/data) when identity_secret is set: the same
+// scheme as pushes, keyed with identity_secret, replays refused through
+// Redis when configured (so across instances), else in process.
+func (cp *ChatProxy) provisionErasure(_ caddy.Context, hc *handler.Config) error {
+	if len(cp.identitySecret) == 0 {
+		return nil
+	}
+	var rdb redis.UniversalClient
+	if cp.redis != nil {
+		rdb = cp.redis.Client
+	}
+	hc.Erasure = &signed.Verifier{Secret: cp.identitySecret, Replay: signed.NewReplay(rdb, signed.DefaultReplayPrefix)}
 	return nil
 }
 
