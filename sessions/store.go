@@ -289,6 +289,19 @@ type Store interface {
 	// lock between two batches, Purge stops there and reports what it did.
 	// The embedded store's write lock serializes purges instead.
 	Purge(ctx context.Context, expiredBefore, messagesBefore time.Time) (sessions, messages int64, err error)
+	// SetWaiting records that the session's conversation waits on an n8n
+	// execution (see Waiting), replacing what it waited on before. It
+	// returns ErrNotFound if the session does not exist or is revoked.
+	SetWaiting(ctx context.Context, sessionID string, w Waiting) error
+	// TakeWaiting removes the session's waiting execution and returns it,
+	// atomically: of two callers racing, one gets it. It returns
+	// ErrNotFound when nothing waits, or when the wait ended before now
+	// (the record is removed then too).
+	TakeWaiting(ctx context.Context, sessionID string, now time.Time) (*Waiting, error)
+	// ClearWaiting removes the session's waiting execution if holder still
+	// holds it, and reports whether it did: false means it was taken (or
+	// replaced) meanwhile.
+	ClearWaiting(ctx context.Context, sessionID, holder string) (bool, error)
 	// Stats reports schema version and row counts.
 	Stats(ctx context.Context) (*Stats, error)
 

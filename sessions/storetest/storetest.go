@@ -67,6 +67,8 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"SessionMode", testSessionMode},
 		{"AgentMessages", testAgentMessages},
 		{"ListAfter", testListAfter},
+		{"Waiting", testWaiting},
+		{"WaitingTakeOnce", testWaitingTakeOnce},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
