@@ -56,6 +56,26 @@ func socketURL(raw string, webhook *url.URL) (string, error) {
 // n8n's socket has no authentication of its own: callers must only dial
 // for executions they started.
 func (c *Client) DialChat(ctx context.Context, sessionID, executionID, resumeToken string) (*websocket.Conn, error) {
+	return c.DialChatWith(ctx, ChatDial{SessionID: sessionID, ExecutionID: executionID, ResumeToken: resumeToken})
+}
+
+// ChatDial names the execution a chat socket is for.
+type ChatDial struct {
+	SessionID, ExecutionID string
+	// ResumeToken is n8n's own token for the execution (newer n8n), or "".
+	ResumeToken string
+	// Integrated leaves isPublic out of the URL. n8n keys its sockets by
+	// sessionId, executionId and whether isPublic is set, and a second
+	// socket under a key still open breaks both (n8n terminates the old
+	// one, whose close handler then removes the new one's entry): a
+	// socket opened while another may still be open for the execution
+	// must use the other key.
+	Integrated bool
+}
+
+// DialChatWith is DialChat with the socket key chosen (see ChatDial).
+func (c *Client) DialChatWith(ctx context.Context, d ChatDial) (*websocket.Conn, error) {
+	sessionID, executionID, resumeToken := d.SessionID, d.ExecutionID, d.ResumeToken
 	if c.closed.Load() {
 		return nil, newError(ReasonShutdown, errors.New("client closed"))
 	}
@@ -63,7 +83,10 @@ func (c *Client) DialChat(ctx context.Context, sessionID, executionID, resumeTok
 	if err != nil {
 		return nil, errors.New("n8n: socket URL is not a valid URL") // checked in New
 	}
-	q := url.Values{"sessionId": {sessionID}, "executionId": {executionID}, "isPublic": {"true"}}
+	q := url.Values{"sessionId": {sessionID}, "executionId": {executionID}}
+	if !d.Integrated {
+		q.Set("isPublic", "true")
+	}
 	if resumeToken != "" {
 		q.Set("token", resumeToken)
 	}
