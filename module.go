@@ -644,6 +644,11 @@ func (cp *ChatProxy) Cleanup() error {
 	// Before the store is released: streams cut short by an exiting Caddy
 	// store their partial replies.
 	cp.drain.Finish()
+	if cp.handler != nil {
+		// The n8n sockets holding waiting executions close (their
+		// records stay, for the next config or another instance).
+		cp.handler.CloseSockets(socketCloseWait)
+	}
 	if cp.events != nil {
 		cp.events.Close() // before the Redis client it subscribes with
 		cp.events = nil
@@ -668,6 +673,10 @@ func (cp *ChatProxy) Cleanup() error {
 	}
 	return errors.Join(errs...)
 }
+
+// socketCloseWait bounds how long Cleanup waits for the chat API's n8n
+// sockets to close.
+const socketCloseWait = 2 * time.Second
 
 // deriveKey derives a purpose-bound key from a configured secret, so one
 // secret never serves two purposes directly.

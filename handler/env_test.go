@@ -75,6 +75,14 @@ type envConfig struct {
 	// zero).
 	Redis        string
 	RedisTimeout time.Duration
+	// SQLitePath is the embedded store's file (Database "sqlite"); empty:
+	// a new one. Two handlers given one path share a store, as two
+	// instances would.
+	SQLitePath string
+	// WaitTimeout is wait_timeout (zero: the default).
+	WaitTimeout time.Duration
+	// Drain is the handler's drain; nil: a new one.
+	Drain *handler.Drain
 
 	// Push turns pushed messages on (see push_test.go); nil: off.
 	Push *pushConfig
@@ -157,7 +165,11 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	case c.Store != nil:
 		store = c.Store
 	case c.Database == "", c.Database == "sqlite":
-		store, err = sessions.OpenSQLite(filepath.Join(t.TempDir(), "chat.db"))
+		path := c.SQLitePath
+		if path == "" {
+			path = filepath.Join(t.TempDir(), "chat.db")
+		}
+		store, err = sessions.OpenSQLite(path)
 	case c.Database == "postgres":
 		store, err = sessions.OpenPostgres(testenv.PostgresURL(t))
 	default:
@@ -224,9 +236,13 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 		DetachedTimeout:    c.DetachedTimeout,
 		Metrics:            metrics.NewRecorder("n8n-handler-test", allowed),
 		MetricsAllow:       []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+		WaitTimeout:        c.WaitTimeout,
 	}
 	if rdb != nil {
 		hc.Redis = rdb
+	}
+	if c.Drain != nil {
+		hc.Drain = c.Drain
 	}
 	if c.Push != nil {
 		c.Push.apply(t, &hc)

@@ -137,6 +137,8 @@ type Handler struct {
 	// noOriginsWarned is set once the refusal of a cross-origin request
 	// without allowed_origins has been logged.
 	noOriginsWarned atomic.Bool
+	// sockets are the chat API's n8n sockets (socketapi.go).
+	sockets socketSet
 }
 
 // route is one API path and what each allowed method does there.
@@ -243,6 +245,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// serves at the same path (a /chat page) keeps working.
 	if h.cfg.ChatSocket != "" && r.URL.Path == h.cfg.ChatSocket && isWebSocketUpgrade(r) {
 		return h.chatSocket(w, r)
+	}
+	if isWaitingPath(r.URL.Path) && h.cfg.Upstream != nil {
+		return h.webhookWaiting(w, r)
 	}
 	apiPath, ok := strings.CutPrefix(r.URL.Path, h.cfg.Prefix)
 	if !ok || !strings.HasPrefix(apiPath, "/") {

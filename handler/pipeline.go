@@ -127,6 +127,9 @@ type exchange struct {
 	// reply's live record (live.go); its row is stored as streaming with
 	// the user message and finished by storeReply.
 	live *liveReply
+	// waiting is the execution the session waited on, taken for this
+	// message (see waitingRoute).
+	waiting *sessions.Waiting
 }
 
 // responseNodesRoute is a chat route that can carry on n8n's "Using
@@ -138,6 +141,17 @@ type responseNodesRoute interface {
 	carriesResponseNodes() bool
 	// executionStarted answers the client for a started execution.
 	executionStarted(w http.ResponseWriter, r *http.Request, ex *exchange, st *n8n.ExecutionStarted) error
+}
+
+// waitingRoute is a responseNodesRoute whose sessions can wait on an
+// execution for the visitor's next message (socketapi.go).
+type waitingRoute interface {
+	// takeWaiting claims the execution the session waits on, if any, into
+	// ex.waiting; on failure it has answered.
+	takeWaiting(w http.ResponseWriter, r *http.Request, ex *exchange) bool
+	// resumeWaiting sends the stored message to that execution and
+	// answers with what follows.
+	resumeWaiting(w http.ResponseWriter, r *http.Request, ex *exchange) error
 }
 
 // runExchange carries one visitor message to n8n and n8n's reply back. The
@@ -201,18 +215,34 @@ func (h *Handler) runExchange(w http.ResponseWriter, r *http.Request, rt chatRou
 	case guard.ActionHoneypot:
 		return format.honeypot(w, ex)
 	}
+	srt, responseNodes := rt.(responseNodesRoute)
+	ex.responseNodes = responseNodes && srt.carriesResponseNodes()
+	wrt, resumes := rt.(waitingRoute)
+	if ex.responseNodes && resumes && !wrt.takeWaiting(w, r, ex) {
+		return nil
+	}
 	if rr, ok := rt.(resumableRoute); ok && rr.resumable() {
 		ex.live = h.beginLive(r, ex)
 		defer ex.live.close()
 	}
 	if !h.storeUserMessage(w, r, ex) {
+		if ex.waiting != nil {
+			h.putBackWaiting(r, ex.session.ID, ex.waiting)
+		}
 		return nil
 	}
 	if ex.session.Mode == sessions.ModeHuman {
+		if ex.waiting != nil {
+			// A person answers now; the workflow goes on waiting.
+			h.putBackWaiting(r, ex.session.ID, ex.waiting)
+		}
 		return h.handOff(w, r, ex, format)
 	}
-	srt, responseNodes := rt.(responseNodesRoute)
-	ex.responseNodes = responseNodes && srt.carriesResponseNodes()
+	if ex.waiting != nil {
+		// The workflow waits for this answer: it resumes, nothing new
+		// starts.
+		return wrt.resumeWaiting(w, r, ex)
+	}
 	reply, err := h.send(r, ex)
 	if err != nil && ex.live != nil && ex.live.stopped.Load() {
 		// Stopped before n8n's first byte.

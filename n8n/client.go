@@ -39,8 +39,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	"net/http/httputil"
 	"net/url"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -56,6 +58,9 @@ type Client struct {
 	// socketHTTP dials the chat WebSocket: HTTP/1.1 only (an upgrade
 	// cannot ride HTTP/2), redirects refused.
 	socketHTTP *http.Client
+	// waitingProxy forwards waiting-webhook requests (ForwardWaiting).
+	waitingOnce  sync.Once
+	waitingProxy *httputil.ReverseProxy
 }
 
 // New validates cfg and returns a Client. It does no network I/O.

@@ -298,6 +298,9 @@ type Store interface {
 	// ErrNotFound when nothing waits, or when the wait ended before now
 	// (the record is removed then too).
 	TakeWaiting(ctx context.Context, sessionID string, now time.Time) (*Waiting, error)
+	// GetWaiting returns the session's waiting execution without taking
+	// it (its wait may be over), or ErrNotFound.
+	GetWaiting(ctx context.Context, sessionID string) (*Waiting, error)
 	// ClearWaiting removes the session's waiting execution if holder still
 	// holds it, and reports whether it did: false means it was taken (or
 	// replaced) meanwhile.

@@ -185,3 +185,50 @@ func (s *SQLiteStore) ClearWaiting(ctx context.Context, sessionID, holder string
 	})
 	return cleared, opErr(op, err)
 }
+
+const waitingColumns = `execution_id, coalesce(resume_token, ''), holder, integrated, blocked, wait_until`
+
+// GetWaiting implements Store.
+func (s *PostgresStore) GetWaiting(ctx context.Context, sessionID string) (*Waiting, error) {
+	const op = "reading waiting execution"
+	if !storable(sessionID) {
+		return nil, s.fail(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, s.fail(op, err)
+	}
+	var w Waiting
+	err := s.pool.QueryRow(ctx, `SELECT `+waitingColumns+` FROM chatproxy_waiting WHERE session_id = $1`, sessionID).
+		Scan(&w.ExecutionID, &w.ResumeToken, &w.Holder, &w.Integrated, &w.Blocked, &w.Until)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, s.fail(op, ErrNotFound)
+	}
+	if err != nil {
+		return nil, s.fail(op, err)
+	}
+	w.Until = normTime(w.Until)
+	return &w, nil
+}
+
+// GetWaiting implements Store.
+func (s *SQLiteStore) GetWaiting(ctx context.Context, sessionID string) (*Waiting, error) {
+	const op = "reading waiting execution"
+	if !storable(sessionID) {
+		return nil, opErr(op, ErrNotFound)
+	}
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	var w Waiting
+	var until int64
+	err := s.r.QueryRowContext(ctx, `SELECT `+waitingColumns+` FROM chatproxy_waiting WHERE session_id = ?1`, sessionID).
+		Scan(&w.ExecutionID, &w.ResumeToken, &w.Holder, &w.Integrated, &w.Blocked, &until)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, opErr(op, ErrNotFound)
+	}
+	if err != nil {
+		return nil, opErr(op, err)
+	}
+	w.Until = fromMicros(until)
+	return &w, nil
+}

@@ -29,9 +29,19 @@ func testWaiting(t *testing.T, st sessions.Store) {
 	if err := st.SetWaiting(ctx(t), "wait-a", w); err != nil {
 		t.Fatalf("SetWaiting: %v", err)
 	}
+	read, err := st.GetWaiting(ctx(t), "wait-a")
+	if err != nil {
+		t.Fatalf("GetWaiting: %v", err)
+	}
 	got, err := st.TakeWaiting(ctx(t), "wait-a", now)
 	if err != nil {
 		t.Fatalf("TakeWaiting: %v", err)
+	}
+	if *read != *got {
+		t.Errorf("GetWaiting = %+v, TakeWaiting = %+v", *read, *got)
+	}
+	if _, err := st.GetWaiting(ctx(t), "wait-a"); !isNotFound(err) {
+		t.Errorf("GetWaiting after TakeWaiting: %v, want ErrNotFound", err)
 	}
 	want := w
 	want.Until = w.Until.UTC().Truncate(time.Microsecond)
