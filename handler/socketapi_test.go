@@ -352,9 +352,9 @@ func TestAPISocketButtons(t *testing.T) {
 		method, target string
 		status         int
 	}{
-		{"GET", link.Path, http.StatusNotFound},                                 // unsigned
-		{"GET", link.Path + "?approved=true", http.StatusNotFound},              // unsigned
-		{"GET", "/webhook-waiting/1?signature=x", http.StatusNotFound},          // no node
+		{"GET", link.Path, http.StatusNotFound},                                  // unsigned
+		{"GET", link.Path + "?approved=true", http.StatusNotFound},               // unsigned
+		{"GET", "/webhook-waiting/1?signature=x", http.StatusNotFound},           // no node
 		{"GET", "/webhook-waiting/../chat?x=1&signature=x", http.StatusNotFound}, // not below it
 		{"PUT", link.RequestURI(), http.StatusMethodNotAllowed},
 		{"DELETE", link.RequestURI(), http.StatusMethodNotAllowed},
