@@ -50,7 +50,8 @@ func TestMetricsChatSocket(t *testing.T) {
 	var fromN8n, fromVisitor float64
 	for _, f := range e.n8n.Frames() {
 		switch {
-		case f.Execution != st.ExecutionID || strings.HasPrefix(f.Data, "close ") || strings.HasPrefix(f.Data, "terminate"):
+		case f.Execution != st.ExecutionID || strings.HasPrefix(f.Data, "close ") || strings.HasPrefix(f.Data, "terminate") ||
+			strings.HasPrefix(f.Data, "open ") || strings.HasPrefix(f.Data, "dropped "):
 		case f.FromN8n:
 			fromN8n++
 		default:

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
 )
 
@@ -28,6 +29,9 @@ type historyMessage struct {
 	// Attachments are the files a user message carried (name, type,
 	// size, sha256); the bytes went to n8n and are not kept.
 	Attachments []attachment `json:"attachments,omitempty"`
+	// Buttons are an approval message's buttons (n8n's response-nodes
+	// mode on the chat API), as its stream's buttons event gave them.
+	Buttons []n8n.ChatButton `json:"buttons,omitempty"`
 }
 
 type historyResponse struct {
@@ -91,6 +95,9 @@ func (h *Handler) history(w http.ResponseWriter, r *http.Request, sessionID stri
 			m = *h.finishLost(r.Context(), &m)
 		}
 		resp.Messages[i] = toHistoryMessage(m)
+		if m.Role == sessions.RoleAssistant {
+			resp.Messages[i].Buttons = storedButtons(m.Metadata)
+		}
 	}
 	return writeJSON(w, http.StatusOK, resp)
 }

@@ -337,6 +337,17 @@ func (s *apiSocket) run(answer string) {
 		holdEnd = time.NewTimer(d)
 		holdEndC = holdEnd.C
 	}
+	// wentOn: the execution waited on this socket and goes on (a button
+	// was used): a visitor still watching waits for it without a limit
+	// again; without one, the socket holds on for wait_timeout at most.
+	wentOn := func() {
+		if s.sink == nil {
+			holdFor(h.waitTimeout())
+		} else if holdEnd != nil {
+			holdEnd.Stop()
+			holdEnd, holdEndC = nil, nil
+		}
+	}
 	defer stopGrace()
 	defer func() {
 		if holdEnd != nil {
@@ -365,13 +376,19 @@ func (s *apiSocket) run(answer string) {
 				}
 			case n8n.FrameContinue:
 				stopGrace()
-				if s.waiting && !s.goOn() {
-					return
+				if s.waiting {
+					if !s.goOn() {
+						return
+					}
+					wentOn()
 				}
 			case n8n.FrameMessage, n8n.FrameButtons:
 				stopGrace()
-				if s.waiting && !s.goOn() {
-					return
+				if s.waiting {
+					if !s.goOn() {
+						return
+					}
+					wentOn()
 				}
 				s.message(f)
 				if f.Kind == n8n.FrameButtons {
@@ -748,4 +765,18 @@ func (h *Handler) CloseSockets(timeout time.Duration) {
 	case <-done:
 	case <-time.After(timeout):
 	}
+}
+
+// storedButtons reads the buttons an approval message was stored with.
+func storedButtons(meta json.RawMessage) []n8n.ChatButton {
+	if len(meta) == 0 {
+		return nil
+	}
+	var m struct {
+		Buttons []n8n.ChatButton `json:"buttons"`
+	}
+	if json.Unmarshal(meta, &m) != nil {
+		return nil
+	}
+	return m.Buttons
 }

@@ -224,8 +224,9 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// socketCloses lists the closes the proxy sent on n8n's sockets (as
-// "close <code>") and the keys each socket was opened with.
+// framesFromProxy lists what the stand-in saw from the proxy starting
+// with prefix: its frames ("n8n|heartbeat-ack"), its closes ("close
+// <code>"), the keys its sockets were opened with ("open public").
 func framesFromProxy(f *testkit.N8nChat, prefix string) []string {
 	var out []string
 	for _, fr := range f.Frames() {
@@ -399,9 +400,21 @@ func TestAPISocketButtons(t *testing.T) {
 	}
 	got, _ = summary(t, br, nil)
 	wantEvents(t, got, "begin:1 item:decision: approved=true end [DONE]")
-	h, hb := histOf(t, e.handlers[0], s.Token)
+	h, _ := histOf(t, e.handlers[0], s.Token)
 	wantHistory(t, h, "user:refund please:complete", "assistant:Refund 20 EUR?:complete", "assistant:decision: approved=true:complete")
-	_ = hb
+	// The history keeps the buttons with their message.
+	rec := serve(t, e.handlers[0], req{method: "GET", path: "/api/v1/chat/history", headers: authz(s.Token)})
+	hist := decode[struct {
+		Messages []struct {
+			Buttons []n8n.ChatButton `json:"buttons"`
+		} `json:"messages"`
+	}](t, rec)
+	if b := hist.Messages[1].Buttons; len(b) != 2 || b[0] != buttons.Buttons[0] || b[1] != buttons.Buttons[1] {
+		t.Fatalf("stored buttons %+v, streamed %+v", b, buttons.Buttons)
+	}
+	if len(hist.Messages[0].Buttons)+len(hist.Messages[2].Buttons) != 0 {
+		t.Fatal("buttons on other messages")
+	}
 }
 
 // An approval that blocks typed answers: a message meanwhile is refused
@@ -452,8 +465,8 @@ func TestAPISocketUnreachable(t *testing.T) {
 // the session no longer waits: the next message starts a new execution.
 func TestAPISocketWaitTimeout(t *testing.T) {
 	opts := fastChat(testkit.ChatStep{Wait: true, Text: "Q?"}, testkit.ChatStep{Text: "A: {reply}"})
-	opts.AckTimeout = 400 * time.Millisecond
-	e := newSocketAPIEnv(t, "sqlite", 1, opts, false, func(c *envConfig) { c.WaitTimeout = 1200 * time.Millisecond })
+	opts.AckTimeout = time.Second
+	e := newSocketAPIEnv(t, "sqlite", 1, opts, false, func(c *envConfig) { c.WaitTimeout = 2500 * time.Millisecond })
 	s := createSession(t, e.handlers[0])
 	got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hello").Body), nil)
 	wantEvents(t, got, "begin:1 item:Q? end waiting [DONE]")
@@ -462,9 +475,12 @@ func TestAPISocketWaitTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	waiting := time.Now()
-	waitUntil(t, "the holding socket to close", func() bool { return len(framesFromProxy(e.n8n, "close ")) == 1 })
-	if held := time.Since(waiting); held < time.Second {
-		t.Fatalf("the socket was held %s, want about wait_timeout (1.2s)", held)
+	waitUntil(t, "the holding socket to close", func() bool { return len(framesFromProxy(e.n8n, "close ")) > 0 })
+	if held := time.Since(waiting); held < 2*time.Second {
+		t.Fatalf("the socket was held %s, want about wait_timeout (2.5s)", held)
+	}
+	if c := framesFromProxy(e.n8n, "close "); c[0] != "close 1000" {
+		t.Fatalf("the holding socket ended with %s, want a closing frame (1000)", c[0])
 	}
 	if ex, _ := e.n8n.Execution(wt.ExecutionID); ex.Status != "waiting" {
 		t.Fatalf("execution %s: n8n cancelled it while the proxy held it", ex.Status)

@@ -36,7 +36,7 @@ func (h *Handler) webhookWaiting(w http.ResponseWriter, r *http.Request) error {
 	h.cfg.Upstream.ForwardWaiting(w, r, func(w http.ResponseWriter, r *http.Request, err error) {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			_ = h.writeError(w, r, http.StatusRequestEntityTooLarge, "body_too_large", "the request body is too large")
+			_ = h.writeError(w, r, http.StatusRequestEntityTooLarge, "payload_too_large", "the request body is too large")
 			return
 		}
 		var ue *n8n.Error
