@@ -31,6 +31,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/replies"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 const (
@@ -83,6 +84,8 @@ type envConfig struct {
 	WaitTimeout time.Duration
 	// Drain is the handler's drain; nil: a new one.
 	Drain *handler.Drain
+	// Uploads is the uploads block; nil: absent.
+	Uploads *upload.Config
 
 	// Push turns pushed messages on (see push_test.go); nil: off.
 	Push *pushConfig
@@ -243,6 +246,13 @@ func newHandler(t *testing.T, c envConfig) (*handler.Handler, sessions.Store) {
 	}
 	if c.Drain != nil {
 		hc.Drain = c.Drain
+	}
+	if c.Uploads != nil {
+		u := *c.Uploads
+		u.TempDir = t.TempDir()
+		if hc.Uploads, err = upload.NewParser(u); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if c.Push != nil {
 		c.Push.apply(t, &hc)

@@ -2,9 +2,12 @@ package handler
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -121,13 +124,57 @@ func (h *Handler) putBackWaiting(r *http.Request, sessionID string, wt *sessions
 // and relays what follows.
 func (a *apiChat) resumeWaiting(w http.ResponseWriter, r *http.Request, ex *exchange) error {
 	wt := ex.waiting
-	frame, _ := json.Marshal(map[string]any{
-		"sessionId": ex.session.ID, "action": "sendMessage", "chatInput": ex.message, "files": []any{},
-	})
+	frame, err := answerFrame(ex)
+	if err != nil {
+		a.h.cfg.Logger.Error("reading the files of an answer", zap.Error(err))
+		a.h.putBackWaiting(r, ex.session.ID, wt)
+		a.h.storeReply(r, ex, "", sessions.StatusError)
+		return a.h.writeError(w, r, http.StatusInternalServerError, "internal_error", "the message could not be forwarded")
+	}
 	return a.h.relayExecution(w, r, ex, n8n.ChatDial{
 		SessionID: ex.session.ID, ExecutionID: wt.ExecutionID, ResumeToken: wt.ResumeToken,
 		Integrated: !wt.Integrated,
-	}, string(frame))
+	}, frame)
+}
+
+// socketFile is a file of an answer over n8n's socket, as the @n8n/chat
+// widget sends it (Input.vue reads each file as a data URL).
+type socketFile struct {
+	Name string `json:"name"`
+	Type string `json:"type"`
+	Data string `json:"data"`
+}
+
+// answerFrame is the visitor's message as the sendMessage frame the
+// widget sends over n8n's socket: the files of a multipart message (already
+// checked by the uploads block) as base64 data URLs.
+func answerFrame(ex *exchange) (string, error) {
+	files := make([]socketFile, 0, len(ex.files))
+	for _, f := range ex.files {
+		rc, err := f.Open()
+		if err != nil {
+			return "", err
+		}
+		var b strings.Builder
+		b.WriteString("data:" + f.Type + ";base64,")
+		enc := base64.NewEncoder(base64.StdEncoding, &b)
+		_, err = io.Copy(enc, rc)
+		_ = rc.Close()
+		if err == nil {
+			err = enc.Close()
+		}
+		if err != nil {
+			return "", err
+		}
+		files = append(files, socketFile{Name: f.Name, Type: f.Type, Data: b.String()})
+	}
+	frame, err := json.Marshal(struct {
+		SessionID string       `json:"sessionId"`
+		Action    string       `json:"action"`
+		ChatInput string       `json:"chatInput"`
+		Files     []socketFile `json:"files"`
+	}{ex.session.ID, "sendMessage", ex.message, files})
+	return string(frame), err
 }
 
 // relayExecution opens the SSE stream, then n8n's chat socket for the

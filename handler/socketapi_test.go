@@ -2,10 +2,14 @@ package handler_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
+	"net/textproto"
 	"net/url"
 	"path/filepath"
 	"strings"
@@ -20,6 +24,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
+	"github.com/chatproxy/caddy-chatproxy/upload"
 )
 
 // socketAPIEnv is the chat API in front of the stand-in n8n in "Using
@@ -102,6 +107,33 @@ func (e *socketAPIEnv) message(t *testing.T, i int, token, text string) *http.Re
 	body, _ := json.Marshal(map[string]string{"message": text})
 	r, _ := http.NewRequestWithContext(ctx, "POST", e.srvs[i].URL+"/api/v1/chat/message", strings.NewReader(string(body)))
 	r.Header.Set("Content-Type", "application/json")
+	r.Header.Set("User-Agent", chatUA)
+	r.Header.Set("Authorization", "Bearer "+token)
+	resp, err := e.client.Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = resp.Body.Close() })
+	return resp
+}
+
+// messageWithFile posts a multipart chat message with one file to
+// instance i.
+func (e *socketAPIEnv) messageWithFile(t *testing.T, i int, token, text, name, ctype string, data []byte) *http.Response {
+	t.Helper()
+	var body bytes.Buffer
+	mw := multipart.NewWriter(&body)
+	_ = mw.WriteField("message", text)
+	hdr := textproto.MIMEHeader{}
+	hdr.Set("Content-Disposition", fmt.Sprintf(`form-data; name="files"; filename=%q`, name))
+	hdr.Set("Content-Type", ctype)
+	part, _ := mw.CreatePart(hdr)
+	_, _ = part.Write(data)
+	_ = mw.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	r, _ := http.NewRequestWithContext(ctx, "POST", e.srvs[i].URL+"/api/v1/chat/message", &body)
+	r.Header.Set("Content-Type", mw.FormDataContentType())
 	r.Header.Set("User-Agent", chatUA)
 	r.Header.Set("Authorization", "Bearer "+token)
 	resp, err := e.client.Do(r)
@@ -532,4 +564,33 @@ func TestAPISocketShutdownAndReload(t *testing.T) {
 			t.Fatalf("%d executions, want the first resumed", e.n8n.Posts())
 		}
 	})
+}
+
+// An answer with a file (a multipart message) resumes the waiting
+// execution with the file as the widget sends it over the socket: a
+// base64 data URL with its name and type.
+func TestAPISocketAnswerWithFile(t *testing.T) {
+	e := newSocketAPIEnv(t, "sqlite", 1, fastChat(
+		testkit.ChatStep{Wait: true, Text: "Send me the list"}, testkit.ChatStep{Text: "got: {reply}"},
+	), false, func(c *envConfig) {
+		c.Uploads = &upload.Config{AllowedTypes: []string{"text/plain"}}
+	})
+	s := createSession(t, e.handlers[0])
+	got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hi").Body), nil)
+	wantEvents(t, got, "begin:1 item:Send me the list end waiting [DONE]")
+	wt, err := e.store.GetWaiting(context.Background(), s.SessionID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := e.messageWithFile(t, 0, s.Token, "here it is", "list.txt", "text/plain", []byte("milk\neggs\n"))
+	got, _ = summary(t, bufio.NewReader(resp.Body), nil)
+	wantEvents(t, got, "begin:1 item:got: here it is end [DONE]")
+	ex, _ := e.n8n.Execution(wt.ExecutionID)
+	want := []testkit.ChatFile{{Name: "list.txt", Type: "text/plain", Data: "data:text/plain;base64,bWlsawplZ2dzCg=="}}
+	if len(ex.ReplyFiles) != 1 || ex.ReplyFiles[0] != want[0] {
+		t.Fatalf("n8n got files %+v, want %+v", ex.ReplyFiles, want)
+	}
+	if e.n8n.Posts() != 1 {
+		t.Fatalf("%d executions, want 1", e.n8n.Posts())
+	}
 }
