@@ -200,13 +200,14 @@ func (h *Handler) relayExecution(w http.ResponseWriter, r *http.Request, ex *exc
 	}
 	sk := &sseSink{sw: sw, ctx: r.Context(), done: make(chan struct{}), openID: ex.assistantID}
 	s.sink = sk
+	s.firstRow, s.firstStreaming = ex.assistantID, ex.live != nil
 	_, stopWatch := h.cfg.Drain.watchFunc(func() { s.stopOnce.Do(func() { close(s.stop) }) })
 	if !h.sockets.add(s) {
 		// The handler is being cleaned up (a reload): nothing new starts.
 		stopWatch()
 		_ = sw.Error(CodeServerShutdown, shutdownMessage)
 		_ = sw.Done()
-		h.storeBotMessage(s.log, ex.session.ID, ex.assistantID, "", nil, sessions.StatusError)
+		h.storeBotMessage(s.log, ex.session.ID, ex.assistantID, "", nil, sessions.StatusError, ex.live != nil)
 		return nil
 	}
 	clientGone := sw.Start() != nil
@@ -220,7 +221,7 @@ func (h *Handler) relayExecution(w http.ResponseWriter, r *http.Request, ex *exc
 		}
 		s.log.Warn("n8n chat socket unreachable", zap.Error(err))
 		h.noteReplyEnded(ex, "", sessions.StatusError)
-		h.storeBotMessage(s.log, ex.session.ID, ex.assistantID, "", nil, sessions.StatusError)
+		h.storeBotMessage(s.log, ex.session.ID, ex.assistantID, "", nil, sessions.StatusError, ex.live != nil)
 		if ex.waiting != nil {
 			// The execution still waits: the visitor may try again.
 			h.putBackWaiting(r, ex.session.ID, ex.waiting)
@@ -283,10 +284,14 @@ type apiSocket struct {
 	stopOnce sync.Once
 
 	// Only run's goroutine uses what follows.
-	sink      *sseSink
-	firstID   string // the reply the visitor's stream opened with
-	waiting   bool   // the session's waiting record is this socket's
-	closeHold bool   // the handler was cleaned up: hold nothing
+	sink     *sseSink
+	firstID  string // the reply the visitor's stream opened with, until it is stored
+	firstRow string // that reply's id
+	// firstStreaming: its row was stored as streaming with the visitor's
+	// message, and is finished rather than appended.
+	firstStreaming bool
+	waiting        bool // the session's waiting record is this socket's
+	closeHold      bool // the handler was cleaned up: hold nothing
 }
 
 // read reads n8n's frames: heartbeats are answered at once, whatever the
@@ -577,7 +582,7 @@ func (s *apiSocket) message(f n8n.ChatFrame) {
 			s.release(nil) // the visitor left: hold
 		}
 	}
-	s.h.storeBotMessage(s.log, s.sessionID, id, f.Text, md, sessions.StatusComplete)
+	s.store(id, f.Text, md, sessions.StatusComplete)
 }
 
 func nonNil(b []n8n.ChatButton) []n8n.ChatButton {
@@ -637,7 +642,7 @@ func (s *apiSocket) ended(ev socketEvent) {
 	if normal {
 		if s.firstID != "" {
 			// Finished without a message.
-			s.h.storeBotMessage(s.log, s.sessionID, s.firstID, "", nil, sessions.StatusComplete)
+			s.store(s.firstID, "", nil, sessions.StatusComplete)
 			if s.sink != nil && s.sink.firstStatus == "" {
 				s.sink.firstStatus = sessions.StatusComplete
 			}
@@ -660,7 +665,7 @@ func (s *apiSocket) ended(ev socketEvent) {
 func (s *apiSocket) fail(code, message string) {
 	s.clearWaiting()
 	if s.firstID != "" {
-		s.h.storeBotMessage(s.log, s.sessionID, s.firstID, "", nil, sessions.StatusError)
+		s.store(s.firstID, "", nil, sessions.StatusError)
 		s.firstID = ""
 	}
 	if s.sink != nil && s.sink.firstStatus == "" {
@@ -676,7 +681,7 @@ func (s *apiSocket) fail(code, message string) {
 // waiting record stays: another instance resumes the execution.
 func (s *apiSocket) shutdown() {
 	if s.firstID != "" {
-		s.h.storeBotMessage(s.log, s.sessionID, s.firstID, "", nil, sessions.StatusError)
+		s.store(s.firstID, "", nil, sessions.StatusError)
 		s.firstID = ""
 		if s.sink != nil && s.sink.firstStatus == "" {
 			s.sink.firstStatus = sessions.StatusError
@@ -712,16 +717,29 @@ func (s *apiSocket) closeSocket(code websocket.StatusCode, reason string) {
 	_ = s.conn.Close(code, truncate(reason, closeReasonMax))
 }
 
+// store stores a message of the workflow's. The first reply's row may be
+// stored already, as streaming, with the visitor's message (a resumable
+// route: see live.go): it is then finished.
+func (s *apiSocket) store(id, text string, md json.RawMessage, status string) {
+	s.h.storeBotMessage(s.log, s.sessionID, id, text, md, status, s.firstStreaming && id == s.firstRow)
+}
+
 // storeBotMessage stores a message of the workflow's, detached from any
 // request, trying again (with the same id) until the store timeout.
-func (h *Handler) storeBotMessage(log *zap.Logger, sessionID, id, text string, md json.RawMessage, status string) {
+func (h *Handler) storeBotMessage(log *zap.Logger, sessionID, id, text string, md json.RawMessage, status string, finish bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), h.storeTimeout())
 	defer cancel()
 	wait := replyStoreFirstRetry
 	for attempt := 1; ; attempt++ {
-		err := h.cfg.Store.AppendMessage(ctx, &sessions.Message{
+		m := &sessions.Message{
 			ID: id, SessionID: sessionID, Role: sessions.RoleAssistant, Content: text, Status: status, Metadata: md,
-		})
+		}
+		var err error
+		if finish {
+			err = h.cfg.Store.FinishReply(ctx, m)
+		} else {
+			err = h.cfg.Store.AppendMessage(ctx, m)
+		}
 		switch {
 		case err == nil, errors.Is(err, sessions.ErrNotFound):
 			return

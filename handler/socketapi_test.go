@@ -156,7 +156,7 @@ type sseEvent struct {
 	done           bool             // data: [DONE]
 }
 
-func readEvent(t *testing.T, br *bufio.Reader) sseEvent {
+func readSocketEvent(t *testing.T, br *bufio.Reader) sseEvent {
 	t.Helper()
 	ev := nextSSE(t, br)
 	if len(ev.Data) != 1 {
@@ -193,7 +193,7 @@ func summary(t *testing.T, br *bufio.Reader, until func(sseEvent) bool) ([]strin
 		return string(rune('0' + len(ids)))
 	}
 	for {
-		ev := readEvent(t, br)
+		ev := readSocketEvent(t, br)
 		switch {
 		case ev.done:
 			out = append(out, "[DONE]")
@@ -215,7 +215,7 @@ func summary(t *testing.T, br *bufio.Reader, until func(sseEvent) bool) ([]strin
 	}
 }
 
-func wantEvents(t *testing.T, got []string, want string) {
+func wantSocketStream(t *testing.T, got []string, want string) {
 	t.Helper()
 	if g := strings.Join(got, " "); g != want {
 		t.Fatalf("stream:\n got  %s\n want %s", g, want)
@@ -285,7 +285,7 @@ func TestAPISocketSeveralMessages(t *testing.T) {
 				t.Fatalf("status %d, Content-Type %q", resp.StatusCode, resp.Header.Get("Content-Type"))
 			}
 			got, ids := summary(t, bufio.NewReader(resp.Body), nil)
-			wantEvents(t, got, "begin:1 item:one end begin:2 item:two end begin:3 item:three end [DONE]")
+			wantSocketStream(t, got, "begin:1 item:one end begin:2 item:two end begin:3 item:three end [DONE]")
 			if resp.Header.Get("X-Message-ID") != ids[0] {
 				t.Errorf("X-Message-ID %q, first reply %q", resp.Header.Get("X-Message-ID"), ids[0])
 			}
@@ -325,14 +325,14 @@ func TestAPISocketWaitResumesOnAnotherInstance(t *testing.T) {
 			), false, nil)
 			s := createSession(t, e.handlers[0])
 			got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hello").Body), nil)
-			wantEvents(t, got, "begin:1 item:first: hello nodes end begin:2 item:What else do you want to say? end waiting [DONE]")
+			wantSocketStream(t, got, "begin:1 item:first: hello nodes end begin:2 item:What else do you want to say? end waiting [DONE]")
 			wt, err := e.store.GetWaiting(context.Background(), s.SessionID)
 			if err != nil {
 				t.Fatalf("no waiting execution recorded: %v", err)
 			}
 
 			got, _ = summary(t, bufio.NewReader(e.message(t, 1, s.Token, "typed reply").Body), nil)
-			wantEvents(t, got, "begin:1 item:you said: typed reply end [DONE]")
+			wantSocketStream(t, got, "begin:1 item:you said: typed reply end [DONE]")
 			ex, _ := e.n8n.Execution(wt.ExecutionID)
 			if e.n8n.Posts() != 1 || ex.Status != "success" || len(ex.Replies) != 1 || ex.Replies[0] != "typed reply" {
 				t.Fatalf("%d executions; execution %s %s with replies %q; want 1, success, [typed reply]", e.n8n.Posts(), wt.ExecutionID, ex.Status, ex.Replies)
@@ -372,7 +372,7 @@ func TestAPISocketButtons(t *testing.T) {
 		}
 		return ev.Type == "end"
 	})
-	wantEvents(t, got, "begin:1 item:Refund 20 EUR? buttons:1 end")
+	wantSocketStream(t, got, "begin:1 item:Refund 20 EUR? buttons:1 end")
 	if len(buttons.Buttons) != 2 || buttons.Buttons[0].Text != "Approve" || buttons.Buttons[0].Type != "primary" || buttons.BlockUserInput {
 		t.Fatalf("buttons event %+v", buttons)
 	}
@@ -431,7 +431,7 @@ func TestAPISocketButtons(t *testing.T) {
 		t.Fatalf("approve link: %d %s, want n8n's page", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 	got, _ = summary(t, br, nil)
-	wantEvents(t, got, "begin:1 item:decision: approved=true end [DONE]")
+	wantSocketStream(t, got, "begin:1 item:decision: approved=true end [DONE]")
 	h, _ := histOf(t, e.handlers[0], s.Token)
 	wantHistory(t, h, "user:refund please:complete", "assistant:Refund 20 EUR?:complete", "assistant:decision: approved=true:complete")
 	// The history keeps the buttons with their message.
@@ -484,7 +484,7 @@ func TestAPISocketUnreachable(t *testing.T) {
 			})
 			s := createSession(t, e.handlers[0])
 			got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hello").Body), nil)
-			wantEvents(t, got, "begin:1 error:upstream_unavailable end [DONE]")
+			wantSocketStream(t, got, "begin:1 error:upstream_unavailable end [DONE]")
 			waitUntil(t, "the reply to be stored", func() bool { h, _ := histOf(t, e.handlers[0], s.Token); return len(h) == 2 })
 			h, _ := histOf(t, e.handlers[0], s.Token)
 			wantHistory(t, h, "user:hello:complete", "assistant::error")
@@ -501,7 +501,7 @@ func TestAPISocketWaitTimeout(t *testing.T) {
 	e := newSocketAPIEnv(t, "sqlite", 1, opts, false, func(c *envConfig) { c.WaitTimeout = 2500 * time.Millisecond })
 	s := createSession(t, e.handlers[0])
 	got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hello").Body), nil)
-	wantEvents(t, got, "begin:1 item:Q? end waiting [DONE]")
+	wantSocketStream(t, got, "begin:1 item:Q? end waiting [DONE]")
 	wt, err := e.store.GetWaiting(context.Background(), s.SessionID)
 	if err != nil {
 		t.Fatal(err)
@@ -521,7 +521,7 @@ func TestAPISocketWaitTimeout(t *testing.T) {
 		t.Fatal("the session still waits after wait_timeout")
 	}
 	got, _ = summary(t, bufio.NewReader(e.message(t, 0, s.Token, "again").Body), nil)
-	wantEvents(t, got, "begin:1 item:Q? end waiting [DONE]")
+	wantSocketStream(t, got, "begin:1 item:Q? end waiting [DONE]")
 	if e.n8n.Posts() != 2 {
 		t.Fatalf("%d executions, want a new one", e.n8n.Posts())
 	}
@@ -539,7 +539,7 @@ func TestAPISocketShutdownAndReload(t *testing.T) {
 		summary(t, br, func(ev sseEvent) bool { return ev.Type == "end" })
 		e.drains[0].Start()
 		got, _ := summary(t, br, nil)
-		wantEvents(t, got, "error:server_shutdown [DONE]")
+		wantSocketStream(t, got, "error:server_shutdown [DONE]")
 		waitUntil(t, "n8n's socket to close", func() bool { return len(framesFromProxy(e.n8n, "close ")) == 1 })
 		if c := framesFromProxy(e.n8n, "close "); c[0] != "close 1001" {
 			t.Fatalf("n8n's socket: %s, want close 1001", c[0])
@@ -559,7 +559,7 @@ func TestAPISocketShutdownAndReload(t *testing.T) {
 			t.Fatalf("n8n's sockets after the reload: %q, want one close 1001", c)
 		}
 		got, _ := summary(t, bufio.NewReader(e.message(t, 1, s.Token, "answer").Body), nil)
-		wantEvents(t, got, "begin:1 item:A: answer end [DONE]")
+		wantSocketStream(t, got, "begin:1 item:A: answer end [DONE]")
 		if e.n8n.Posts() != 1 {
 			t.Fatalf("%d executions, want the first resumed", e.n8n.Posts())
 		}
@@ -577,14 +577,14 @@ func TestAPISocketAnswerWithFile(t *testing.T) {
 	})
 	s := createSession(t, e.handlers[0])
 	got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hi").Body), nil)
-	wantEvents(t, got, "begin:1 item:Send me the list end waiting [DONE]")
+	wantSocketStream(t, got, "begin:1 item:Send me the list end waiting [DONE]")
 	wt, err := e.store.GetWaiting(context.Background(), s.SessionID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp := e.messageWithFile(t, 0, s.Token, "here it is", "list.txt", "text/plain", []byte("milk\neggs\n"))
 	got, _ = summary(t, bufio.NewReader(resp.Body), nil)
-	wantEvents(t, got, "begin:1 item:got: here it is end [DONE]")
+	wantSocketStream(t, got, "begin:1 item:got: here it is end [DONE]")
 	ex, _ := e.n8n.Execution(wt.ExecutionID)
 	want := []testkit.ChatFile{{Name: "list.txt", Type: "text/plain", Data: "data:text/plain;base64,bWlsawplZ2dzCg=="}}
 	if len(ex.ReplyFiles) != 1 || ex.ReplyFiles[0] != want[0] {
