@@ -26,6 +26,9 @@ import * as responseNodes from "./lib/response-nodes.mjs";
 
 const port = Number(process.env.E2E_N8N_PORT);
 const chunkDelayMs = Number(process.env.E2E_N8N_CHUNK_DELAY_MS || 150);
+// A message starting with "slow" is answered more slowly, so that a test
+// can reload the page (or press Stop) while the reply is still coming.
+const slowDelayMs = Number(process.env.E2E_N8N_SLOW_DELAY_MS || 800);
 if (!port) {
 	console.error("stand-in-n8n: set E2E_N8N_PORT");
 	process.exit(2);
@@ -196,13 +199,19 @@ const server = http.createServer(async (req, res) => {
 	});
 	res.flushHeaders();
 	res.write(chunk("begin"));
+	const delay = String(entry.chatInput ?? "").startsWith("slow") ? slowDelayMs : chunkDelayMs;
+	entry.finished = false;
 	for (const part of replyParts(String(entry.chatInput ?? ""), entry.user)) {
-		await sleep(chunkDelayMs);
-		if (res.destroyed) return;
+		await sleep(delay);
+		if (res.destroyed) {
+			entry.cancelled = true;
+			return;
+		}
 		res.write(chunk("item", part));
 	}
-	await sleep(chunkDelayMs);
+	await sleep(delay);
 	res.end(chunk("end"));
+	entry.finished = true;
 });
 
 responseNodes.attach(server);

@@ -2,6 +2,13 @@
 // cookie (HttpOnly, set by /session/create), so no token is kept in script.
 // Replies are rendered with textContent: the API stores text verbatim and
 // safety comes from encoding on output.
+//
+// A reply survives a reload: while it streams, the page keeps its message
+// id, the id of the last event shown and the text so far in sessionStorage;
+// after a reload it shows that text and resumes the stream after that
+// event (GET /chat/stream/{message_id} with Last-Event-ID), so the answer
+// continues where it was, with nothing twice and nothing missing. The Stop
+// button stops the reply being produced (POST /chat/stop/{message_id}).
 "use strict";
 
 const API = "/api/v1";
@@ -10,6 +17,18 @@ const statusLine = document.getElementById("status");
 const form = document.getElementById("composer");
 const input = document.getElementById("input");
 const sendButton = document.getElementById("send");
+const stopButton = document.getElementById("stop");
+const PENDING = "chatproxy.pending"; // {id, last, text} of the reply streaming in
+
+function savePending(p) {
+	try { sessionStorage.setItem(PENDING, JSON.stringify(p)); } catch { /* storage off */ }
+}
+function loadPending() {
+	try { return JSON.parse(sessionStorage.getItem(PENDING) || "null"); } catch { return null; }
+}
+function clearPending() {
+	try { sessionStorage.removeItem(PENDING); } catch { /* storage off */ }
+}
 
 function addMessage(role, text, status) {
 	const li = document.createElement("li");
@@ -36,15 +55,23 @@ async function ensureSession() {
 	if (!res.ok) throw new Error("could not start a session (" + res.status + ")");
 }
 
+// loadHistory shows the conversation and returns the bubble of a reply
+// still being produced (status streaming), if any, with its id.
 async function loadHistory() {
 	const res = await api("/chat/history?limit=200");
-	if (!res.ok) return;
+	if (!res.ok) return null;
 	const body = await res.json();
 	list.replaceChildren();
-	for (const m of body.messages) addMessage(m.role, m.content, m.status);
+	let streaming = null;
+	for (const m of body.messages) {
+		const li = addMessage(m.role, m.content, m.status === "streaming" ? "complete" : m.status);
+		li.dataset.messageId = m.id;
+		if (m.role === "assistant" && m.status === "streaming") streaming = { id: m.id, bubble: li };
+	}
+	return streaming;
 }
 
-// readSSE yields the data payload of each server-sent event in a fetch body.
+// readSSE yields {id, data} for each server-sent event in a fetch body.
 async function* readSSE(body) {
 	const reader = body.pipeThrough(new TextDecoderStream()).getReader();
 	let buffer = "";
@@ -56,15 +83,51 @@ async function* readSSE(body) {
 		while ((end = buffer.indexOf("\n\n")) >= 0) {
 			const event = buffer.slice(0, end);
 			buffer = buffer.slice(end + 2);
-			const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n");
-			if (data) yield data;
+			const lines = event.split("\n");
+			const data = lines.filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+			const id = lines.filter((l) => l.startsWith("id:")).map((l) => l.slice(3).trim()).pop();
+			if (data) yield { id: id === undefined ? null : Number(id), data };
 		}
 	}
 }
 
-// send posts a message and shows the reply as it streams in. The stream is
-// framed as n8n frames its own: begin (naming the stored reply), items,
-// end, then [DONE]; the reply's bubble is created on begin.
+// showStream shows a reply stream's events in bubble() (created on begin)
+// and records, for a reload, how far it got. The stream is framed as n8n
+// frames its own: begin (naming the stored reply), items, end, [DONE].
+async function showStream(res, bubble, pending) {
+	for await (const { id, data } of readSSE(res.body)) {
+		if (data === "[DONE]") break;
+		const event = JSON.parse(data);
+		switch (event.type) {
+		case "begin":
+			bubble().dataset.messageId = event.message_id ?? "";
+			pending.id = event.message_id;
+			stopButton.hidden = false;
+			break;
+		case "item":
+			bubble().textContent += event.content;
+			pending.text += event.content;
+			list.scrollTop = list.scrollHeight;
+			break;
+		case "error":
+			bubble().className = "assistant error";
+			bubble().textContent += (bubble().textContent ? "\n" : "") + event.message;
+			break;
+		case "end":
+			break;
+		default:
+			// Types this page does not know are skipped, as the API asks.
+		}
+		if (id !== null && pending.id) {
+			pending.last = id;
+			savePending(pending);
+		}
+	}
+	clearPending();
+	stopButton.hidden = true;
+}
+
+// send posts a message and shows the reply as it streams in.
 async function send(text) {
 	addMessage("user", text, "complete");
 	let reply = null;
@@ -83,28 +146,42 @@ async function send(text) {
 		reply.textContent = message;
 		return;
 	}
-	for await (const data of readSSE(res.body)) {
-		if (data === "[DONE]") break;
-		const event = JSON.parse(data);
-		switch (event.type) {
-		case "begin":
-			bubble().dataset.messageId = event.message_id ?? "";
-			break;
-		case "item":
-			bubble().textContent += event.content;
-			list.scrollTop = list.scrollHeight;
-			break;
-		case "error":
-			bubble().className = "assistant error";
-			reply.textContent += (reply.textContent ? "\n" : "") + event.message;
-			break;
-		case "end":
-			break;
-		default:
-			// Types this page does not know are skipped, as the API asks.
-		}
+	await showStream(res, bubble, { id: null, last: 0, text: "" });
+}
+
+// resume continues a reply that was streaming when the page went away:
+// the text kept in sessionStorage is shown, and the stream resumes after
+// the last event shown (from begin when nothing was kept).
+async function resume(streaming) {
+	const kept = loadPending();
+	const pending = kept && kept.id === streaming.id ? kept : { id: streaming.id, last: 1, text: "" };
+	streaming.bubble.textContent = pending.text;
+	statusLine.textContent = "…";
+	sendButton.disabled = true;
+	stopButton.hidden = false;
+	try {
+		const res = await api("/chat/stream/" + encodeURIComponent(streaming.id), {
+			headers: { Accept: "text/event-stream", "Last-Event-ID": String(pending.last || 1) },
+		});
+		if (!res.ok) throw new Error("the reply could not be resumed (" + res.status + ")");
+		await showStream(res, () => streaming.bubble, pending);
+		statusLine.textContent = "";
+	} finally {
+		sendButton.disabled = false;
+		stopButton.hidden = true;
 	}
 }
+
+stopButton.addEventListener("click", async () => {
+	const id = loadPending()?.id || list.querySelector("li.assistant:last-child")?.dataset.messageId;
+	if (!id) return;
+	stopButton.disabled = true;
+	try {
+		await api("/chat/stop/" + encodeURIComponent(id), { method: "POST" });
+	} finally {
+		stopButton.disabled = false;
+	}
+});
 
 form.addEventListener("submit", async (e) => {
 	e.preventDefault();
@@ -131,6 +208,7 @@ input.addEventListener("keydown", (e) => {
 });
 
 document.getElementById("new-chat").addEventListener("click", async () => {
+	clearPending();
 	await api("/session", { method: "DELETE" });
 	list.replaceChildren();
 	await ensureSession();
@@ -140,7 +218,12 @@ document.getElementById("new-chat").addEventListener("click", async () => {
 (async () => {
 	try {
 		await ensureSession();
-		await loadHistory();
+		const streaming = await loadHistory();
+		if (streaming) {
+			await resume(streaming);
+		} else {
+			clearPending();
+		}
 	} catch (err) {
 		statusLine.textContent = String(err.message || err);
 	}
