@@ -43,12 +43,19 @@ type Hub struct {
 	mu     sync.Mutex
 	subs   map[string]map[*Subscription]struct{}
 	closed bool
-	// The Redis subscription, made on first use: ready is closed once it
-	// is confirmed (or failed, with readyErr); cancel ends it.
-	ready    chan struct{}
-	readyErr error
-	cancel   context.CancelFunc
-	done     chan struct{}
+	// The Redis subscription, made on first use (start; nil again after
+	// it failed, so that the next Subscribe tries again); cancel ends it.
+	start  *attempt
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// attempt is one try at the Redis subscription: ready is closed once it
+// is confirmed, or failed with err (set before ready is closed), which
+// every Subscribe waiting for it sees.
+type attempt struct {
+	ready chan struct{}
+	err   error
 }
 
 // New returns a Hub. With a Redis client, events travel through channel
@@ -103,68 +110,68 @@ func (h *Hub) Subscribe(ctx context.Context, sessionID string) (*Subscription, e
 		h.subs[sessionID] = set
 	}
 	set[s] = struct{}{}
-	ready := h.startLocked()
+	a := h.startLocked()
 	h.mu.Unlock()
-	if ready == nil {
+	if a == nil {
 		return s, nil
 	}
 	select {
-	case <-ready:
+	case <-a.ready:
 	case <-ctx.Done():
 		s.Close()
 		return nil, ctx.Err()
 	}
-	h.mu.Lock()
-	err := h.readyErr
-	if err != nil && h.ready == ready {
-		// Let the next Subscribe try again.
-		h.ready, h.readyErr = nil, nil
-	}
-	h.mu.Unlock()
-	if err != nil {
+	if a.err != nil {
 		s.Close()
-		return nil, err
+		h.mu.Lock()
+		closed := h.closed
+		h.mu.Unlock()
+		if closed {
+			return nil, ErrClosed
+		}
+		return nil, a.err
 	}
 	return s, nil
 }
 
 // startLocked starts the Redis subscription if it is not running and
 // returns what to wait on (nil without Redis).
-func (h *Hub) startLocked() chan struct{} {
+func (h *Hub) startLocked() *attempt {
 	if h.client == nil {
 		return nil
 	}
-	if h.ready != nil {
-		return h.ready
+	if h.start != nil {
+		return h.start
 	}
-	ready := make(chan struct{})
-	h.ready = ready
+	a := &attempt{ready: make(chan struct{})}
+	h.start = a
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
 	done := make(chan struct{})
 	h.done = done
-	go h.listen(ctx, ready, done)
-	return ready
+	go h.listen(ctx, cancel, a, done)
+	return a
 }
 
 // listen holds the Hub's Redis subscription: confirms it, then delivers
 // each message until ctx ends. go-redis re-makes a dropped connection and
 // subscribes again on its own.
-func (h *Hub) listen(ctx context.Context, ready, done chan struct{}) {
+func (h *Hub) listen(ctx context.Context, cancel context.CancelFunc, a *attempt, done chan struct{}) {
 	defer close(done)
 	ps := h.client.Subscribe(ctx, h.channel)
 	defer ps.Close()
 	if _, err := ps.Receive(ctx); err != nil {
+		cancel()
+		a.err = err
 		h.mu.Lock()
-		h.readyErr = err
-		if h.ready == ready {
-			h.cancel()
+		if h.start == a {
+			h.start = nil
 		}
 		h.mu.Unlock()
-		close(ready)
+		close(a.ready)
 		return
 	}
-	close(ready)
+	close(a.ready)
 	ch := ps.Channel()
 	for {
 		select {

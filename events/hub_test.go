@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -173,5 +175,74 @@ func TestHubRedisDown(t *testing.T) {
 	}
 	if err := h.Publish(ctx, "s", []byte("x")); err == nil {
 		t.Fatal("Publish with Redis down succeeded")
+	}
+}
+
+// TestHubRedisFailsEveryWaiter: when the Hub's Redis subscription fails,
+// every Subscribe that was waiting for it fails, not only the first to
+// look: another would get a stream that nothing is ever delivered to.
+func TestHubRedisFailsEveryWaiter(t *testing.T) {
+	// A Redis that accepts connections and never answers, until it goes.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	c := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), MaxRetries: -1, DialTimeout: time.Second, ReadTimeout: time.Minute})
+	defer c.Close()
+	h := New(c, "x", nil)
+	defer h.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const n = 3
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			s, err := h.Subscribe(ctx, fmt.Sprint("s", i))
+			if err == nil {
+				s.Close()
+			}
+			errs <- err
+		}()
+	}
+	// All of them wait on the one subscription Redis does not confirm.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		mu.Lock()
+		held := len(conns)
+		mu.Unlock()
+		if h.Subscribers() == n && held > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d subscribers waiting, %d connections", h.Subscribers(), held)
+		}
+	}
+	_ = ln.Close()
+	mu.Lock()
+	for _, c := range conns {
+		_ = c.Close()
+	}
+	mu.Unlock()
+	for range n {
+		if err := <-errs; err == nil {
+			t.Error("a Subscribe succeeded though the Redis subscription failed")
+		}
+	}
+	if got := h.Subscribers(); got != 0 {
+		t.Fatalf("%d subscribers left", got)
 	}
 }
