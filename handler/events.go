@@ -41,7 +41,7 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 	if !h.rateLimit(w, r, ipKey(r)) {
 		return nil
 	}
-	s, _, ok := h.authenticate(w, r)
+	s, claims, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
 	}
@@ -125,10 +125,15 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 			if json.Unmarshal(payload, &ev) != nil || ev.Event == "" {
 				continue
 			}
+			if ev.ID != "" && sent[ev.ID] {
+				continue
+			}
+			if reason := h.eventsStillAllowed(r.Context(), claims); reason != "" {
+				es.event("end", "", []byte(`{"reason":"`+reason+`"}`))
+				_ = es.flush()
+				return nil
+			}
 			if ev.ID != "" {
-				if sent[ev.ID] {
-					continue
-				}
 				sent[ev.ID] = true
 			}
 			es.event(ev.Event, ev.ID, ev.Data)
@@ -137,6 +142,26 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 			return nil // the client is gone
 		}
 	}
+}
+
+// eventsStillAllowed checks, before a live event is written, that the
+// stream's token still stands: it has not expired, its session has not
+// ended and, for a verified user's conversation, this device has not
+// signed out (the conversation goes on for their other devices, and a
+// page left open on a shared computer must not keep receiving it). It
+// returns why the stream ends: session_ended, or reconnect when the store
+// cannot tell (the page reconnects and catches up from the store).
+func (h *Handler) eventsStillAllowed(ctx context.Context, claims *sessions.Claims) string {
+	if claims.ExpiresAt != nil && !h.now().Before(claims.ExpiresAt.Time) {
+		return "session_ended"
+	}
+	if _, err := h.cfg.Sessions.Load(ctx, claims); err != nil {
+		if errors.Is(err, sessions.ErrSessionGone) {
+			return "session_ended"
+		}
+		return "reconnect"
+	}
+	return ""
 }
 
 // missedMessages reads the messages stored after the one named after, up

@@ -19,6 +19,7 @@ import (
 	"github.com/chatproxy/caddy-chatproxy/events"
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/internal/testenv"
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -650,5 +651,44 @@ func healMessageInserts(t *testing.T, store sessions.Store) {
 		}
 	default:
 		t.Fatalf("unknown store %T", store)
+	}
+}
+
+// TestEventsEndWhenThisDeviceSignsOut: a verified user's conversation is
+// shared by their devices, and signing out gives up one device's token
+// only. A page left open on the device that signed out (a shared
+// computer) must not go on receiving what is pushed into the
+// conversation: its stream ends instead; the other device's stream gets
+// the message.
+func TestEventsEndWhenThisDeviceSignsOut(t *testing.T) {
+	e, _ := identityEnv(t, "sqlite", false, func(c *envConfig) {
+		c.Push = &pushConfig{Secret: testPushSecret, Channel: "c"}
+	})
+	proof := jsonString(map[string]any{"user_id": "user-77", "user_hash": identity.Hash([]byte(testIdentitySecret), "user-77")})
+	origin := map[string]string{"Origin": allowedOrigin}
+	var devices [2]created
+	for i := range devices {
+		rec := e.serve(t, "POST", "/api/v1/session/create", proof, origin)
+		if rec.Code != http.StatusCreated {
+			t.Fatalf("create: %d %s", rec.Code, rec.Body)
+		}
+		devices[i] = decode[created](t, rec)
+	}
+	if devices[0].SessionID != devices[1].SessionID {
+		t.Fatalf("two devices, two conversations: %s %s", devices[0].SessionID, devices[1].SessionID)
+	}
+	_, _, left := openEvents(t, e, devices[0].Token, "", origin)
+	_, _, other := openEvents(t, e, devices[1].Token, "", origin)
+	if rec := e.serve(t, "DELETE", "/api/v1/session", "", authz(devices[0].Token, "Origin", allowedOrigin)); rec.Code != http.StatusNoContent {
+		t.Fatalf("sign out: %d %s", rec.Code, rec.Body)
+	}
+	if rec := e.push(t, devices[0].SessionID, `{"content":"Your account balance is 1,234 EUR.","role":"agent"}`); rec.Code != http.StatusCreated {
+		t.Fatalf("push: %d %s", rec.Code, rec.Body)
+	}
+	if m := messageOf(t, testkit.NextNamedEvent(t, other)); m.Content != "Your account balance is 1,234 EUR." {
+		t.Fatalf("the signed-in device got %+v", m)
+	}
+	if ev := testkit.NextNamedEvent(t, left); ev.Event != "end" || ev.Data != `{"reason":"session_ended"}` {
+		t.Fatalf("the signed-out device's open stream got %+v, want its end", ev)
 	}
 }
