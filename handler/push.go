@@ -100,7 +100,7 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 		return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 	}
 	if err != nil {
-		return h.pushStoreError(w, r, "get session", err)
+		return h.pushStoreError(w, r, req, "get session", err)
 	}
 	resp := pushResponse{SessionID: s.ID, Mode: s.Mode}
 	if req.Mode != "" {
@@ -108,7 +108,7 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 			if errors.Is(err, sessions.ErrNotFound) {
 				return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 			}
-			return h.pushStoreError(w, r, "set session mode", err)
+			return h.pushStoreError(w, r, req, "set session mode", err)
 		}
 		resp.Mode = req.Mode
 		data, _ := json.Marshal(map[string]string{"mode": req.Mode})
@@ -122,7 +122,7 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 		if errors.Is(err, sessions.ErrNotFound) {
 			return h.writeError(w, r, http.StatusNotFound, "not_found", "no such session")
 		}
-		return h.pushStoreError(w, r, "store pushed message", err)
+		return h.pushStoreError(w, r, req, "store pushed message", err)
 	}
 	hm := toHistoryMessage(*m)
 	resp.Message = &hm
@@ -132,12 +132,17 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 }
 
 // pushStoreError answers a push the store failed, which stored no
-// message: its signature, accepted and remembered, is given up again, so
-// that the caller's retry of the same request is not refused as a replay
-// (a mode already set is set once more, which changes nothing).
-func (h *Handler) pushStoreError(w http.ResponseWriter, r *http.Request, what string, err error) error {
-	if ferr := h.cfg.Push.Forget(context.WithoutCancel(r.Context()), r.Header); ferr != nil {
-		h.cfg.Logger.Warn("giving up the signature of a failed push; its retry must be signed again", zap.Error(ferr))
+// message. When the body names its session_id, the signature (accepted
+// and remembered) is given up again, so that the caller's retry of the
+// same request is not refused as a replay (a mode already set is set once
+// more, which changes nothing). Without session_id the signature is not
+// bound to the path's session, and one given up could be sent to another
+// session by whoever saw it: it stays used, and the retry is signed anew.
+func (h *Handler) pushStoreError(w http.ResponseWriter, r *http.Request, req *pushRequest, what string, err error) error {
+	if req.SessionID != "" {
+		if ferr := h.cfg.Push.Forget(context.WithoutCancel(r.Context()), r.Header); ferr != nil {
+			h.cfg.Logger.Warn("giving up the signature of a failed push; its retry must be signed again", zap.Error(ferr))
+		}
 	}
 	return h.storeError(w, r, what, err)
 }

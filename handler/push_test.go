@@ -606,7 +606,8 @@ func TestPushRedisDown(t *testing.T) {
 // TestPushRetryAfterStoreFailure: a push refused with 503 because the
 // store failed stored nothing, so the caller's retry of the very same
 // signed request (n8n's Retry On Fail sends the same headers) is
-// accepted and stored, not refused as a replay; once stored, it is one.
+// accepted and stored, not refused as a replay, when its body names the
+// session; once stored, it is one.
 func TestPushRetryAfterStoreFailure(t *testing.T) {
 	for _, kind := range storeKinds {
 		t.Run(kind, func(t *testing.T) {
@@ -627,6 +628,17 @@ func TestPushRetryAfterStoreFailure(t *testing.T) {
 				t.Fatalf("history %+v", h)
 			}
 			wantError(t, e.serve(t, "POST", path, body, headers), http.StatusUnauthorized, "invalid_signature")
+
+			// Without session_id the signature is not bound to the path's
+			// session: it stays used, so that whoever saw it cannot send it
+			// to another conversation; the retry is signed anew.
+			unbound := `{"content":"Unbound."}`
+			headers = signedHeaders(testPushSecret, unbound, time.Now())
+			failMessageInserts(t, e.store)
+			wantError(t, e.serve(t, "POST", path, unbound, headers), http.StatusServiceUnavailable, "store_unavailable")
+			healMessageInserts(t, e.store)
+			other := e.newSession(t)
+			wantError(t, e.serve(t, "POST", "/api/v1/sessions/"+other.SessionID+"/messages", unbound, headers), http.StatusUnauthorized, "invalid_signature")
 		})
 	}
 }
@@ -637,7 +649,7 @@ func healMessageInserts(t *testing.T, store sessions.Store) {
 	ctx := context.Background()
 	switch s := store.(type) {
 	case *sessions.PostgresStore:
-		if _, err := s.Pool().Exec(ctx, `DROP TRIGGER chat_test_fail ON chatproxy_messages`); err != nil {
+		if _, err := s.Pool().Exec(ctx, `DROP TRIGGER chat_test_fail ON chatproxy_messages; DROP FUNCTION chat_test_fail()`); err != nil {
 			t.Fatal(err)
 		}
 	case *sessions.SQLiteStore:
