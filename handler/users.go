@@ -2,6 +2,7 @@ package handler
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -176,7 +177,8 @@ type erasureRequest struct {
 // conversation of the user with its messages, and answers 204, also when
 // nothing was stored. Their tokens stop working with their sessions. An
 // unsigned or badly signed request is 401 and deletes nothing; without
-// identity_secret the route is 404.
+// identity_secret the route is 404. When the store fails (503), the
+// signature is given up again, so the same request can be retried.
 func (h *Handler) eraseUser(w http.ResponseWriter, r *http.Request, _ string) error {
 	if h.cfg.Erasure == nil {
 		return h.writeError(w, r, http.StatusNotFound, "not_found", "user data erasure needs identity_secret")
@@ -211,6 +213,11 @@ func (h *Handler) eraseUser(w http.ResponseWriter, r *http.Request, _ string) er
 	}
 	ns, nm, err := h.cfg.Store.DeleteUser(r.Context(), h.cfg.Sessions.Tokens.Audience(), req.UserID)
 	if err != nil {
+		// Nothing was deleted (one transaction): give the signature up,
+		// so the site's retry of this very request is not a replay.
+		if ferr := h.cfg.Erasure.Forget(context.WithoutCancel(r.Context()), r.Header); ferr != nil {
+			h.cfg.Logger.Warn("user data erasure: could not give up the signature of a failed erasure", zap.Error(ferr))
+		}
 		return h.storeError(w, r, "erase user data", err)
 	}
 	// Counts only: the user id is the person's identifier.

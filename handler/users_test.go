@@ -1,7 +1,9 @@
 package handler
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -478,4 +480,48 @@ func usStats(t *testing.T, e *hdEnv) sessions.Stats {
 		t.Fatal(err)
 	}
 	return *st
+}
+
+// failingErase is a store whose DeleteUser fails while failures > 0.
+type failingErase struct {
+	sessions.Store
+	failures int
+}
+
+func (f *failingErase) DeleteUser(ctx context.Context, realm, userID string) (int64, int64, error) {
+	if f.failures > 0 {
+		f.failures--
+		return 0, 0, errors.New("database is down")
+	}
+	return f.Store.DeleteUser(ctx, realm, userID)
+}
+
+// An erasure the store failed is 503 and erases nothing, and the site's
+// retry of the very same signed request is carried out, not refused as
+// a replay.
+func TestUserErasureRetryAfterStoreFailure(t *testing.T) {
+	for name, open := range usStores() {
+		t.Run(name, func(t *testing.T) {
+			store := &failingErase{Store: open(t), failures: 1}
+			e := newHDEnv(t, store, func(c *Config) {
+				c.Erasure = &signed.Verifier{Secret: []byte(usIdentitySecret), Replay: signed.NewMemoryReplay(0, nil)}
+			})
+			_, token := usOpen(t, e, usAda, false, nil)
+			usSay(t, e, usBearer(token), "please forget me")
+
+			body := `{"user_id":"user-42"}`
+			ts, sig := signed.Sign([]byte(usIdentitySecret), []byte(body), time.Now())
+			headers := hdHeaders(signed.HeaderTimestamp, ts, signed.HeaderSignature, sig)
+			hdWantError(t, e.do(t, "DELETE", "/api/v1/user/data", body, headers), http.StatusServiceUnavailable, "store_unavailable")
+			if h := usHistoryOf(t, e, usBearer(token), ""); h.TotalCount != 2 {
+				t.Fatalf("after the failed erasure %d messages, want 2 kept", h.TotalCount)
+			}
+			if rec := e.do(t, "DELETE", "/api/v1/user/data", body, headers); rec.Code != http.StatusNoContent {
+				t.Fatalf("retry of the same request: %d %s, want 204", rec.Code, rec.Body)
+			}
+			hdWantError(t, e.do(t, "GET", "/api/v1/chat/history", "", usBearer(token)), http.StatusUnauthorized, "session_expired")
+			// Once carried out, the signature is spent.
+			hdWantError(t, e.do(t, "DELETE", "/api/v1/user/data", body, headers), http.StatusUnauthorized, "invalid_signature")
+		})
+	}
 }
