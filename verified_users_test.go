@@ -23,6 +23,13 @@ import (
 
 const vuIdentitySecret = "test-identity-secret-for-verified-users-0123456789"
 
+// vuOrigin is the page's origin: a site of its own, so that the metrics
+// this test reads are not moved by the tests that run in parallel.
+const (
+	vuOrigin = "https://verified-users.example.com"
+	vuSite   = "verified-users.example.com"
+)
+
 // vuBrowser is one device: a client with its own cookie jar, sending the
 // allowed Origin as a page of the site would.
 type vuBrowser struct {
@@ -57,7 +64,7 @@ func (b *vuBrowser) do(t *testing.T, method, path, body string, headers map[stri
 		r.Header.Set("Content-Type", "application/json")
 	}
 	r.Header.Set("User-Agent", chatUA)
-	r.Header.Set("Origin", allowedOrigin)
+	r.Header.Set("Origin", vuOrigin)
 	for k, v := range headers {
 		r.Header.Set(k, v)
 	}
@@ -131,8 +138,14 @@ func vuWantHistory(t *testing.T, who string, b *vuBrowser, want ...string) {
 func TestVerifiedUserTwoBrowsers(t *testing.T) {
 	for _, kind := range storeKinds {
 		t.Run(kind, func(t *testing.T) {
-			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) { cp.IdentitySecret = vuIdentitySecret }})
+			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) {
+				cp.IdentitySecret = vuIdentitySecret
+				cp.AllowedOrigins = append(cp.AllowedOrigins, vuOrigin)
+			}})
 			e.fake.SetScript(testkit.Output("Hello!"))
+			// A continued conversation is not a created session.
+			created := mx("sessions_created_total", "kind", "visitor", "site", vuSite)
+			d := mxWatch(t, created)
 
 			laptop, phone := newVUBrowser(t, e), newVUBrowser(t, e)
 			onLaptop := laptop.signIn(t, "user-42", "Ada")
@@ -177,6 +190,7 @@ func TestVerifiedUserTwoBrowsers(t *testing.T) {
 			}
 			vuWantHistory(t, "laptop after signing in again", laptop)
 			vuWantHistory(t, "grace", other, "user:grace here", "assistant:Hello!")
+			d.want(map[mxKey]float64{created: 3}) // Ada, Grace, Ada after the erasure; not the phone
 		})
 	}
 }

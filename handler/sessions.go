@@ -54,7 +54,7 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 	if err != nil {
 		return h.refuseIdentity(w, r, err) // nothing is created
 	}
-	s, token, err := h.openSession(r, sessions.NewSession{
+	s, token, fresh, err := h.openSession(r, sessions.NewSession{
 		Site:        requestSite(r),
 		PageURL:     req.PageURL,
 		UserAgent:   truncate(r.Header.Get("User-Agent"), 512),
@@ -67,7 +67,9 @@ func (h *Handler) createSession(w http.ResponseWriter, r *http.Request, _ string
 	if err != nil {
 		return h.storeError(w, r, "create session", err)
 	}
-	h.cfg.Metrics.SessionCreated(metrics.KindVisitor, s.Site)
+	if fresh {
+		h.cfg.Metrics.SessionCreated(metrics.KindVisitor, s.Site)
+	}
 	h.setSessionCookie(w, r, token, s.ExpiresAt)
 	return writeJSON(w, http.StatusCreated, createSessionResponse{
 		SessionID: s.ID,

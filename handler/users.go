@@ -34,23 +34,28 @@ import (
 //     token for this device: conversations are shared by the user's
 //     devices, each with a token of its own;
 //   - else a new conversation.
-func (h *Handler) openSession(r *http.Request, n sessions.NewSession, newConversation bool) (*sessions.Session, string, error) {
+//
+// fresh reports a new conversation (counted as a created session): not
+// one continued or adopted.
+func (h *Handler) openSession(r *http.Request, n sessions.NewSession, newConversation bool) (s *sessions.Session, token string, fresh bool, err error) {
 	m := h.cfg.Sessions
 	if n.User == nil || newConversation {
-		return m.Create(r.Context(), n)
+		s, token, err = m.Create(r.Context(), n)
+		return s, token, true, err
 	}
 	if anon := h.heldAnonymousSession(r); anon != nil && anon.MessageCount > 0 {
-		s, token, err := m.Adopt(r.Context(), anon, n)
+		s, token, err = m.Adopt(r.Context(), anon, n)
 		if !errors.Is(err, sessions.ErrNotFound) {
-			return s, token, err
+			return s, token, false, err
 		}
 		// Adopted or ended meanwhile (another tab): go on as without it.
 	}
-	s, token, err := m.Resume(r.Context(), n)
+	s, token, err = m.Resume(r.Context(), n)
 	if !errors.Is(err, sessions.ErrNotFound) {
-		return s, token, err
+		return s, token, false, err
 	}
-	return m.Create(r.Context(), n)
+	s, token, err = m.Create(r.Context(), n)
+	return s, token, true, err
 }
 
 // heldAnonymousSession is the active anonymous session the request's

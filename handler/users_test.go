@@ -51,7 +51,7 @@ func usOpen(t *testing.T, e *hdEnv, user *sessions.User, newConversation bool, h
 		c := *user
 		u = &c
 	}
-	s, token, err := e.h.openSession(r, sessions.NewSession{Site: "shop.example.com", User: u, Origin: hdOrigin, UserAgent: hdBrowserUA}, newConversation)
+	s, token, _, err := e.h.openSession(r, sessions.NewSession{Site: "shop.example.com", User: u, Origin: hdOrigin, UserAgent: hdBrowserUA}, newConversation)
 	if err != nil {
 		t.Fatalf("openSession: %v", err)
 	}
