@@ -29,8 +29,8 @@ const eventsRetry = "3000"
 // chatEvents streams what is pushed into the caller's conversation
 // (GET {prefix}/chat/events, Server-Sent Events): pushed messages as
 // `message` events whose id is the message's, changes of mode as `mode`
-// events. With ?after=<message id> (or the Last-Event-ID header that
-// EventSource sends when it reconnects) the messages stored after that
+// events. After the Last-Event-ID header that EventSource sends when it
+// reconnects, else ?after=<message id>, the messages stored after that
 // one come first, from the store, so a page that was away misses nothing;
 // a message that arrives both ways is sent once. A `ready` event, with
 // the session's mode, says the stream is live. Keepalive comments keep
@@ -48,9 +48,12 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 	if h.cfg.Events == nil {
 		return h.writeError(w, r, http.StatusNotFound, "not_found", "pushed events are not enabled (push_secret is not set)")
 	}
-	after := r.URL.Query().Get("after")
+	// Last-Event-ID first: EventSource reconnects to the URL it was made
+	// with, whose ?after= is where the page stood when it loaded, and
+	// sends the last id it got since.
+	after := r.Header.Get("Last-Event-ID")
 	if after == "" {
-		after = r.Header.Get("Last-Event-ID")
+		after = r.URL.Query().Get("after")
 	}
 	// Subscribe first, then read the store: whatever is stored after the
 	// read comes live, whatever before is in the read.

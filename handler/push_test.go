@@ -382,6 +382,14 @@ func TestEventsReplayAfter(t *testing.T) {
 					t.Fatalf("%s: replayed %+v, want two and three", tc.name, missed)
 				}
 			}
+			// EventSource reconnects to the URL it was made with (the
+			// page's ?after= at load) and adds Last-Event-ID, the last
+			// event it got since: the later one counts, so what the page
+			// has already shown is not sent again.
+			missed, _, _ := openEvents(t, e, s.Token, "?after="+ids[0], map[string]string{"Last-Event-ID": ids[1]})
+			if len(missed) != 1 || missed[0].ID != ids[2] {
+				t.Fatalf("?after=one with Last-Event-ID two: replayed %+v, want three only", missed)
+			}
 			missed, _, br := openEvents(t, e, s.Token, "?after="+ids[2], nil)
 			if len(missed) != 0 {
 				t.Fatalf("after the newest: replayed %+v", missed)
