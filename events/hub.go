@@ -155,7 +155,8 @@ func (h *Hub) startLocked() *attempt {
 
 // listen holds the Hub's Redis subscription: confirms it, then delivers
 // each message until ctx ends. go-redis re-makes a dropped connection and
-// subscribes again on its own.
+// subscribes again on its own; the open subscriptions then end, since
+// they may have missed something.
 func (h *Hub) listen(ctx context.Context, cancel context.CancelFunc, a *attempt, done chan struct{}) {
 	defer close(done)
 	ps := h.client.Subscribe(ctx, h.channel)
@@ -172,7 +173,7 @@ func (h *Hub) listen(ctx context.Context, cancel context.CancelFunc, a *attempt,
 		return
 	}
 	close(a.ready)
-	ch := ps.Channel()
+	ch := ps.ChannelWithSubscriptions()
 	for {
 		select {
 		case <-ctx.Done():
@@ -181,12 +182,39 @@ func (h *Hub) listen(ctx context.Context, cancel context.CancelFunc, a *attempt,
 			if !ok {
 				return
 			}
-			sessionID, payload, found := strings.Cut(m.Payload, "\n")
-			if !found {
-				continue
+			switch m := m.(type) {
+			case *redis.Subscription:
+				if m.Kind == "subscribe" {
+					// Subscribed again: the connection was lost and made
+					// again, and what was published meanwhile is lost.
+					h.endAll()
+				}
+			case *redis.Message:
+				sessionID, payload, found := strings.Cut(m.Payload, "\n")
+				if !found {
+					continue
+				}
+				h.deliver(sessionID, []byte(payload))
 			}
-			h.deliver(sessionID, []byte(payload))
 		}
+	}
+}
+
+// endAll ends every open subscription (their pages reconnect and catch
+// up from the store); new ones are taken as before.
+func (h *Hub) endAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, set := range h.subs {
+		for s := range set {
+			h.removeLocked(s)
+			n++
+		}
+	}
+	if n > 0 {
+		h.logger.Warn("the Redis subscription was made again; open events streams end and their pages catch up from history",
+			zap.Int("streams", n))
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -244,5 +245,80 @@ func TestHubRedisFailsEveryWaiter(t *testing.T) {
 	}
 	if got := h.Subscribers(); got != 0 {
 		t.Fatalf("%d subscribers left", got)
+	}
+}
+
+// TestHubRedisReconnectEndsStreams: go-redis makes a dropped pub/sub
+// connection again and subscribes again by itself, but what was published
+// meanwhile never arrives. The open subscriptions end when that happens,
+// so that their pages reconnect and catch up from the store instead of
+// silently missing a message; the hub itself keeps working.
+func TestHubRedisReconnectEndsStreams(t *testing.T) {
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := "chatproxy-test-" + rand.Text()[:12]
+	opts.ClientName = name
+	c := redis.NewClient(opts)
+	t.Cleanup(func() { _ = c.Close() })
+	channel := name + ":events"
+	h := New(c, channel, nil)
+	defer h.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := h.Subscribe(ctx, "visitor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Drop this hub's own subscription connection (and nothing else).
+	admin := testClient(t)
+	list, err := admin.ClientList(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed := 0
+	for _, line := range strings.Split(list, "\n") {
+		if strings.Contains(line, " name="+name+" ") && strings.Contains(line, "sub=1") {
+			id, _, _ := strings.Cut(strings.TrimPrefix(line, "id="), " ")
+			if err := admin.Do(ctx, "CLIENT", "KILL", "ID", id).Err(); err != nil {
+				t.Fatal(err)
+			}
+			killed++
+		}
+	}
+	if killed != 1 {
+		t.Fatalf("%d subscription connections named %s", killed, name)
+	}
+	select {
+	case <-s.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the subscription went on after its Redis connection was dropped and made again")
+	}
+	// Subscribed again: a new subscription gets what is published.
+	s2, err := h.Subscribe(ctx, "visitor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if err := h.Publish(ctx, "visitor", []byte("after")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case p := <-s2.C():
+			if string(p) != "after" {
+				t.Fatalf("got %s", p)
+			}
+			return
+		case <-s2.Done():
+			// Ended by the resubscription racing this Subscribe: again.
+			if s2, err = h.Subscribe(ctx, "visitor"); err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("nothing published reached a new subscription")
+		}
 	}
 }
