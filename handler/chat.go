@@ -96,7 +96,7 @@ func (a *apiChat) identify(w http.ResponseWriter, r *http.Request) (identity, bo
 		}
 		site = s.Site
 	}
-	return identity{sessionID: claims.Subject, site: site, userID: claims.User}, true
+	return identity{sessionID: claims.Subject, site: site, userKey: a.h.userTierID(claims.User)}, true
 }
 
 func (a *apiChat) readMessage(w http.ResponseWriter, r *http.Request) (messageInput, *errBadBody) {

@@ -168,6 +168,17 @@ func upstreamUser(u *sessions.User) *n8n.User {
 // routeSessionCreate labels POST {prefix}/session/create in identity logs.
 const routeSessionCreate = "session_create"
 
+// userTierID is the user rate-limit tier's key for a verified user id:
+// the id within this block's realm (its visitor tokens' audience, as the
+// store scopes users), so that two sites' "user 42" sharing a Redis never
+// share a budget. Empty for anonymous.
+func (h *Handler) userTierID(id string) string {
+	if id == "" {
+		return ""
+	}
+	return h.cfg.Sessions.Tokens.Audience() + "\x00" + id
+}
+
 // userID is a verified user's id, or "" for anonymous.
 func userID(u *sessions.User) string {
 	if u == nil {

@@ -60,15 +60,15 @@ type chatRoute interface {
 type identity struct {
 	sessionID string
 	site      string
-	userID    string // the verified user's id, for the user tier; empty when anonymous
+	userKey   string // the user tier's key (see userTierID); empty when anonymous
 }
 
 // rateLimitKeys are the keys a chat message counts against: ip, session
 // and domain, and user for a verified visitor.
 func (id identity) rateLimitKeys(r *http.Request) []guard.Key {
 	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: id.sessionID}, {Tier: guard.TierDomain, ID: id.site}}
-	if id.userID != "" {
-		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: id.userID})
+	if id.userKey != "" {
+		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: id.userKey})
 	}
 	return keys
 }

@@ -72,7 +72,7 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 	storeID := widgetSessionID(c.Site, c.SessionID, c.User)
 	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: storeID}, {Tier: guard.TierDomain, ID: c.Site}}
 	if c.User != "" {
-		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: c.User})
+		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: h.userTierID(c.User)})
 	}
 	if !h.rateLimit(w, r, keys[0]) {
 		if w.Header().Get("Retry-After") != "" { // a 429, not a limiter failure

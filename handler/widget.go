@@ -182,7 +182,7 @@ type widgetExchange struct {
 func (wx *widgetExchange) name() string { return metrics.RouteWidget }
 
 func (wx *widgetExchange) identify(http.ResponseWriter, *http.Request) (identity, bool) {
-	return identity{sessionID: wx.id, site: wx.site, userID: userID(wx.user)}, true
+	return identity{sessionID: wx.id, site: wx.site, userKey: wx.h.userTierID(userID(wx.user))}, true
 }
 
 func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messageInput, *errBadBody) {
