@@ -582,7 +582,33 @@ func (s *apiSocket) message(f n8n.ChatFrame) {
 			s.release(nil) // the visitor left: hold
 		}
 	}
-	s.store(id, f.Text, md, sessions.StatusComplete)
+	m := s.store(id, f.Text, md, sessions.StatusComplete)
+	if s.sink == nil && m != nil {
+		// Nobody's stream carries it (the visitor left, or the workflow
+		// went on after the wait): a page following the conversation's
+		// events stream (push_secret) gets it live.
+		s.h.publishBotMessage(s.log, m)
+	}
+}
+
+// publishBotMessage hands a stored message of the workflow's to the
+// conversation's events streams, as a pushed message.
+func (h *Handler) publishBotMessage(log *zap.Logger, m *sessions.Message) {
+	if h.cfg.Events == nil {
+		return
+	}
+	if m.CreatedAt.IsZero() {
+		m.CreatedAt = h.now() // a finished row does not report its time
+	}
+	hm := toHistoryMessage(*m)
+	hm.Buttons = storedButtons(m.Metadata)
+	data, _ := json.Marshal(hm)
+	payload, _ := json.Marshal(pushedEvent{Event: eventMessage, ID: m.ID, Data: data})
+	ctx, cancel := context.WithTimeout(context.Background(), h.storeTimeout())
+	defer cancel()
+	if err := h.cfg.Events.Publish(ctx, m.SessionID, payload); err != nil {
+		log.Warn("publishing a workflow message; open pages get it when they reconnect", zap.Error(err))
+	}
 }
 
 func nonNil(b []n8n.ChatButton) []n8n.ChatButton {
@@ -720,13 +746,14 @@ func (s *apiSocket) closeSocket(code websocket.StatusCode, reason string) {
 // store stores a message of the workflow's. The first reply's row may be
 // stored already, as streaming, with the visitor's message (a resumable
 // route: see live.go): it is then finished.
-func (s *apiSocket) store(id, text string, md json.RawMessage, status string) {
-	s.h.storeBotMessage(s.log, s.sessionID, id, text, md, status, s.firstStreaming && id == s.firstRow)
+func (s *apiSocket) store(id, text string, md json.RawMessage, status string) *sessions.Message {
+	return s.h.storeBotMessage(s.log, s.sessionID, id, text, md, status, s.firstStreaming && id == s.firstRow)
 }
 
 // storeBotMessage stores a message of the workflow's, detached from any
-// request, trying again (with the same id) until the store timeout.
-func (h *Handler) storeBotMessage(log *zap.Logger, sessionID, id, text string, md json.RawMessage, status string, finish bool) {
+// request, trying again (with the same id) until the store timeout. It
+// returns the message as stored, or nil when it was not.
+func (h *Handler) storeBotMessage(log *zap.Logger, sessionID, id, text string, md json.RawMessage, status string, finish bool) *sessions.Message {
 	ctx, cancel := context.WithTimeout(context.Background(), h.storeTimeout())
 	defer cancel()
 	wait := replyStoreFirstRetry
@@ -741,18 +768,20 @@ func (h *Handler) storeBotMessage(log *zap.Logger, sessionID, id, text string, m
 			err = h.cfg.Store.AppendMessage(ctx, m)
 		}
 		switch {
-		case err == nil, errors.Is(err, sessions.ErrNotFound):
-			return
+		case err == nil:
+			return m
+		case errors.Is(err, sessions.ErrNotFound):
+			return nil // the visitor deleted the conversation meanwhile
 		case errors.Is(err, sessions.ErrExists) && attempt > 1:
-			return
+			return m // an earlier attempt was committed
 		case errors.Is(err, sessions.ErrExists), errors.Is(err, sessions.ErrInvalidData):
 			log.Error("storing a workflow message", zap.String("message_id", id), zap.Error(err))
-			return
+			return nil
 		}
 		select {
 		case <-ctx.Done():
 			log.Error("storing a workflow message", zap.String("message_id", id), zap.Int("attempts", attempt), zap.Error(err))
-			return
+			return nil
 		case <-time.After(wait):
 		}
 		wait = min(2*wait, replyStoreMaxRetry)

@@ -594,3 +594,62 @@ func TestAPISocketAnswerWithFile(t *testing.T) {
 		t.Fatalf("%d executions, want 1", e.n8n.Posts())
 	}
 }
+
+// A visitor who leaves while the workflow is still talking: its messages
+// are stored and, with push_secret, reach the conversation's events
+// stream live, as pushed messages do.
+func TestAPISocketMessagesAfterVisitorLeft(t *testing.T) {
+	opts := fastChat(testkit.ChatStep{Text: "one"}, testkit.ChatStep{Text: "two"})
+	opts.PollInterval = 400 * time.Millisecond
+	e := newSocketAPIEnv(t, "sqlite", 1, opts, false, func(c *envConfig) {
+		c.Push = &pushConfig{Secret: testPushSecret, Channel: "socketapi-" + t.Name()}
+	})
+	s := createSession(t, e.handlers[0])
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	er, _ := http.NewRequestWithContext(ctx, "GET", e.srvs[0].URL+"/api/v1/chat/events", nil)
+	er.Header.Set("Authorization", "Bearer "+s.Token)
+	er.Header.Set("User-Agent", chatUA)
+	eresp, err := e.client.Do(er)
+	if err != nil || eresp.StatusCode != http.StatusOK {
+		t.Fatalf("events stream: %v %v", err, eresp)
+	}
+	defer eresp.Body.Close()
+	events := bufio.NewReader(eresp.Body)
+	for testkit.NextNamedEvent(t, events).Event != "ready" {
+	}
+
+	mctx, leave := context.WithCancel(ctx)
+	body, _ := json.Marshal(map[string]string{"message": "hello"})
+	r, _ := http.NewRequestWithContext(mctx, "POST", e.srvs[0].URL+"/api/v1/chat/message", bytes.NewReader(body))
+	r.Header.Set("Content-Type", "application/json")
+	r.Header.Set("User-Agent", chatUA)
+	r.Header.Set("Authorization", "Bearer "+s.Token)
+	resp, err := e.client.Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := readSocketEvent(t, bufio.NewReader(resp.Body)); ev.Type != "begin" {
+		t.Fatalf("first event %+v", ev)
+	}
+	leave() // before n8n's first message (its poll is 400 ms away)
+	_ = resp.Body.Close()
+
+	var got []string
+	for len(got) < 2 {
+		ev := testkit.NextNamedEvent(t, events)
+		if ev.Event != "message" {
+			continue
+		}
+		var m struct{ ID, Role, Content, Status string }
+		if err := json.Unmarshal([]byte(ev.Data), &m); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, m.Role+":"+m.Content+":"+m.Status)
+	}
+	wantHistory(t, got, "assistant:one:complete", "assistant:two:complete")
+	waitUntil(t, "the messages to be stored", func() bool { h, _ := histOf(t, e.handlers[0], s.Token); return len(h) == 3 })
+	h, _ := histOf(t, e.handlers[0], s.Token)
+	wantHistory(t, h, "user:hello:complete", "assistant:one:complete", "assistant:two:complete")
+}
