@@ -173,3 +173,72 @@ func BenchmarkGetSession(b *testing.B) {
 		}
 	})
 }
+
+// An exchange's two writes, as the chat routes make them: the @n8n/chat
+// route's (AppendUserMessage, then AppendMessage with the reply) and the
+// chat API's since replies are resumable (AppendExchange stores the
+// message and the reply's streaming row in one statement, FinishReply
+// fills the reply in). Both are two commits; "parallel" is 8 exchanges
+// per CPU at once on 64 sessions, where group commit batches them.
+func BenchmarkExchangeWrites(b *testing.B) {
+	benchStores(b, benchStoreKinds, func(b *testing.B, st sessions.Store) {
+		ctx := context.Background()
+		question := "Hi! Can I change the delivery address of order #4417? I moved last week."
+		answer := "Yes: open the order, choose Change address, and enter the new one before it ships."
+		paths := []struct {
+			name string
+			run  func(id string) error
+		}{
+			{"insert-reply", func(id string) error {
+				if _, err := st.AppendUserMessage(ctx, &sessions.Message{SessionID: id, Content: question}, sessions.KindVisitor); err != nil {
+					return err
+				}
+				return st.AppendMessage(ctx, &sessions.Message{SessionID: id, Role: sessions.RoleAssistant, Content: answer})
+			}},
+			{"streaming-row", func(id string) error {
+				reply := &sessions.Message{}
+				if _, err := st.AppendExchange(ctx, &sessions.Message{SessionID: id, Content: question}, reply, sessions.KindVisitor); err != nil {
+					return err
+				}
+				return st.FinishReply(ctx, &sessions.Message{ID: reply.ID, SessionID: id, Content: answer, Status: sessions.StatusComplete,
+					Metadata: []byte(`{"stream":{"items":[4,12,20,19,28]}}`)})
+			}},
+		}
+		for _, p := range paths {
+			b.Run(p.name+"/serial", func(b *testing.B) {
+				s := benchSession(rand.Text())
+				if err := st.CreateSession(ctx, s); err != nil {
+					b.Fatal(err)
+				}
+				b.ReportAllocs()
+				for b.Loop() {
+					if err := p.run(s.ID); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			b.Run(p.name+"/parallel", func(b *testing.B) {
+				const nSessions = 64
+				ids := make([]string, nSessions)
+				for i := range ids {
+					s := benchSession(rand.Text())
+					if err := st.CreateSession(ctx, s); err != nil {
+						b.Fatal(err)
+					}
+					ids[i] = s.ID
+				}
+				var next atomic.Uint64
+				b.ReportAllocs()
+				b.SetParallelism(8)
+				b.RunParallel(func(pb *testing.PB) {
+					id := ids[next.Add(1)%nSessions]
+					for pb.Next() {
+						if err := p.run(id); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+			})
+		}
+	})
+}
