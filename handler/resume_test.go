@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -498,4 +499,66 @@ func TestResumeLostReply(t *testing.T) {
 	resp := e.resume(t, t.Context(), s.Token, lost.ID, "")
 	got := readRest(t, bufio.NewReader(resp.Body))
 	wantEvents(t, "a lost reply", got, []sseEv{{1, "begin", ""}, {2, "error", "reply_lost"}, {3, "end", ""}, {0, "[DONE]", ""}})
+}
+
+// A reply requested as JSON is stored streaming too, so it can be found in
+// the history and stopped: the JSON answer is what arrived (all of n8n's
+// first chunk, or nothing when the stop came before the proxy read it),
+// and exactly that is stored, as partial.
+func TestStopJSONReply(t *testing.T) {
+	e := newChatEnv(t, chatEnvOpts{})
+	s := e.newSession(t)
+	e.fake.SetScript(e.fake.Then("What arrived", e.fake.Quit(), func(http.ResponseWriter, *http.Request) {}))
+	type answer struct {
+		status int
+		body   map[string]string
+		err    error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		req, _ := http.NewRequest("POST", e.srv.URL+"/api/v1/chat/message", strings.NewReader(`{"message":"Answer in JSON"}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json")
+		req.Header.Set("User-Agent", chatUA)
+		req.Header.Set("Authorization", "Bearer "+s.Token)
+		resp, err := e.client.Do(req)
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		var body map[string]string
+		err = json.NewDecoder(resp.Body).Decode(&body)
+		done <- answer{status: resp.StatusCode, body: body, err: err}
+	}()
+	var id string
+	deadline := time.Now().Add(10 * time.Second)
+	for id == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the reply never showed as streaming in the history")
+		}
+		h := e.history(t, s.Token)
+		if n := len(h.Messages); n == 2 && h.Messages[1].Status == "streaming" && e.fake.Hits() == 1 {
+			id = h.Messages[1].ID
+		} else {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	// n8n has sent its first chunk (Then writes it at once); stop.
+	rec := e.serve(t, "POST", "/api/v1/chat/stop/"+id, "", authz(s.Token))
+	if rec.Code != http.StatusOK || decode[map[string]string](t, rec)["status"] != "partial" {
+		t.Fatalf("stop: %d %s", rec.Code, rec.Body)
+	}
+	var got string
+	select {
+	case a := <-done:
+		got = a.body["response"]
+		if a.err != nil || a.status != 200 || got != "What arrived" && got != "" || a.body["message_id"] != id {
+			t.Fatalf("JSON answer: %d %v %v", a.status, a.body, a.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the JSON answer did not come after the stop")
+	}
+	e.waitIdle(t)
+	wantExchange(t, e.history(t, s.Token), "Answer in JSON", got, "partial")
 }
