@@ -33,7 +33,8 @@ const eventsRetry = "3000"
 // reconnects, else ?after=<message id>, the messages stored after that
 // one come first, from the store, so a page that was away misses nothing;
 // a message that arrives both ways is sent once. A `ready` event, with
-// the session's mode, says the stream is live. Keepalive comments keep
+// the session's mode, says the stream is live; its id is the newest
+// message then (or "start"), so a reconnect catches up from there. Keepalive comments keep
 // proxies from closing an idle stream. When the server shuts down or
 // reloads, the stream ends with an `end` event and EventSource
 // reconnects (to the new configuration) by itself.
@@ -99,8 +100,25 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 		es.event(eventMessage, m.ID, data)
 		sent[m.ID] = true
 	}
+	// ready's id is where the stream stands, so that EventSource, which
+	// reconnects with the last id it got, catches up from here even when
+	// no message came live (a reload, a dropped Redis connection).
+	position := after
+	if len(missed) > 0 {
+		position = missed[len(missed)-1].ID
+	}
+	if position == "" {
+		newest, err := h.cfg.Store.ListMessages(r.Context(), s.ID, "", 1)
+		if err != nil {
+			return h.storeError(w, r, "read the newest message", err)
+		}
+		position = eventsStart
+		if len(newest.Messages) > 0 {
+			position = newest.Messages[len(newest.Messages)-1].ID
+		}
+	}
 	ready, _ := json.Marshal(map[string]string{"session_id": s.ID, "mode": current.Mode})
-	es.event("ready", "", ready)
+	es.event("ready", position, ready)
 	if es.flush() != nil {
 		return nil
 	}
@@ -167,11 +185,23 @@ func (h *Handler) eventsStillAllowed(ctx context.Context, claims *sessions.Claim
 	return ""
 }
 
+// eventsStart is the position of a stream opened on a conversation with
+// no message yet: after=start is every message (up to eventsReplayMax).
+const eventsStart = "start"
+
 // missedMessages reads the messages stored after the one named after, up
-// to eventsReplayMax; none when after is empty.
+// to eventsReplayMax; none when after is empty; the newest ones when it
+// is eventsStart.
 func (h *Handler) missedMessages(ctx context.Context, sessionID, after string) ([]sessions.Message, error) {
-	if after == "" {
+	switch after {
+	case "":
 		return nil, nil
+	case eventsStart:
+		page, err := h.cfg.Store.ListMessages(ctx, sessionID, "", eventsReplayMax)
+		if err != nil {
+			return nil, err
+		}
+		return page.Messages, nil
 	}
 	var out []sessions.Message
 	for len(out) < eventsReplayMax {

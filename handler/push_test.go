@@ -712,3 +712,41 @@ func TestEventsEndWhenThisDeviceSignsOut(t *testing.T) {
 		t.Fatalf("the signed-out device's open stream got %+v, want its end", ev)
 	}
 }
+
+// TestEventsReadyIsAPosition: ready's id is where the stream stands (the
+// newest message, or "start" for a conversation without one), so a page
+// whose stream ended before any message came live (a reload, a dropped
+// Redis connection) reconnects with it as Last-Event-ID, as EventSource
+// does, and gets what was pushed while it was away, nothing before.
+func TestEventsReadyIsAPosition(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			e := pushEnv(t, kind, &pushConfig{Secret: testPushSecret, Channel: "c"}, nil)
+			s := e.newSession(t)
+			_, ready, _ := openEvents(t, e, s.Token, "", nil)
+			if ready.ID != "start" {
+				t.Fatalf("ready on an empty conversation: id %q, want start", ready.ID)
+			}
+			// Away: a person answers meanwhile.
+			if rec := e.push(t, s.SessionID, `{"content":"Hi, I'm Ana.","role":"agent"}`); rec.Code != http.StatusCreated {
+				t.Fatalf("push: %d %s", rec.Code, rec.Body)
+			}
+			missed, ready2, _ := openEvents(t, e, s.Token, "", map[string]string{"Last-Event-ID": ready.ID})
+			if len(missed) != 1 || messageOf(t, missed[0]).Content != "Hi, I'm Ana." || ready2.ID != missed[0].ID {
+				t.Fatalf("reconnected after start: %+v then ready %+v", missed, ready2)
+			}
+			// A stream opened later stands at the newest message.
+			_, ready3, _ := openEvents(t, e, s.Token, "", nil)
+			if ready3.ID != missed[0].ID {
+				t.Fatalf("ready id %q, want the newest message %q", ready3.ID, missed[0].ID)
+			}
+			if rec := e.push(t, s.SessionID, `{"content":"Still there?","role":"agent"}`); rec.Code != http.StatusCreated {
+				t.Fatalf("push: %d %s", rec.Code, rec.Body)
+			}
+			missed, _, _ = openEvents(t, e, s.Token, "", map[string]string{"Last-Event-ID": ready3.ID})
+			if len(missed) != 1 || messageOf(t, missed[0]).Content != "Still there?" {
+				t.Fatalf("reconnected after the newest: %+v", missed)
+			}
+		})
+	}
+}
