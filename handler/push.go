@@ -85,7 +85,8 @@ func (h *Handler) pushMessage(w http.ResponseWriter, r *http.Request, sessionID 
 			w.Header().Set("Retry-After", "1")
 			return h.writeError(w, r, http.StatusServiceUnavailable, "unavailable", "the signature could not be checked; try again")
 		}
-		h.cfg.Logger.Info("push refused", zap.String("session_id", sessionID), zap.String("reason", err.Error()))
+		// The path is anyone's to make, as long as a URL: a bounded prefix.
+		h.cfg.Logger.Info("push refused", zap.String("session_id", truncate(sessionID, 64)), zap.String("reason", err.Error()))
 		return h.writeError(w, r, http.StatusUnauthorized, "invalid_signature", err.Error())
 	}
 	req, bad := h.readPush(body)

@@ -15,6 +15,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/chatproxy/caddy-chatproxy/events"
 	"github.com/chatproxy/caddy-chatproxy/guard"
@@ -748,5 +751,25 @@ func TestEventsReadyIsAPosition(t *testing.T) {
 				t.Fatalf("reconnected after the newest: %+v", missed)
 			}
 		})
+	}
+}
+
+// TestPushRefusalLogBounded: the push route has no rate limit (its
+// callers are servers), and a refused push is logged with the path's
+// session id, which anyone can make as long as a URL: the log line keeps
+// only a bounded prefix of it.
+func TestPushRefusalLogBounded(t *testing.T) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	e := pushEnv(t, "sqlite", &pushConfig{Secret: testPushSecret, Channel: "c"}, func(c *envConfig) { c.Logger = zap.New(core) })
+	long := strings.Repeat("x", 32<<10)
+	body := `{"content":"hi"}`
+	headers := signedHeaders("not-the-push-secret-0123456789abcdef", body, time.Now())
+	wantError(t, e.serve(t, "POST", "/api/v1/sessions/"+long+"/messages", body, headers), http.StatusUnauthorized, "invalid_signature")
+	refused := logs.FilterMessage("push refused").AllUntimed()
+	if len(refused) != 1 {
+		t.Fatalf("%d refusal log lines", len(refused))
+	}
+	if id, _ := refused[0].ContextMap()["session_id"].(string); len(id) > 128 {
+		t.Fatalf("the refusal logged a session id of %d bytes", len(id))
 	}
 }
