@@ -419,9 +419,10 @@ func TestAPISocketButtons(t *testing.T) {
 		t.Fatalf("forged link: %d, want n8n's 401", resp.StatusCode)
 	}
 
-	// The visitor's cookie is not passed on.
+	// The visitor's cookie and credentials are not passed on.
 	r, _ := http.NewRequest("GET", link.String(), nil)
 	r.Header.Set("Cookie", "chat_session="+s.Token)
+	r.Header.Set("Authorization", "Bearer "+s.Token)
 	resp, err = e.client.Do(r)
 	if err != nil {
 		t.Fatal(err)
@@ -429,6 +430,10 @@ func TestAPISocketButtons(t *testing.T) {
 	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
 		t.Fatalf("approve link: %d %s, want n8n's page", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	hdrs := e.n8n.WaitingHeaders()
+	if last := hdrs[len(hdrs)-1]; last.Get("Cookie") != "" || last.Get("Authorization") != "" || last.Get("X-Forwarded-For") == "" {
+		t.Fatalf("n8n got headers %v: want no Cookie or Authorization, and X-Forwarded-For", last)
 	}
 	got, _ = summary(t, br, nil)
 	wantSocketStream(t, got, "begin:1 item:decision: approved=true end [DONE]")

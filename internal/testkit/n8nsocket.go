@@ -68,6 +68,8 @@ type N8nChat struct {
 	execs    map[string]*ChatExecution
 	sessions map[string]*chatSession // by n8n's key
 	frames   []ChatFrame
+	// waitHeaders are the headers of each request to /webhook-waiting/.
+	waitHeaders []http.Header
 }
 
 // N8nChatOptions configures an N8nChat; zero values are n8n's timings.
@@ -193,6 +195,14 @@ func (f *N8nChat) Posts() int { return int(f.posts.Load()) }
 // WaitingRequests counts the requests that reached /webhook-waiting/.
 func (f *N8nChat) WaitingRequests() int { return int(f.waits.Load()) }
 
+// WaitingHeaders returns the headers of each request that reached
+// /webhook-waiting/, in order.
+func (f *N8nChat) WaitingHeaders() []http.Header {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]http.Header(nil), f.waitHeaders...)
+}
+
 // Execution returns a copy of an execution's state.
 func (f *N8nChat) Execution(id string) (ChatExecution, bool) {
 	f.mu.Lock()
@@ -230,6 +240,9 @@ func (f *N8nChat) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	if strings.HasPrefix(r.URL.Path, "/webhook-waiting/") {
 		f.waits.Add(1)
+		f.mu.Lock()
+		f.waitHeaders = append(f.waitHeaders, r.Header.Clone())
+		f.mu.Unlock()
 		f.waiting(w, r)
 		return
 	}
