@@ -233,8 +233,9 @@ type ChatProxy struct {
 	// mode (the widget derives it from its webhookUrl's origin: always
 	// `/chat`). Only upgrades carrying the resume token the proxy gave
 	// that widget for that execution, from an allowed origin, reach n8n.
-	// `off` serves no socket; n8n's executionStarted answers are then
-	// refused with 502 as an unsupported mode. Default: `/chat`.
+	// `off` serves no socket; n8n's executionStarted answers to the widget
+	// route are then refused with 502 as an unsupported mode (the chat
+	// API's SSE forms carry the mode either way). Default: `/chat`.
 	ChatSocket string `json:"chat_socket,omitempty"`
 
 	// n8n's chat WebSocket (ws, wss, http or https; path default `/chat`).
@@ -243,8 +244,10 @@ type ChatProxy struct {
 	N8nSocketURL string `json:"n8n_socket_url,omitempty"`
 
 	// How long the proxy keeps a waiting execution alive after the
-	// visitor's socket closed, answering n8n's heartbeats so that n8n does
-	// not cancel it; then n8n's socket is closed. Default: 10m.
+	// visitor's socket closed (or, on the chat API, after the workflow
+	// began waiting for the visitor), answering n8n's heartbeats so that
+	// n8n does not cancel it; then n8n's socket is closed, and on the chat
+	// API the visitor's next message starts a new execution. Default: 10m.
 	WaitTimeout caddy.Duration `json:"wait_timeout,omitempty"`
 
 	// Uploads lets chat messages carry files: the @n8n/chat widget's

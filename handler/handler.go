@@ -76,7 +76,8 @@ type Config struct {
 	MetricsAllow []netip.Prefix
 	// ChatSocket is the path (at the site root) of the @n8n/chat widget's
 	// WebSocket for n8n's "Using Response Nodes" mode; empty: not served,
-	// and executionStarted replies are refused as before.
+	// and the widget route refuses executionStarted replies (the chat
+	// API's SSE forms carry them either way: socketapi.go).
 	ChatSocket string
 	// SocketKey signs the resume tokens that open the chat socket;
 	// required with ChatSocket.
