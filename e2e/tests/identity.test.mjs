@@ -102,3 +102,39 @@ test("@n8n/chat widget: a verified visitor is greeted by name from user.name; a 
 	assert.equal((await refused.json()).error, "invalid_identity");
 	assert.equal((await n8nRequests()).filter((r) => r.chatInput === forgedText).length, 0, "a refused proof never reaches n8n");
 });
+
+test("demo page (chat API, SSE): a verified visitor is greeted by name from user.name", async (t) => {
+	const { context, close } = await openBrowser();
+	t.after(close);
+	const page = await context.newPage();
+	const id = unique("user");
+	const name = "Grace Hopper";
+	const created = page.waitForResponse((r) => new URL(r.url()).pathname === env.prefix + "/session/create");
+	await page.goto(`${env.apiOrigin}/?${new URLSearchParams({ user_id: id, user_hash: userHash(id), name })}`);
+	assert.equal((await created).status(), 201, "create with a good proof");
+
+	const text = unique("hi");
+	const streamed = page.waitForResponse((r) => new URL(r.url()).pathname === env.prefix + "/chat/message");
+	await page.fill("#input", text);
+	await page.press("#input", "Enter");
+	const res = await streamed;
+	assert.equal(res.status(), 200);
+	assert.match(res.headers()["content-type"], /^text\/event-stream/);
+	const expected = replyText(text, { verified: true, name });
+	await page.locator("#messages > li.assistant", { hasText: expected }).waitFor();
+	assert.equal((await page.locator("#messages > li.assistant").last().textContent()).trim(), expected, "the reply greets the user by name");
+	await screenshot(page, "identity-demo-page.png");
+
+	const seen = await requestFor(text);
+	assert.deepEqual(seen.user, { id, name, email: "", verified: true, attributes: {} }, "the body's user");
+	assert.deepEqual(seen.tokenUser, seen.user, "the signed token's user claim");
+
+	// A page whose hash was made with another secret gets no session.
+	const forged = await context.newPage();
+	const refused = forged.waitForResponse((r) => new URL(r.url()).pathname === env.prefix + "/session/create");
+	await forged.goto(`${env.apiOrigin}/?${new URLSearchParams({ user_id: id, user_hash: userHash(id, "not-the-identity-secret-0123456789abcdef"), name })}`);
+	// (The page reads the error body, which Playwright then may not: the
+	// status is enough, the body is the Go tests'.)
+	assert.equal((await refused).status(), 401, "a wrong hash is refused at create");
+	await forged.locator("#status", { hasText: "401" }).waitFor();
+});

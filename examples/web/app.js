@@ -44,13 +44,34 @@ async function api(path, options = {}) {
 	return res;
 }
 
-async function ensureSession() {
-	const valid = await api("/session/validate");
-	if (valid.ok) return;
+// A logged-in visitor. A site renders the proof its backend made for the
+// user into its page; this demo takes it from the URL (?user_id=&user_hash=
+// &name=&email=, or ?identity_token=). See "Verified visitors" in
+// docs/http-api.md. Absent: an anonymous visitor.
+const identity = (() => {
+	const q = new URLSearchParams(location.search);
+	const proof = {};
+	for (const k of ["user_id", "user_hash", "name", "email", "identity_token"]) {
+		if (q.get(k)) proof[k] = q.get(k);
+	}
+	return Object.keys(proof).length ? proof : null;
+})();
+
+// ensureSession makes sure the page has a session. A verified visitor's
+// page asks for one on every load: the proxy continues the user's latest
+// conversation (from any device) or takes over this browser's anonymous
+// one; newConversation starts a fresh one instead.
+async function ensureSession(newConversation = false) {
+	if (!identity) {
+		const valid = await api("/session/validate");
+		if (valid.ok) return;
+	}
+	const body = { page_url: location.href, ...identity };
+	if (identity && newConversation) body.new_conversation = true;
 	const res = await api("/session/create", {
 		method: "POST",
 		headers: { "Content-Type": "application/json" },
-		body: JSON.stringify({ page_url: location.href }),
+		body: JSON.stringify(body),
 	});
 	if (!res.ok) throw new Error("could not start a session (" + res.status + ")");
 }
@@ -211,7 +232,7 @@ document.getElementById("new-chat").addEventListener("click", async () => {
 	clearPending();
 	await api("/session", { method: "DELETE" });
 	list.replaceChildren();
-	await ensureSession();
+	await ensureSession(true);
 	statusLine.textContent = "New conversation started.";
 });
 
