@@ -15,11 +15,13 @@ import (
 )
 
 // eventsReplayPage is how many missed messages one store read returns;
-// eventsReplayMax bounds a catch-up (a page away for longer reloads its
-// history instead).
+// eventsReplayMax and eventsReplayBytes (of content, as a history page)
+// bound one catch-up: a longer one ends the stream after ready, and the
+// page reconnects from there for the rest.
 const (
-	eventsReplayPage = 100
-	eventsReplayMax  = 1000
+	eventsReplayPage  = 100
+	eventsReplayMax   = 1000
+	eventsReplayBytes = historyPageBytes
 )
 
 // eventsRetry is the reconnection delay the stream suggests to
@@ -71,7 +73,7 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 		return h.writeError(w, r, http.StatusServiceUnavailable, "unavailable", "live events are unavailable; try again")
 	}
 	defer sub.Close()
-	missed, err := h.missedMessages(r.Context(), s.ID, after)
+	missed, more, err := h.missedMessages(r.Context(), s.ID, after)
 	if errors.Is(err, sessions.ErrNotFound) {
 		return h.writeError(w, r, http.StatusBadRequest, "invalid_request", "after does not name a message of this session")
 	}
@@ -119,6 +121,13 @@ func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) e
 	}
 	ready, _ := json.Marshal(map[string]string{"session_id": s.ID, "mode": current.Mode})
 	es.event("ready", position, ready)
+	if more {
+		// The rest of the catch-up comes on the reconnection, after
+		// ready's id; nothing live may come before it.
+		es.event("end", "", []byte(`{"reason":"reconnect"}`))
+		_ = es.flush()
+		return nil
+	}
 	if es.flush() != nil {
 		return nil
 	}
@@ -189,33 +198,47 @@ func (h *Handler) eventsStillAllowed(ctx context.Context, claims *sessions.Claim
 // no message yet: after=start is every message (up to eventsReplayMax).
 const eventsStart = "start"
 
-// missedMessages reads the messages stored after the one named after, up
-// to eventsReplayMax; none when after is empty; the newest ones when it
-// is eventsStart.
-func (h *Handler) missedMessages(ctx context.Context, sessionID, after string) ([]sessions.Message, error) {
+// missedMessages reads the messages stored after the one named after;
+// none when after is empty; the newest ones when it is eventsStart. It
+// stops at eventsReplayMax messages or eventsReplayBytes of content (at
+// least one message) and then reports that there may be more.
+func (h *Handler) missedMessages(ctx context.Context, sessionID, after string) (out []sessions.Message, more bool, err error) {
+	size := 0
+	// take adds page's messages within the bounds and reports whether
+	// they all fitted.
+	take := func(page []sessions.Message) bool {
+		for _, m := range page {
+			size += len(m.Content) + len(m.Metadata)
+			if len(out) == eventsReplayMax || len(out) > 0 && size > eventsReplayBytes {
+				return false
+			}
+			out = append(out, m)
+		}
+		return true
+	}
 	switch after {
 	case "":
-		return nil, nil
+		return nil, false, nil
 	case eventsStart:
 		page, err := h.cfg.Store.ListMessages(ctx, sessionID, "", eventsReplayMax)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
-		return page.Messages, nil
+		return out, !take(page.Messages), nil
 	}
-	var out []sessions.Message
-	for len(out) < eventsReplayMax {
+	for {
 		page, err := h.cfg.Store.ListMessagesAfter(ctx, sessionID, after, eventsReplayPage)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
-		out = append(out, page...)
+		if !take(page) {
+			return out, true, nil
+		}
 		if len(page) < eventsReplayPage {
-			break
+			return out, false, nil
 		}
 		after = page[len(page)-1].ID
 	}
-	return out, nil
 }
 
 // eventStream writes Server-Sent Events; the first write error sticks.

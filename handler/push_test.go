@@ -773,3 +773,44 @@ func TestPushRefusalLogBounded(t *testing.T) {
 		t.Fatalf("the refusal logged a session id of %d bytes", len(id))
 	}
 }
+
+// TestEventsCatchUpBounded: a catch-up holds at most about 1 MiB of
+// messages (as a history page does) rather than every message since the
+// page's id in memory at once; when more are stored, the stream ends
+// after ready, whose id is the last one sent, and the reconnection brings
+// the rest, so nothing is skipped and nothing live comes before it.
+func TestEventsCatchUpBounded(t *testing.T) {
+	e := pushEnv(t, "sqlite", &pushConfig{Secret: testPushSecret, Channel: "c"}, func(c *envConfig) {
+		c.MaxMessageLength = 1 << 20
+		c.MaxBodySize = 2 << 20
+	})
+	s := e.newSession(t)
+	pushed := func(content string) string {
+		t.Helper()
+		rec := e.push(t, s.SessionID, `{"content":"`+content+`"}`)
+		if rec.Code != http.StatusCreated {
+			t.Fatalf("push: %d %s", rec.Code, rec.Body)
+		}
+		return decode[pushResp](t, rec).Message.ID
+	}
+	first := pushed("before")
+	var big []string
+	for _, c := range []string{"a", "b", "c"} {
+		big = append(big, pushed(strings.Repeat(c, 400<<10)))
+	}
+	missed, ready, br := openEvents(t, e, s.Token, "?after="+first, nil)
+	if len(missed) != 2 || missed[0].ID != big[0] || missed[1].ID != big[1] || ready.ID != big[1] {
+		t.Fatalf("first catch-up: %d messages, ready id %q; want the first two of 1.2 MiB", len(missed), ready.ID)
+	}
+	if ev := testkit.NextNamedEvent(t, br); ev.Event != "end" || ev.Data != `{"reason":"reconnect"}` {
+		t.Fatalf("after a partial catch-up: %+v, want end", ev)
+	}
+	missed, ready, br = openEvents(t, e, s.Token, "?after="+first, map[string]string{"Last-Event-ID": ready.ID})
+	if len(missed) != 1 || missed[0].ID != big[2] || ready.ID != big[2] {
+		t.Fatalf("reconnected: %d messages, ready id %q; want the third", len(missed), ready.ID)
+	}
+	live := pushed("live")
+	if got := messageOf(t, testkit.NextNamedEvent(t, br)); got.ID != live {
+		t.Fatalf("live after the whole catch-up: %+v", got)
+	}
+}
