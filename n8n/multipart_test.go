@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // receivedPart is what the stand-in saw of one multipart part.
@@ -207,11 +208,10 @@ func TestMultipartBodyReplayable(t *testing.T) {
 		_, _ = rc.Read(make([]byte, 10))
 		rc.Close()
 	}
-	for range 100 {
-		if runtime.NumGoroutine() <= before {
-			break
-		}
-		runtime.Gosched()
+	// The writers end soon after their readers close; on a loaded machine
+	// that can take longer than a few scheduler turns.
+	for deadline := time.Now().Add(5 * time.Second); runtime.NumGoroutine() > before && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
 	}
 	if n := runtime.NumGoroutine(); n > before+2 {
 		t.Errorf("%d goroutines after closing readers early, %d before", n, before)
