@@ -658,3 +658,26 @@ func TestAPISocketMessagesAfterVisitorLeft(t *testing.T) {
 	h, _ := histOf(t, e.handlers[0], s.Token)
 	wantHistory(t, h, "user:hello:complete", "assistant:one:complete", "assistant:two:complete")
 }
+
+// Newer n8n answers with a resumeToken and checks it on every socket: the
+// proxy's own socket and the one resuming the execution both carry it
+// (the waiting record keeps it).
+func TestAPISocketN8nResumeToken(t *testing.T) {
+	opts := fastChat(testkit.ChatStep{Wait: true, Text: "Q?"}, testkit.ChatStep{Text: "A: {reply}"})
+	opts.ResumeToken = true
+	e := newSocketAPIEnv(t, "sqlite", 1, opts, false, nil)
+	s := createSession(t, e.handlers[0])
+	got, _ := summary(t, bufio.NewReader(e.message(t, 0, s.Token, "hello").Body), nil)
+	wantSocketStream(t, got, "begin:1 item:Q? end waiting [DONE]")
+	wt, err := e.store.GetWaiting(context.Background(), s.SessionID)
+	if err != nil || wt.ResumeToken == "" {
+		t.Fatalf("waiting record %+v, %v: want n8n's token kept", wt, err)
+	}
+	got, _ = summary(t, bufio.NewReader(e.message(t, 0, s.Token, "fine").Body), nil)
+	wantSocketStream(t, got, "begin:1 item:A: fine end [DONE]")
+	for _, f := range e.n8n.Frames() {
+		if strings.Contains(f.Data, "Connection rejected") {
+			t.Fatalf("n8n refused a socket: %v", f)
+		}
+	}
+}
