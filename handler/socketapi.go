@@ -201,6 +201,7 @@ func (h *Handler) relayExecution(w http.ResponseWriter, r *http.Request, ex *exc
 	sk := &sseSink{sw: sw, ctx: r.Context(), done: make(chan struct{}), openID: ex.assistantID}
 	s.sink = sk
 	s.firstRow, s.firstStreaming = ex.assistantID, ex.live != nil
+	s.live = ex.live
 	_, stopWatch := h.cfg.Drain.watchFunc(func() { s.stopOnce.Do(func() { close(s.stop) }) })
 	if !h.sockets.add(s) {
 		// The handler is being cleaned up (a reload): nothing new starts.
@@ -282,6 +283,11 @@ type apiSocket struct {
 	stop     chan struct{}    // closed when Caddy exits (the drain)
 	reload   chan struct{}    // closed when the handler is cleaned up
 	stopOnce sync.Once
+
+	// live is the first reply's live record (resumable routes): a stop
+	// of that reply (POST {prefix}/chat/stop/{id}) ends the stream; nil:
+	// none can come.
+	live *liveReply
 
 	// Only run's goroutine uses what follows.
 	sink     *sseSink
@@ -406,10 +412,19 @@ func (s *apiSocket) run(answer string) {
 			holdEnd.Stop()
 		}
 	}()
+	var stopC <-chan struct{}
+	if s.live != nil {
+		// Done on a stop, and also when the exchange's live record is
+		// closed or left idle: only a stop counts.
+		stopC = s.live.ctx.Done()
+	}
 	for {
-		var clientGone <-chan struct{}
+		var clientGone, stopped <-chan struct{}
 		if s.sink != nil {
 			clientGone = s.sink.ctx.Done()
+		}
+		if s.firstID != "" {
+			stopped = stopC
 		}
 		select {
 		case ev := <-s.frames:
@@ -465,6 +480,26 @@ func (s *apiSocket) run(answer string) {
 				s.closeSocket(websocket.StatusGoingAway, "the proxy is reloading")
 				return
 			}
+		case <-stopped:
+			stopC = nil
+			if !s.live.stopped.Load() {
+				continue
+			}
+			// The visitor stopped the reply before the workflow's first
+			// message: it is stored partial and the stream ends; the
+			// workflow goes on (its messages are stored, and published
+			// to the events stream) for wait_timeout at most.
+			s.store(s.firstID, "", nil, sessions.StatusPartial)
+			s.firstID = ""
+			if s.sink != nil && s.sink.firstStatus == "" {
+				s.sink.firstStatus = sessions.StatusPartial
+			}
+			s.release(nil)
+			if s.closeHold {
+				s.closeSocket(websocket.StatusGoingAway, "the proxy is reloading")
+				return
+			}
+			holdFor(h.waitTimeout())
 		case <-clientGone:
 			s.release(nil)
 			if s.closeHold {

@@ -681,3 +681,40 @@ func TestAPISocketN8nResumeToken(t *testing.T) {
 		}
 	}
 }
+
+// A stop of the reply before the workflow's first message ends the
+// stream and stores that reply partial; the workflow goes on, and what it
+// says is stored.
+func TestAPISocketStop(t *testing.T) {
+	opts := fastChat(testkit.ChatStep{Text: "late"})
+	opts.PollInterval = 700 * time.Millisecond
+	e := newSocketAPIEnv(t, "sqlite", 1, opts, false, nil)
+	s := createSession(t, e.handlers[0])
+	resp := e.message(t, 0, s.Token, "hello")
+	br := bufio.NewReader(resp.Body)
+	begin := readSocketEvent(t, br)
+	if begin.Type != "begin" || begin.MessageID != resp.Header.Get("X-Message-ID") {
+		t.Fatalf("first event %+v", begin)
+	}
+	req, _ := http.NewRequest("POST", e.srvs[0].URL+"/api/v1/chat/stop/"+begin.MessageID, nil)
+	req.Header.Set("Authorization", "Bearer "+s.Token)
+	req.Header.Set("User-Agent", chatUA)
+	stop, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sr struct{ Status string }
+	_ = json.NewDecoder(stop.Body).Decode(&sr)
+	_ = stop.Body.Close()
+	if stop.StatusCode != http.StatusOK || sr.Status != "partial" {
+		t.Fatalf("stop: %d %+v, want 200 partial", stop.StatusCode, sr)
+	}
+	got, _ := summary(t, br, nil)
+	wantSocketStream(t, got, "end [DONE]")
+	waitUntil(t, "the workflow's message to be stored", func() bool { h, _ := histOf(t, e.handlers[0], s.Token); return len(h) == 3 })
+	h, hb := histOf(t, e.handlers[0], s.Token)
+	wantHistory(t, h, "user:hello:complete", "assistant::partial", "assistant:late:complete")
+	if hb.Messages[1].ID != begin.MessageID {
+		t.Fatalf("the stopped reply is %s, the stream's %s", hb.Messages[1].ID, begin.MessageID)
+	}
+}
