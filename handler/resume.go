@@ -22,6 +22,7 @@ const (
 	stopWait      = 5 * time.Second
 	stopPollFirst = 20 * time.Millisecond
 	stopPollMax   = 250 * time.Millisecond
+	stopResend    = time.Second
 )
 
 // notLivePoll is how long a resumed stream waits before it looks at the
@@ -295,7 +296,12 @@ func (h *Handler) stopReply(w http.ResponseWriter, r *http.Request, id string) e
 		w.Header().Set("Retry-After", "1")
 		return h.writeError(w, r, http.StatusServiceUnavailable, "unavailable", "the stop could not be sent; try again")
 	}
+	// Wait for the reply to be stored. Pub/sub delivers at most once (an
+	// instance reconnecting to Redis, or just started, misses what is
+	// published meanwhile), so the stop is sent again every second; the
+	// instance holding the reply stops it once.
 	deadline := time.Now().Add(stopWait)
+	resend := time.Now().Add(stopResend)
 	wait := stopPollFirst
 	for m.Status == sessions.StatusStreaming && time.Now().Before(deadline) {
 		t := time.NewTimer(wait)
@@ -311,6 +317,10 @@ func (h *Handler) stopReply(w http.ResponseWriter, r *http.Request, id string) e
 			break
 		}
 		m = got
+		if m.Status == sessions.StatusStreaming && time.Now().After(resend) {
+			_, _ = h.cfg.Replies.Stop(r.Context(), id)
+			resend = time.Now().Add(stopResend)
+		}
 	}
 	status := http.StatusOK
 	if m.Status == sessions.StatusStreaming {

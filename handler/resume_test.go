@@ -240,8 +240,8 @@ func TestResumeSecondInstance(t *testing.T) {
 			defer cancel()
 			firstCtx, leave := context.WithCancel(ctx)
 			id, _, _ := a.startGated(t, firstCtx, s.Token, gate, "Red", "is", "shared")
-			// The page reloads and the balancer sends it to b.
-			leave()
+			// The page, reloaded, reaches b (the old page's request to a
+			// goes away just after).
 			resp := b.resume(t, ctx, s.Token, id, "", "Last-Event-ID", "2")
 			if resp.StatusCode != http.StatusOK {
 				t.Fatalf("resume on b: %d", resp.StatusCode)
@@ -251,6 +251,7 @@ func TestResumeSecondInstance(t *testing.T) {
 			if got := readEvent(t, br); got.String() != (sseEv{3, "item", "is"}).String() {
 				t.Fatalf("b's first event %v", got)
 			}
+			leave()
 			// b's open stream keeps the reply going past a's detached
 			// timeout (a has no client of its own; b's watch key says b has).
 			time.Sleep(3 * detached)
