@@ -201,7 +201,8 @@ func widgetBody(action, sessionID string, metadata map[string]any) string {
 // TestIdentityWidget: on the @n8n/chat route the proof comes in the
 // widget's metadata with every request. A verified request reaches n8n
 // with "user" and without the proof fields in metadata; the verified
-// conversation is apart from the anonymous one of the same sessionId; a
+// conversation is apart from the anonymous one of the same sessionId (it
+// adopted it: the sessionId alone no longer reaches it); a
 // bad proof is 401 for sendMessage and loadPreviousSession alike, and
 // nothing reaches n8n or the store.
 func TestIdentityWidget(t *testing.T) {
@@ -262,11 +263,12 @@ func TestIdentityWidget(t *testing.T) {
 				t.Fatalf("stored user message %+v, %v: the hash must not be stored", page, err)
 			}
 
-			// History: each proof sees its own conversation.
+			// History: the login adopted the anonymous conversation (see
+			// TestWidgetUserDevices); the sessionId alone reaches none of it.
 			anonHist := e.widgetLoadMeta(t, sid, map[string]any{})
 			verHist := e.widgetLoadMeta(t, sid, proof)
-			if len(anonHist) != 2 || len(verHist) != 2 {
-				t.Fatalf("history: anonymous %d messages, verified %d; want 2 each", len(anonHist), len(verHist))
+			if len(anonHist) != 0 || len(verHist) != 4 {
+				t.Fatalf("history: anonymous %d messages, verified %d; want 0 and 4", len(anonHist), len(verHist))
 			}
 
 			// A bad proof: 401, nothing forwarded or stored.
@@ -281,8 +283,8 @@ func TestIdentityWidget(t *testing.T) {
 			if e.fake.Hits() != hits {
 				t.Fatal("a refused proof reached n8n")
 			}
-			if n := e.sessionCount(t); n != 2 {
-				t.Fatalf("%d sessions, want the anonymous and the verified conversation", n)
+			if n := e.sessionCount(t); n != 1 {
+				t.Fatalf("%d sessions, want the verified conversation only (the anonymous one adopted)", n)
 			}
 			if n := len(logs.FilterMessage("identity refused").All()); n != 3 {
 				t.Fatalf("%d refusal log lines, want one per refused request (3)", n)

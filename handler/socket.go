@@ -69,7 +69,7 @@ func (h *Handler) chatSocket(w http.ResponseWriter, r *http.Request) error {
 		h.cfg.Metrics.SocketUpgradeRefused(metrics.UpgradeToken)
 		return h.writeError(w, r, http.StatusForbidden, "forbidden", err.Error())
 	}
-	storeID := widgetSessionID(c.Site, c.SessionID, c.User)
+	storeID := c.storeID()
 	keys := []guard.Key{ipKey(r), {Tier: guard.TierSession, ID: storeID}, {Tier: guard.TierDomain, ID: c.Site}}
 	if c.User != "" {
 		keys = append(keys, guard.Key{Tier: guard.TierUser, ID: h.userTierID(c.User)})

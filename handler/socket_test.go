@@ -30,6 +30,27 @@ func TestSocketToken(t *testing.T) {
 	if got, err := parseSocketToken(key, signSocketToken(key, cu), now); err != nil || got != cu {
 		t.Fatalf("parse with a user: %+v, %v", got, err)
 	}
+	// The conversation a socket's messages go to: a verified user's is
+	// the one the token names (found by the user, whatever the widget's
+	// sessionId); an anonymous widget's is named by its sessionId, and a
+	// conversation claim without a user is never followed.
+	cc := cu
+	cc.Conversation = "w_USERSCONVERSATION"
+	if got, err := parseSocketToken(key, signSocketToken(key, cc), now); err != nil || got != cc || got.storeID() != "w_USERSCONVERSATION" {
+		t.Fatalf("parse with a conversation: %+v, %v", got, err)
+	}
+	for _, tc := range []struct {
+		c    socketClaims
+		want string
+	}{
+		{c, widgetSessionID(c.Site, c.SessionID, "")},
+		{cu, widgetSessionID(c.Site, c.SessionID, "user-42")},
+		{socketClaims{Site: c.Site, SessionID: c.SessionID, Conversation: "w_USERSCONVERSATION"}, widgetSessionID(c.Site, c.SessionID, "")},
+	} {
+		if got := tc.c.storeID(); got != tc.want {
+			t.Errorf("storeID of %+v = %s, want %s", tc.c, got, tc.want)
+		}
+	}
 	p, sig, _ := strings.Cut(tok, ".")
 	for _, tc := range []struct {
 		name, token string

@@ -28,9 +28,21 @@ type socketClaims struct {
 	// socket); the widget never sees it apart from inside this token.
 	N8nToken string `json:"t,omitempty"`
 	// User is the verified user's id when the widget proved one: the
-	// conversation is that user's (see widgetSessionID), and the user
+	// conversation is that user's (see Conversation), and the user
 	// rate-limit tier applies.
 	User string `json:"u,omitempty"`
+	// Conversation is the store id of the verified user's conversation
+	// (found by the user, not named by the sessionId: see
+	// widgetUserSession); empty in tokens for anonymous widgets.
+	Conversation string `json:"c,omitempty"`
+}
+
+// storeID is the conversation the socket's messages go to.
+func (c socketClaims) storeID() string {
+	if c.User != "" && c.Conversation != "" {
+		return c.Conversation
+	}
+	return widgetSessionID(c.Site, c.SessionID, c.User)
 }
 
 var (

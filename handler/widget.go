@@ -2,6 +2,7 @@ package handler
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base32"
 	"encoding/json"
@@ -75,7 +76,7 @@ func (h *Handler) widgetChat(w http.ResponseWriter, r *http.Request, _ string) e
 	site := requestSite(r)
 	id := widgetSessionID(site, req.SessionID, userID(user))
 	if req.Action == "loadPreviousSession" {
-		return h.widgetHistory(w, r, id)
+		return h.widgetHistory(w, r, site, req.SessionID, id, user)
 	}
 	if req.ChatInput == nil {
 		return h.refuseInput(w, r, http.StatusBadRequest, "invalid_request", "chatInput is required")
@@ -103,7 +104,9 @@ func widgetFormRequest(form *upload.Form) widgetRequest {
 // one of the same sessionId and from any other user's: holding a
 // sessionId is not enough to read or write a verified conversation, and
 // a visitor who logs out (the page stops sending the proof) no longer
-// sees it.
+// sees it. (A verified user's conversation is found by the user, not by
+// this name: see widgetUserSession. The name is only the id of one that
+// starts on this device.)
 func widgetSessionID(site, sessionID, userID string) string {
 	key := site + "\x00" + sessionID
 	if userID != "" {
@@ -141,13 +144,28 @@ func toLangchain(m sessions.Message) langchainMessage {
 }
 
 // widgetHistory answers loadPreviousSession from the store; unknown or
-// ended conversations are simply empty.
-func (h *Handler) widgetHistory(w http.ResponseWriter, r *http.Request, id string) error {
+// ended conversations are simply empty. A verified user's is their
+// conversation on the site (widgetUserSession), whichever device it
+// started on.
+func (h *Handler) widgetHistory(w http.ResponseWriter, r *http.Request, site, sessionID, id string, user *sessions.User) error {
 	if !h.rateLimit(w, r, ipKey(r)) {
 		return nil
 	}
 	data := []langchainMessage{}
-	s, err := h.cfg.Store.GetSession(r.Context(), id)
+	var (
+		s   *sessions.Session
+		err error
+	)
+	if user != nil {
+		if s, err = h.widgetUserSession(r, site, sessionID, user); err != nil {
+			return h.storeError(w, r, "find user widget session", err)
+		}
+	}
+	if s != nil {
+		id = s.ID
+	} else {
+		s, err = h.cfg.Store.GetSession(r.Context(), id)
+	}
 	switch {
 	case errors.Is(err, sessions.ErrNotFound):
 	case err != nil:
@@ -165,6 +183,47 @@ func (h *Handler) widgetHistory(w http.ResponseWriter, r *http.Request, id strin
 		}
 	}
 	return writeJSON(w, http.StatusOK, map[string]any{"data": data})
+}
+
+// widgetUserSession finds the verified user's @n8n/chat conversation on
+// site, as session/create does for the chat API (openSession): the
+// anonymous conversation of this browser's sessionId, when it has
+// messages, is adopted (it becomes the user's, under a new id, and the
+// sessionId alone no longer reaches it); else the user's latest active
+// widget conversation on the site is continued, whichever device and
+// sessionId it started with. nil: the user has none; one named
+// widgetSessionID(site, sessionID, user) starts with the first message.
+func (h *Handler) widgetUserSession(r *http.Request, site, sessionID string, user *sessions.User) (*sessions.Session, error) {
+	ctx := r.Context()
+	anonID := widgetSessionID(site, sessionID, "")
+	anon, err := h.cfg.Store.GetSession(ctx, anonID)
+	switch {
+	case err == nil && anon.Kind == sessions.KindWidget && anon.User == nil && anon.Active(h.now()) && anon.MessageCount > 0:
+		s, err := h.cfg.Sessions.AdoptWidget(ctx, anon, sessions.NewSession{
+			// Not derived from the sessionId: adopted, the conversation is
+			// reached through the user only.
+			ID:          "w_" + rand.Text(),
+			Site:        site,
+			UserAgent:   truncate(r.Header.Get("User-Agent"), 512),
+			ClientIP:    clientIP(r),
+			Fingerprint: guard.Fingerprint(r),
+			User:        user,
+		})
+		if err == nil {
+			return s, nil
+		}
+		if !errors.Is(err, sessions.ErrNotFound) {
+			return nil, err
+		}
+		// Adopted or ended meanwhile (another tab): go on as without it.
+	case err != nil && !errors.Is(err, sessions.ErrNotFound):
+		return nil, err
+	}
+	s, err := h.cfg.Sessions.ResumeWidget(ctx, user, site)
+	if errors.Is(err, sessions.ErrNotFound) {
+		return nil, nil
+	}
+	return s, err
 }
 
 // widgetExchange is the @n8n/chat route's side of runExchange: the
@@ -200,6 +259,18 @@ func (wx *widgetExchange) readMessage(http.ResponseWriter, *http.Request) (messa
 func (wx *widgetExchange) loadSession(w http.ResponseWriter, r *http.Request, ex *exchange) (*sessions.Session, bool) {
 	ex.slide = true
 	ex.user = wx.user
+	if wx.user != nil {
+		// The user's conversation, wherever it started (found after the
+		// rate limits, like any store work).
+		s, err := wx.h.widgetUserSession(r, wx.site, wx.req.SessionID, wx.user)
+		if err != nil {
+			_ = wx.h.storeError(w, r, "find user widget session", err)
+			return nil, false
+		}
+		if s != nil {
+			wx.id = s.ID
+		}
+	}
 	if wx.h.cfg.Bots == nil {
 		ex.findSession = func(w http.ResponseWriter, r *http.Request) (*sessions.Session, bool) {
 			return wx.findSession(w, r, ex)
@@ -312,10 +383,22 @@ func (wx *widgetExchange) executionStarted(w http.ResponseWriter, _ *http.Reques
 		Expires:     h.now().Add(SocketTokenTTL).Unix(),
 		N8nToken:    st.ResumeToken,
 		User:        userID(wx.user),
+		// A verified user's conversation is not named by the sessionId.
+		Conversation: conversationClaim(wx.user, wx.id),
 	})
 	return writeJSON(w, http.StatusOK, map[string]any{
 		"executionStarted": true,
 		"executionId":      st.ExecutionID,
 		"resumeToken":      token,
 	})
+}
+
+// conversationClaim is the conversation a verified user's socket token
+// names (their conversation's store id); "" for an anonymous widget,
+// whose conversation the sessionId names.
+func conversationClaim(user *sessions.User, id string) string {
+	if user == nil {
+		return ""
+	}
+	return id
 }

@@ -138,6 +138,40 @@ func (m *Manager) Adopt(ctx context.Context, anon *Session, n NewSession) (*Sess
 	return s, token, nil
 }
 
+// ResumeWidget continues the verified user's latest active @n8n/chat
+// conversation on site (Store.ResumeUserWidget): its expiry moves to a
+// full TTL from now and the user's details are stored as u now proves
+// them. ErrNotFound: the user has none active there.
+func (m *Manager) ResumeWidget(ctx context.Context, u *User, site string) (*Session, error) {
+	if u == nil {
+		return nil, errors.New("resuming a widget session: no user")
+	}
+	now := m.now()
+	return m.Store.ResumeUserWidget(ctx, m.realmUser(u), site, now, now.Add(m.TTL).Truncate(time.Second))
+}
+
+// AdoptWidget gives the anonymous widget conversation anon (active,
+// loaded by the caller) to the verified user n.User, as Adopt does a
+// visitor session, under the id n.ID. No token is issued: the widget has
+// none. ErrNotFound: anon is no longer an active anonymous conversation;
+// ErrExists: n.ID is taken.
+func (m *Manager) AdoptWidget(ctx context.Context, anon *Session, n NewSession) (*Session, error) {
+	if n.User == nil || n.ID == "" {
+		return nil, errors.New("adopting a widget session: no user or id")
+	}
+	n.Kind = KindWidget
+	now := m.now()
+	s := m.newRow(n, now)
+	s.CreatedAt = anon.CreatedAt
+	if s.Metadata == nil {
+		s.Metadata = anon.Metadata
+	}
+	if err := m.Store.AdoptSession(ctx, anon.ID, s, now); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
 // issueForDevice signs a token for an existing session s on the device
 // that n describes: bound to its Origin, with its fingerprint.
 func (m *Manager) issueForDevice(s *Session, n NewSession) (string, error) {

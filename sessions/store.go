@@ -318,14 +318,20 @@ type Store interface {
 	// stores u's name, email and attributes as now proven. It returns the
 	// session as stored, or ErrNotFound when the user has none active.
 	ResumeUserSession(ctx context.Context, u *User, at, expiresAt time.Time) (*Session, error)
-	// AdoptSession gives the conversation of the anonymous visitor session
-	// fromID to a user: s (whose User is required) is created, fromID's
+	// ResumeUserWidget is ResumeUserSession for the user's @n8n/chat
+	// conversations on site (sessions of KindWidget with that site): the
+	// widget's conversation follows the user across devices, whatever
+	// sessionId each device's widget chose.
+	ResumeUserWidget(ctx context.Context, u *User, site string, at, expiresAt time.Time) (*Session, error)
+	// AdoptSession gives the conversation of the anonymous session fromID
+	// (of s.Kind: a visitor session, or a widget conversation) to a user:
+	// s (whose User is required) is created, fromID's
 	// messages move to it in their order and with their ids, and then
 	// fromID is deleted, so that its tokens stop working and nothing of
 	// it is left outside the user's rows (which DeleteUser erases), all
 	// in one transaction. s is prepared as by CreateSession and its
 	// MessageCount set to the messages it received. ErrNotFound means
-	// fromID is not an anonymous visitor session active at at; ErrExists
+	// fromID is not an anonymous session of s.Kind active at at; ErrExists
 	// that s.ID is taken.
 	AdoptSession(ctx context.Context, fromID string, s *Session, at time.Time) error
 	// ListUserSessions returns up to limit of the user's active visitor

@@ -22,7 +22,7 @@ SET last_seen_at = greatest(last_seen_at, $3), expires_at = greatest(expires_at,
     user_name = nullif($5, ''), user_email = nullif($6, ''), user_attributes = $7
 WHERE id = (
     SELECT id FROM chatproxy_sessions
-    WHERE user_realm = $1 AND user_id = $2 AND kind = 'visitor' AND revoked_at IS NULL AND expires_at > $3
+    WHERE user_realm = $1 AND user_id = $2 AND kind = $8::text AND ($9::text = '' OR site = $9::text) AND revoked_at IS NULL AND expires_at > $3
     ORDER BY last_seen_at DESC, created_at DESC, id DESC
     LIMIT 1
     FOR UPDATE
@@ -31,7 +31,20 @@ RETURNING ` + pgSessionColumns
 
 // ResumeUserSession implements Store.
 func (s *PostgresStore) ResumeUserSession(ctx context.Context, u *User, at, expiresAt time.Time) (*Session, error) {
-	const op = "resuming user session"
+	return s.resumeUser(ctx, "resuming user session", u, KindVisitor, "", at, expiresAt)
+}
+
+// ResumeUserWidget implements Store.
+func (s *PostgresStore) ResumeUserWidget(ctx context.Context, u *User, site string, at, expiresAt time.Time) (*Session, error) {
+	if site == "" || !storable(site) {
+		return nil, s.fail("resuming user widget session", ErrNotFound)
+	}
+	return s.resumeUser(ctx, "resuming user widget session", u, KindWidget, site, at, expiresAt)
+}
+
+// resumeUser is ResumeUserSession for sessions of kind (on site, when
+// not empty).
+func (s *PostgresStore) resumeUser(ctx context.Context, op string, u *User, kind, site string, at, expiresAt time.Time) (*Session, error) {
 	if u == nil {
 		return nil, s.fail(op, errors.New("no user"))
 	}
@@ -43,7 +56,7 @@ func (s *PostgresStore) ResumeUserSession(ctx context.Context, u *User, at, expi
 		return nil, s.fail(op, err)
 	}
 	sess, err := pgScanSession(s.pool.QueryRow(ctx, pgResumeUserSession,
-		c.Realm, c.ID, normTime(at), normTime(expiresAt), c.Name, c.Email, jsonArg(c.Attributes)))
+		c.Realm, c.ID, normTime(at), normTime(expiresAt), c.Name, c.Email, jsonArg(c.Attributes), kind, site))
 	if err != nil {
 		return nil, s.fail(op, err)
 	}
@@ -73,8 +86,8 @@ func (s *PostgresStore) AdoptSession(ctx context.Context, fromID string, sess *S
 		var one int
 		err := tx.QueryRow(ctx, `
 SELECT 1 FROM chatproxy_sessions
-WHERE id = $1 AND kind = 'visitor' AND user_id IS NULL AND revoked_at IS NULL AND expires_at > $2
-FOR UPDATE`, fromID, at).Scan(&one)
+WHERE id = $1 AND kind = $3 AND user_id IS NULL AND revoked_at IS NULL AND expires_at > $2
+FOR UPDATE`, fromID, at, sess.Kind).Scan(&one)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return ErrNotFound
 		}

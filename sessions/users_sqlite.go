@@ -18,7 +18,7 @@ SET last_seen_at = max(last_seen_at, ?3), expires_at = max(expires_at, ?4),
     user_name = nullif(?5, ''), user_email = nullif(?6, ''), user_attributes = ?7
 WHERE id = (
     SELECT id FROM chatproxy_sessions
-    WHERE user_realm = ?1 AND user_id = ?2 AND kind = 'visitor' AND revoked_at IS NULL AND expires_at > ?3
+    WHERE user_realm = ?1 AND user_id = ?2 AND kind = ?8 AND (?9 = '' OR site = ?9) AND revoked_at IS NULL AND expires_at > ?3
     ORDER BY last_seen_at DESC, created_at DESC, id DESC
     LIMIT 1
 )
@@ -26,7 +26,20 @@ RETURNING ` + liteSessionColumns
 
 // ResumeUserSession implements Store.
 func (s *SQLiteStore) ResumeUserSession(ctx context.Context, u *User, at, expiresAt time.Time) (*Session, error) {
-	const op = "resuming user session"
+	return s.resumeUser(ctx, "resuming user session", u, KindVisitor, "", at, expiresAt)
+}
+
+// ResumeUserWidget implements Store.
+func (s *SQLiteStore) ResumeUserWidget(ctx context.Context, u *User, site string, at, expiresAt time.Time) (*Session, error) {
+	if site == "" || !storable(site) {
+		return nil, opErr("resuming user widget session", ErrNotFound)
+	}
+	return s.resumeUser(ctx, "resuming user widget session", u, KindWidget, site, at, expiresAt)
+}
+
+// resumeUser is ResumeUserSession for sessions of kind (on site, when
+// not empty).
+func (s *SQLiteStore) resumeUser(ctx context.Context, op string, u *User, kind, site string, at, expiresAt time.Time) (*Session, error) {
 	if u == nil {
 		return nil, opErr(op, errors.New("no user"))
 	}
@@ -38,7 +51,7 @@ func (s *SQLiteStore) ResumeUserSession(ctx context.Context, u *User, at, expire
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		var err error
 		sess, err = liteScanSession(tx.QueryRowContext(ctx, liteResumeUserSession,
-			c.Realm, c.ID, normTime(at).UnixMicro(), normTime(expiresAt).UnixMicro(), c.Name, c.Email, liteJSON(c.Attributes)))
+			c.Realm, c.ID, normTime(at).UnixMicro(), normTime(expiresAt).UnixMicro(), c.Name, c.Email, liteJSON(c.Attributes), kind, site))
 		return err
 	})
 	if err != nil {
@@ -65,7 +78,7 @@ func (s *SQLiteStore) AdoptSession(ctx context.Context, fromID string, sess *Ses
 		var one int
 		err := tx.QueryRowContext(ctx, `
 SELECT 1 FROM chatproxy_sessions
-WHERE id = ?1 AND kind = 'visitor' AND user_id IS NULL AND revoked_at IS NULL AND expires_at > ?2`, fromID, atUS).Scan(&one)
+WHERE id = ?1 AND kind = ?3 AND user_id IS NULL AND revoked_at IS NULL AND expires_at > ?2`, fromID, atUS, sess.Kind).Scan(&one)
 		if errors.Is(err, sql.ErrNoRows) {
 			return ErrNotFound
 		}

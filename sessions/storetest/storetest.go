@@ -35,6 +35,7 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"SessionUserRejectsInvalid", testSessionUserRejectsInvalid},
 		{"UserResume", testUserResume},
 		{"UserAdopt", testUserAdopt},
+		{"UserWidget", testUserWidget},
 		{"UserList", testUserList},
 		{"UserDelete", testUserDelete},
 		{"RevokeToken", testRevokeToken},

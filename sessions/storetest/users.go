@@ -436,3 +436,78 @@ func testUserPurge(t *testing.T, st sessions.Store) {
 		t.Errorf("after purge the user has %+v, want stays with 2 messages", p.Conversations)
 	}
 }
+
+// ResumeUserWidget picks the user's latest active widget conversation on
+// the site, never a visitor session or another site's; AdoptSession of a
+// widget session moves an anonymous widget conversation only.
+func testUserWidget(t *testing.T, st sessions.Store) {
+	widget := func(id, realm, userID, site string, created time.Time) *sessions.Session {
+		s := userSession(id, realm, userID, created)
+		s.Kind, s.Site = sessions.KindWidget, site
+		return s
+	}
+	mustCreate(t, st, widget("w-older", realmA, "u1", "shop.example", t0))
+	mustCreate(t, st, widget("w-latest", realmA, "u1", "shop.example", t0.Add(time.Minute)))
+	// Each would be picked were it not what it is.
+	visitor := userSession("visitor", realmA, "u1", t0.Add(2*time.Minute))
+	visitor.Site = "shop.example"
+	mustCreate(t, st, visitor)
+	mustCreate(t, st, widget("w-other-site", realmA, "u1", "blog.example", t0.Add(3*time.Minute)))
+	mustCreate(t, st, widget("w-other-realm", realmB, "u1", "shop.example", t0.Add(4*time.Minute)))
+	expired := widget("w-expired", realmA, "u1", "shop.example", t0.Add(5*time.Minute))
+	expired.ExpiresAt = t0.Add(6 * time.Minute)
+	mustCreate(t, st, expired)
+
+	at := t0.Add(10 * time.Minute)
+	u := &sessions.User{ID: "u1", Realm: realmA, Name: "Ada"}
+	got, err := st.ResumeUserWidget(ctx(t), u, "shop.example", at, at.Add(time.Hour))
+	if err != nil || got.ID != "w-latest" || got.Kind != sessions.KindWidget {
+		t.Fatalf("ResumeUserWidget = %+v, %v; want w-latest", got, err)
+	}
+	if !timeEqual(mustGet(t, st, "w-latest").LastSeenAt, at.Truncate(time.Microsecond)) {
+		t.Error("the resumed widget conversation's use was not recorded")
+	}
+	if got, err := st.ResumeUserWidget(ctx(t), u, "blog.example", at, time.Time{}); err != nil || got.ID != "w-other-site" {
+		t.Fatalf("ResumeUserWidget(blog.example) = %+v, %v; want w-other-site", got, err)
+	}
+	// The visitor kind is untouched by the widget's resume, and the
+	// visitor resume never picks a widget conversation.
+	if got, err := st.ResumeUserSession(ctx(t), u, at, time.Time{}); err != nil || got.ID != "visitor" {
+		t.Fatalf("ResumeUserSession = %+v, %v; want visitor", got, err)
+	}
+	for _, tc := range []struct {
+		u    *sessions.User
+		site string
+	}{
+		{&sessions.User{ID: "u1", Realm: realmA}, "other.example"},
+		{&sessions.User{ID: "u1", Realm: realmA}, ""},
+		{&sessions.User{ID: "u2", Realm: realmA}, "shop.example"},
+		{&sessions.User{ID: "u1", Realm: "chatproxy-visitor:cccc"}, "shop.example"},
+	} {
+		_, err := st.ResumeUserWidget(ctx(t), tc.u, tc.site, at, time.Time{})
+		wantErr(t, fmt.Sprintf("ResumeUserWidget(%s in %s on %q)", tc.u.ID, tc.u.Realm, tc.site), err, sessions.ErrNotFound)
+	}
+
+	// Adoption of an anonymous widget conversation into the user's.
+	anon := newSession("w-anon")
+	anon.Kind, anon.Site = sessions.KindWidget, "shop.example"
+	mustCreate(t, st, anon)
+	msgs := appendN(t, st, "w-anon", 2)
+	s := widget("w-adopted", realmA, "u3", "shop.example", t0)
+	if err := st.AdoptSession(ctx(t), "w-anon", s, at); err != nil {
+		t.Fatal(err)
+	}
+	if p := mustList(t, st, "w-adopted", "", 10); !reflect.DeepEqual(ids(p.Messages), ids(msgs)) {
+		t.Errorf("adopted widget history %v, want %v", ids(p.Messages), ids(msgs))
+	}
+	_, err = st.GetSession(ctx(t), "w-anon")
+	wantErr(t, "GetSession of the adopted widget conversation", err, sessions.ErrNotFound)
+	if got, err := st.ResumeUserWidget(ctx(t), &sessions.User{ID: "u3", Realm: realmA}, "shop.example", at, time.Time{}); err != nil || got.ID != "w-adopted" {
+		t.Fatalf("ResumeUserWidget after the adoption = %+v, %v", got, err)
+	}
+	// A visitor session is not adopted as a widget conversation.
+	mustCreate(t, st, newSession("v-anon"))
+	appendN(t, st, "v-anon", 1)
+	err = st.AdoptSession(ctx(t), "v-anon", widget("w-from-visitor", realmA, "u3", "example.com", t0), at)
+	wantErr(t, "AdoptSession of a visitor session into a widget one", err, sessions.ErrNotFound)
+}
