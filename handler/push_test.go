@@ -442,8 +442,15 @@ type handoffHook struct {
 	srv    *httptest.Server
 	mu     sync.Mutex
 	calls  []handoffCall
+	raw    []rawCall
 	status int
 	v      *signed.Verifier
+}
+
+// rawCall is a handoff call as it arrived: its body and signature headers.
+type rawCall struct {
+	body    string
+	headers map[string]string
 }
 
 type handoffCall struct {
@@ -470,6 +477,8 @@ func newHandoffHook(t *testing.T) *handoffHook {
 		}
 		h.mu.Lock()
 		h.calls = append(h.calls, c)
+		h.raw = append(h.raw, rawCall{string(body), map[string]string{
+			signed.HeaderTimestamp: r.Header.Get(signed.HeaderTimestamp), signed.HeaderSignature: r.Header.Get(signed.HeaderSignature)}})
 		status := h.status
 		h.mu.Unlock()
 		w.WriteHeader(status)
@@ -812,5 +821,36 @@ func TestEventsCatchUpBounded(t *testing.T) {
 	live := pushed("live")
 	if got := messageOf(t, testkit.NextNamedEvent(t, br)); got.ID != live {
 		t.Fatalf("live after the whole catch-up: %+v", got)
+	}
+}
+
+// TestHandoffCallIsNotAPush: the proxy signs its handoff calls with
+// push_secret, and their receiver (a help-desk tool) holds no more than
+// that: such a call, sent on as it came to the push route of the same
+// conversation, is not a push (its fields are not a push's) and stores
+// nothing, so the receiver cannot make the visitor's words look like the
+// bot's or a person's.
+func TestHandoffCallIsNotAPush(t *testing.T) {
+	hook := newHandoffHook(t)
+	e := pushEnv(t, "sqlite", &pushConfig{Secret: testPushSecret, Channel: "c", HandoffURL: hook.srv.URL, HandoffTimeout: 5 * time.Second}, nil)
+	s := e.newSession(t)
+	if rec := e.push(t, s.SessionID, `{"mode":"human"}`); rec.Code != http.StatusOK {
+		t.Fatalf("mode human: %d %s", rec.Code, rec.Body)
+	}
+	if rec := e.serve(t, "POST", "/api/v1/chat/message", `{"message":"refund me"}`, authz(s.Token, "Accept", "application/json")); rec.Code != http.StatusOK {
+		t.Fatalf("message: %d %s", rec.Code, rec.Body)
+	}
+	hook.mu.Lock()
+	raw := hook.raw
+	hook.mu.Unlock()
+	if len(raw) != 1 {
+		t.Fatalf("%d handoff calls", len(raw))
+	}
+	rec := e.serve(t, "POST", "/api/v1/sessions/"+s.SessionID+"/messages", raw[0].body, raw[0].headers)
+	if rec.Code != http.StatusBadRequest {
+		t.Fatalf("a handoff call sent on to the push route: %d %s", rec.Code, rec.Body)
+	}
+	if h := e.history(t, s.Token); h.TotalCount != 1 || h.Messages[0].Role != "user" {
+		t.Fatalf("history %+v", h)
 	}
 }
