@@ -2,6 +2,7 @@ package handler_test
 
 import (
 	"encoding/json"
+	"maps"
 	"net/http"
 	"strings"
 	"testing"
@@ -106,6 +107,7 @@ func TestIdentityCreateMatrix(t *testing.T) {
 				t.Run(tc.name, func(t *testing.T) {
 					e, logs := identityEnv(t, kind, tc.off, nil)
 					e.fake.SetScript(testkit.Output("hello"))
+					tc.body = maps.Clone(tc.body) // the store kinds run in parallel
 					tc.body["page_url"] = "https://shop.example.com/account"
 					rec := e.serve(t, "POST", "/api/v1/session/create", jsonString(tc.body), map[string]string{"Origin": allowedOrigin})
 					if tc.wantUser == nil {
