@@ -1,6 +1,7 @@
 package handler_test
 
 import (
+	"io"
 	"net/http"
 	"testing"
 
@@ -89,6 +90,45 @@ func TestWidgetUserDevices(t *testing.T) {
 			}
 			if _, err := e.store.GetSession(t.Context(), anon); err == nil {
 				t.Fatal("the anonymous conversation is still stored after its adoption")
+			}
+		})
+	}
+}
+
+// TestReplyStreamingWhileAdopted: a reply still streaming when the
+// visitor signs in (their anonymous conversation adopted by the user) is
+// stored, whole, in the user's conversation when it ends; it was looked
+// for under the anonymous session's id and lost. Both stores.
+func TestReplyStreamingWhileAdopted(t *testing.T) {
+	t.Parallel()
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			t.Parallel()
+			e, _ := identityEnv(t, kind, false, nil)
+			anon := e.newSession(t)
+			gate := testkit.NewStreamGate()
+			id, _, resp := e.startGated(t, t.Context(), anon.Token, gate, "Hello ", "Ada")
+			defer resp.Body.Close()
+
+			// Signing in in the same browser (it holds the anonymous token).
+			body := jsonString(map[string]any{"user_id": "user-5", "user_hash": identity.Hash([]byte(testIdentitySecret), "user-5")})
+			rec := e.serve(t, "POST", "/api/v1/session/create", body, authz(anon.Token, "Origin", allowedOrigin))
+			if rec.Code != http.StatusCreated {
+				t.Fatalf("create: %d %s", rec.Code, rec.Body)
+			}
+			user := decode[created](t, rec)
+			if user.SessionID == anon.SessionID {
+				t.Fatal("the anonymous session was not adopted")
+			}
+			gate.Next(t)
+			gate.Next(t)
+			if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+				t.Fatal(err)
+			}
+			e.waitIdle(t)
+			h := e.history(t, user.Token)
+			if len(h.Messages) != 2 || h.Messages[1].ID != id || h.Messages[1].Content != "Hello Ada" || h.Messages[1].Status != "complete" {
+				t.Fatalf("the user's conversation after the reply ended: %+v; want the reply %s stored whole", h.Messages, id)
 			}
 		})
 	}

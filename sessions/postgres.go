@@ -384,10 +384,11 @@ func (s *PostgresStore) AppendExchange(ctx context.Context, m, reply *Message, k
 	return w.out, nil
 }
 
-// pgFinishReply fills in a streaming reply.
+// pgFinishReply fills in a streaming reply, found by its id alone (see
+// Store.FinishReply).
 const pgFinishReply = `
-UPDATE chatproxy_messages SET content = $3, status = $4, metadata = $5
-WHERE id = $1 AND session_id = $2 AND status = 'streaming'`
+UPDATE chatproxy_messages SET content = $2, status = $3, metadata = $4
+WHERE id = $1 AND status = 'streaming'`
 
 // FinishReply implements Store.
 func (s *PostgresStore) FinishReply(ctx context.Context, m *Message) error {
@@ -460,7 +461,7 @@ func (s *PostgresStore) commitWrites(ctx context.Context, ops []*writeOp) attemp
 			}
 		case writeFinish:
 			m := op.msg
-			b.Queue(pgFinishReply, m.ID, m.SessionID, m.Content, m.Status, jsonArg(m.Metadata))
+			b.Queue(pgFinishReply, m.ID, m.Content, m.Status, jsonArg(m.Metadata))
 		}
 	}
 	br := s.pool.SendBatch(ctx, b)

@@ -462,9 +462,9 @@ func (s *SQLiteStore) FinishReply(ctx context.Context, m *Message) error {
 
 func liteFinishReply(ctx context.Context, tx *sql.Tx, m *Message) error {
 	res, err := tx.ExecContext(ctx, `
-UPDATE chatproxy_messages SET content = ?3, status = ?4, metadata = ?5
-WHERE id = ?1 AND session_id = ?2 AND status = 'streaming'`,
-		m.ID, m.SessionID, m.Content, m.Status, liteJSON(m.Metadata))
+UPDATE chatproxy_messages SET content = ?2, status = ?3, metadata = ?4
+WHERE id = ?1 AND status = 'streaming'`,
+		m.ID, m.Content, m.Status, liteJSON(m.Metadata))
 	if err != nil {
 		return err
 	}

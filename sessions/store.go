@@ -248,9 +248,13 @@ type Store interface {
 	// row (a person answers, not n8n): only m is stored and counted.
 	AppendExchange(ctx context.Context, m, reply *Message, kind string) (*Session, error)
 	// FinishReply stores the content, status (complete, partial or error)
-	// and metadata of a reply AppendExchange stored as streaming; m.ID and
-	// m.SessionID name it. ErrNotFound means there is no such streaming
-	// reply (it was finished already, or its session was deleted).
+	// and metadata of a reply AppendExchange stored as streaming. m.ID
+	// names it wherever it is now (message ids are unique, and a reply's
+	// is the proxy's own): a conversation adopted by a user while its reply
+	// streamed (AdoptSession) has moved to another session, and the reply
+	// is finished there. m.SessionID is the session it was started in.
+	// ErrNotFound means there is no such streaming reply (it was finished
+	// already, or its session was deleted).
 	FinishReply(ctx context.Context, m *Message) error
 	// GetMessage returns the message id of the session sessionID, or
 	// ErrNotFound (also for another session's message).

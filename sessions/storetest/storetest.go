@@ -52,6 +52,7 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"AppendUser", testAppendUser},
 		{"StreamingReply", testStreamingReply},
 		{"StreamingReplyRefusals", testStreamingReplyRefusals},
+		{"StreamingReplyAdopted", testStreamingReplyAdopted},
 		{"SameTimestampOrder", testSameTimestampOrder},
 		{"Paging", testPaging},
 		{"PagingBeforeErrors", testPagingBeforeErrors},
@@ -1284,8 +1285,36 @@ func testStreamingReply(t *testing.T, st sessions.Store) {
 	wantErr(t, "GetMessage of an unknown id", err, sessions.ErrNotFound)
 	_, err = st.GetMessage(ctx(t), "visitor", "bad\xff")
 	wantErr(t, "GetMessage of an unstorable id", err, sessions.ErrNotFound)
-	wantErr(t, "FinishReply in another session", st.FinishReply(ctx(t), &sessions.Message{ID: reply.ID, SessionID: "other",
+	wantErr(t, "FinishReply of the finished reply, named with another session", st.FinishReply(ctx(t), &sessions.Message{ID: reply.ID, SessionID: "other",
 		Status: sessions.StatusComplete}), sessions.ErrNotFound)
+}
+
+// A reply streaming while its anonymous conversation is adopted by a
+// user (AdoptSession moves it) is finished where it now is, by its id:
+// the request producing it still names the anonymous session.
+func testStreamingReplyAdopted(t *testing.T, st sessions.Store) {
+	mustCreate(t, st, newSession("anon"))
+	m, reply := &sessions.Message{SessionID: "anon", Content: "question"}, &sessions.Message{}
+	if _, err := st.AppendExchange(ctx(t), m, reply, sessions.KindVisitor); err != nil {
+		t.Fatal(err)
+	}
+	at := t0.Add(time.Minute)
+	adopted := newSession("adopted")
+	adopted.User = &sessions.User{ID: "u1", Realm: "chatproxy-visitor:aaaa"}
+	if err := st.AdoptSession(ctx(t), "anon", adopted, at); err != nil {
+		t.Fatal(err)
+	}
+	fin := &sessions.Message{ID: reply.ID, SessionID: "anon", Content: "the answer", Status: sessions.StatusComplete}
+	if err := st.FinishReply(ctx(t), fin); err != nil {
+		t.Fatalf("FinishReply after the adoption: %v", err)
+	}
+	gm, err := st.GetMessage(ctx(t), "adopted", reply.ID)
+	if err != nil || gm.Content != "the answer" || gm.Status != sessions.StatusComplete {
+		t.Fatalf("the adopted conversation's reply = %+v, %v; want it finished", gm, err)
+	}
+	if p := mustList(t, st, "adopted", "", 10); !reflect.DeepEqual(ids(p.Messages), []string{m.ID, reply.ID}) {
+		t.Errorf("adopted history %v, want the question then the reply", ids(p.Messages))
+	}
 }
 
 // AppendExchange refuses what AppendUserMessage refuses, storing neither
