@@ -218,8 +218,9 @@ func (h *Handler) eraseUser(w http.ResponseWriter, r *http.Request, _ string) er
 	}
 	ns, nm, err := h.cfg.Store.DeleteUser(r.Context(), h.cfg.Sessions.Tokens.Audience(), req.UserID)
 	if err != nil {
-		// Nothing was deleted (one transaction): give the signature up,
-		// so the site's retry of this very request is not a replay.
+		// Nothing more was deleted (the store works in batches, each a
+		// transaction of its own): give the signature up, so the site's
+		// retry of this very request is not a replay and erases the rest.
 		if ferr := h.cfg.Erasure.Forget(context.WithoutCancel(r.Context()), r.Header); ferr != nil {
 			h.cfg.Logger.Warn("user data erasure: could not give up the signature of a failed erasure", zap.Error(ferr))
 		}

@@ -13,6 +13,15 @@ func SetPurgeBatch(n int) (restore func()) {
 	return func() { purgeBatch = old }
 }
 
+// SetUserDeleteBatch makes DeleteUser work in batches of n sessions until
+// the returned function restores the default. Tests using it must not run
+// in parallel.
+func SetUserDeleteBatch(n int) (restore func()) {
+	old := userDeleteBatch
+	userDeleteBatch = n
+	return func() { userDeleteBatch = old }
+}
+
 // PurgeLockSQL takes (or reports it cannot take) the purge lock of the
 // current schema for the rest of the transaction.
 const PurgeLockSQL = pgPurgeLock

@@ -170,3 +170,20 @@ func TestConcurrentPurges(t *testing.T) {
 		run(t, stores, purgeFixture(t, stores[0], 20))
 	})
 }
+
+// With batches of 2 sessions, erasing a user takes many transactions; it
+// must come out exactly as with one.
+func TestUserDeleteInSmallBatches(t *testing.T) {
+	defer sessions.SetUserDeleteBatch(2)()
+	t.Run("sqlite", func(t *testing.T) {
+		storetest.RunUserDelete(t, func(t *testing.T) sessions.Store {
+			return openSQLite(t, filepath.Join(t.TempDir(), "chat.db"))
+		})
+	})
+	t.Run("postgres", func(t *testing.T) {
+		testenv.PostgresURL(t)
+		storetest.RunUserDelete(t, func(t *testing.T) sessions.Store {
+			return openPostgres(t, testenv.PostgresURL(t))
+		})
+	})
+}

@@ -45,6 +45,10 @@ const PurgeBatch = 10000
 // purgeBatch is PurgeBatch, smaller in tests so they cover several batches.
 var purgeBatch = PurgeBatch
 
+// userDeleteBatch is how many sessions one DeleteUser transaction deletes
+// at most (with their messages); smaller in tests.
+var userDeleteBatch = 500
+
 // Kinds of session. Visitor sessions are created through the session API;
 // widget sessions are named by the @n8n/chat widget and scoped to a site.
 // They are separate namespaces so one can never read the other's history.
@@ -345,9 +349,12 @@ type Store interface {
 	// the user's sessions).
 	ListUserSessions(ctx context.Context, realm, userID, before string, limit int, now time.Time) (*ConversationPage, error)
 	// DeleteUser deletes every session of the user (any kind or state)
-	// with its messages and revoked tokens, in one transaction, and
-	// reports how many sessions and messages it removed. A user with
-	// nothing stored is not an error.
+	// with its messages and revoked tokens, and reports how many sessions
+	// and messages it removed. A user with very many sessions is deleted
+	// in several transactions of a bounded number of sessions each, so no
+	// one transaction grows with the user: on an error, what earlier
+	// transactions deleted stays deleted (and is counted), and calling it
+	// again deletes the rest. A user with nothing stored is not an error.
 	DeleteUser(ctx context.Context, realm, userID string) (sessions, messages int64, err error)
 	// RevokeToken records that the token with ID jti of the session gave
 	// up (a device signed out): TokenRevoked then reports it, until the

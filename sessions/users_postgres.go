@@ -205,10 +205,12 @@ func (s *PostgresStore) ListUserSessions(ctx context.Context, realm, userID, bef
 	return &page, nil
 }
 
-// DeleteUser implements Store. The sessions are locked first, in id
-// order, as a purge locks them, so an append or revocation under way
-// finishes before (or finds the session gone); their revoked tokens go by
-// the foreign key's cascade.
+// DeleteUser implements Store. Each batch is a transaction: up to
+// userDeleteBatch of the user's sessions (the oldest, by the user index)
+// are locked, in id order as a purge locks them, so an append or
+// revocation under way finishes before (or finds the session gone), then
+// deleted with their messages; their revoked tokens go by the foreign
+// key's cascade.
 func (s *PostgresStore) DeleteUser(ctx context.Context, realm, userID string) (int64, int64, error) {
 	const op = "deleting user"
 	if !storable(realm) || !storable(userID) {
@@ -218,31 +220,42 @@ func (s *PostgresStore) DeleteUser(ctx context.Context, realm, userID string) (i
 		return 0, 0, s.fail(op, err)
 	}
 	var ns, nm int64
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `
-SELECT id FROM chatproxy_sessions WHERE user_realm = $1 AND user_id = $2 ORDER BY id FOR UPDATE`, realm, userID)
+	for {
+		var bs, bm int64
+		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+			rows, err := tx.Query(ctx, `
+SELECT id FROM chatproxy_sessions
+WHERE id IN (
+    SELECT id FROM chatproxy_sessions WHERE user_realm = $1 AND user_id = $2
+    ORDER BY created_at, id LIMIT $3
+)
+ORDER BY id FOR UPDATE`, realm, userID, userDeleteBatch)
+			if err != nil {
+				return err
+			}
+			ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+			if err != nil || len(ids) == 0 {
+				return err
+			}
+			mtag, err := tx.Exec(ctx, `DELETE FROM chatproxy_messages WHERE session_id = ANY($1)`, ids)
+			if err != nil {
+				return err
+			}
+			stag, err := tx.Exec(ctx, `DELETE FROM chatproxy_sessions WHERE id = ANY($1)`, ids)
+			if err != nil {
+				return err
+			}
+			bs, bm = stag.RowsAffected(), mtag.RowsAffected()
+			return nil
+		})
 		if err != nil {
-			return err
+			return ns, nm, s.fail(op, err)
 		}
-		ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil || len(ids) == 0 {
-			return err
+		ns, nm = ns+bs, nm+bm
+		if bs == 0 {
+			return ns, nm, nil
 		}
-		mtag, err := tx.Exec(ctx, `DELETE FROM chatproxy_messages WHERE session_id = ANY($1)`, ids)
-		if err != nil {
-			return err
-		}
-		stag, err := tx.Exec(ctx, `DELETE FROM chatproxy_sessions WHERE id = ANY($1)`, ids)
-		if err != nil {
-			return err
-		}
-		ns, nm = stag.RowsAffected(), mtag.RowsAffected()
-		return nil
-	})
-	if err != nil {
-		return 0, 0, s.fail(op, err)
 	}
-	return ns, nm, nil
 }
 
 // RevokeToken implements Store.

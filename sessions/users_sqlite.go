@@ -185,33 +185,41 @@ func (s *SQLiteStore) ListUserSessions(ctx context.Context, realm, userID, befor
 	return &page, nil
 }
 
-// DeleteUser implements Store; revoked tokens go by the foreign key's
-// cascade.
+// DeleteUser implements Store, in batches of userDeleteBatch sessions
+// (the oldest first), each one write transaction, so other writers get
+// in between.
 func (s *SQLiteStore) DeleteUser(ctx context.Context, realm, userID string) (int64, int64, error) {
 	const op = "deleting user"
 	if !storable(realm) || !storable(userID) {
 		return 0, 0, nil // nothing stored can have them
 	}
-	const ids = `SELECT id FROM chatproxy_sessions WHERE user_realm = ?1 AND user_id = ?2`
+	// The same rows in both statements: nothing else writes in between.
+	const ids = `SELECT id FROM chatproxy_sessions WHERE user_realm = ?1 AND user_id = ?2 ORDER BY created_at, id LIMIT ?3`
 	var ns, nm int64
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `DELETE FROM chatproxy_messages WHERE session_id IN (`+ids+`)`, realm, userID)
+	for {
+		var bs, bm int64
+		err := s.write(ctx, func(tx *sql.Tx) error {
+			res, err := tx.ExecContext(ctx, `DELETE FROM chatproxy_messages WHERE session_id IN (`+ids+`)`, realm, userID, userDeleteBatch)
+			if err != nil {
+				return err
+			}
+			if bm, err = res.RowsAffected(); err != nil {
+				return err
+			}
+			if res, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE id IN (`+ids+`)`, realm, userID, userDeleteBatch); err != nil {
+				return err
+			}
+			bs, err = res.RowsAffected()
+			return err
+		})
 		if err != nil {
-			return err
+			return ns, nm, opErr(op, err)
 		}
-		if nm, err = res.RowsAffected(); err != nil {
-			return err
+		ns, nm = ns+bs, nm+bm
+		if bs == 0 {
+			return ns, nm, nil
 		}
-		if res, err = tx.ExecContext(ctx, `DELETE FROM chatproxy_sessions WHERE id IN (`+ids+`)`, realm, userID); err != nil {
-			return err
-		}
-		ns, err = res.RowsAffected()
-		return err
-	})
-	if err != nil {
-		return 0, 0, opErr(op, err)
 	}
-	return ns, nm, nil
 }
 
 // RevokeToken implements Store.

@@ -38,6 +38,7 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 		{"UserWidget", testUserWidget},
 		{"UserList", testUserList},
 		{"UserDelete", testUserDelete},
+		{"UserDeleteMany", testUserDeleteMany},
 		{"RevokeToken", testRevokeToken},
 		{"UserPurge", testUserPurge},
 		{"CreateRejectsInvalid", testCreateRejectsInvalid},
@@ -84,6 +85,13 @@ func Run(t *testing.T, open func(t *testing.T) sessions.Store) {
 func RunPurge(t *testing.T, open func(t *testing.T) sessions.Store) {
 	t.Run("Purge", func(t *testing.T) { testPurge(t, open(t)) })
 	t.Run("PurgeMany", func(t *testing.T) { testPurgeMany(t, open(t)) })
+}
+
+// RunUserDelete runs only the user erasure tests, for callers that change
+// how DeleteUser batches its work.
+func RunUserDelete(t *testing.T, open func(t *testing.T) sessions.Store) {
+	t.Run("UserDelete", func(t *testing.T) { testUserDelete(t, open(t)) })
+	t.Run("UserDeleteMany", func(t *testing.T) { testUserDeleteMany(t, open(t)) })
 }
 
 // t0 has nanoseconds and a zone on purpose: stores keep microseconds in UTC.

@@ -511,3 +511,31 @@ func testUserWidget(t *testing.T, st sessions.Store) {
 	err = st.AdoptSession(ctx(t), "v-anon", widget("w-from-visitor", realmA, "u3", "example.com", t0), at)
 	wantErr(t, "AdoptSession of a visitor session into a widget one", err, sessions.ErrNotFound)
 }
+
+// DeleteUser of a user with many sessions (more than one batch in
+// TestUserDeleteInSmallBatches) removes every one with its messages and
+// counts them all, and nothing of anyone else.
+func testUserDeleteMany(t *testing.T, st sessions.Store) {
+	const n = 23
+	for i := range n {
+		id := fmt.Sprintf("many-%02d", i)
+		mustCreate(t, st, userSession(id, realmA, "u1", t0.Add(time.Duration(i%5)*time.Minute)))
+		appendN(t, st, id, 2)
+	}
+	mustCreate(t, st, userSession("kept", realmA, "u2", t0))
+	appendN(t, st, "kept", 1)
+	ns, nm, err := st.DeleteUser(ctx(t), realmA, "u1")
+	if err != nil || ns != n || nm != 2*n {
+		t.Fatalf("DeleteUser = %d sessions, %d messages, %v; want %d, %d", ns, nm, err, n, 2*n)
+	}
+	for i := range n {
+		_, err := st.GetSession(ctx(t), fmt.Sprintf("many-%02d", i))
+		wantErr(t, "GetSession after DeleteUser", err, sessions.ErrNotFound)
+	}
+	if got := mustGet(t, st, "kept").MessageCount; got != 1 {
+		t.Errorf("another user's session has %d messages, want 1", got)
+	}
+	if ns, nm, err := st.DeleteUser(ctx(t), realmA, "u1"); err != nil || ns != 0 || nm != 0 {
+		t.Errorf("DeleteUser again = %d, %d, %v; want nothing", ns, nm, err)
+	}
+}
