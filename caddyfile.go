@@ -40,6 +40,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    jwt_secret      <secret>
 //	    session_secret  <secret>
 //	    identity_secret <secret>
+//	    erasure_secret  <secret>
 //	    database        <postgres-url>|sqlite:<path>
 //	    allowed_origins <origin...>
 //	    path_prefix     <path>
@@ -121,6 +122,10 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if cp.HandoffWebhook, err = singleArg(d, option); err == nil && literal(cp.HandoffWebhook) {
 				_, perr := parseURLOption(option, cp.HandoffWebhook)
 				err = checked(perr)
+			}
+		case "erasure_secret":
+			if cp.ErasureSecret, err = singleArg(d, option); err == nil && literal(cp.ErasureSecret) {
+				err = checked(checkSecret(option, []byte(cp.ErasureSecret)))
 			}
 		case "identity_secret":
 			if cp.IdentitySecret, err = singleArg(d, option); err == nil && literal(cp.IdentitySecret) {
@@ -282,6 +287,10 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		(cp.IdentitySecret == cp.JWTSecret || cp.IdentitySecret == cp.SessionSecret || cp.IdentitySecret == cp.PushSecret) {
 		return d.Errf("chat_proxy: identity_secret: must differ from jwt_secret, session_secret and push_secret")
 	}
+	if literal(cp.ErasureSecret) && cp.ErasureSecret != "" &&
+		(cp.ErasureSecret == cp.IdentitySecret || cp.ErasureSecret == cp.JWTSecret || cp.ErasureSecret == cp.SessionSecret || cp.ErasureSecret == cp.PushSecret) {
+		return d.Errf("chat_proxy: erasure_secret: must differ from identity_secret, jwt_secret, session_secret and push_secret")
+	}
 	return nil
 }
 
@@ -299,7 +308,7 @@ func checked(err error) error {
 // caddyfileOptions are the options of the chat_proxy block, for "did you
 // mean" suggestions.
 var caddyfileOptions = []string{
-	"n8n_webhook", "jwt_secret", "session_secret", "identity_secret", "database", "allowed_origins", "path_prefix",
+	"n8n_webhook", "jwt_secret", "session_secret", "identity_secret", "erasure_secret", "database", "allowed_origins", "path_prefix",
 	"session_ttl", "max_body_size", "cookie", "n8n_token_ttl", "upstream_auth", "upstream_timeout",
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",

@@ -40,7 +40,7 @@ func (cp *ChatProxy) load() error {
 		return out, nil
 	}
 	var err error
-	var webhook, jwtSecret, sessionSecret, identitySecret string
+	var webhook, jwtSecret, sessionSecret, identitySecret, erasureSecret string
 	if webhook, err = replace("n8n_webhook", cp.N8nWebhook, false); err != nil {
 		return err
 	}
@@ -53,6 +53,9 @@ func (cp *ChatProxy) load() error {
 	if identitySecret, err = replace("identity_secret", cp.IdentitySecret, false); err != nil {
 		return err
 	}
+	if erasureSecret, err = replace("erasure_secret", cp.ErasureSecret, false); err != nil {
+		return err
+	}
 	// Secrets and the database URL (which may hold a password) live only
 	// in unexported fields once resolved.
 	cp.jwtSecret, cp.sessionSecret = []byte(jwtSecret), []byte(sessionSecret)
@@ -60,6 +63,7 @@ func (cp *ChatProxy) load() error {
 		return err
 	}
 	cp.identitySecret = []byte(identitySecret)
+	cp.erasureSecret = []byte(erasureSecret)
 	if webhook != "" {
 		if cp.webhook, err = parseWebhook(webhook); err != nil {
 			return err
@@ -297,6 +301,9 @@ func (cp *ChatProxy) Validate() error {
 			return checkIdentitySecret(cp.identitySecret, cp.jwtSecret, cp.sessionSecret, cp.pushSecret)
 		},
 		func() error {
+			return checkErasureSecret(cp.erasureSecret, cp.identitySecret, cp.jwtSecret, cp.sessionSecret, cp.pushSecret)
+		},
+		func() error {
 			if cp.webhook == nil {
 				return errors.New("n8n_webhook: required")
 			}
@@ -375,6 +382,30 @@ func checkIdentitySecret(secret, jwtSecret, sessionSecret, pushSecret []byte) er
 	for _, other := range [][]byte{jwtSecret, sessionSecret, pushSecret} {
 		if string(secret) == string(other) {
 			return errors.New("identity_secret: must differ from jwt_secret, session_secret and push_secret")
+		}
+	}
+	return nil
+}
+
+// checkErasureSecret: erasure_secret is optional; when set it needs
+// identity_secret and differs from every other secret. Sharing
+// identity_secret would be a hole, not a convenience: user_hash is the
+// HMAC of any user id the site accepts, so a user who registered the id
+// `<timestamp>.{"user_id":"victim"}` would be handed a valid signature for
+// erasing someone else.
+func checkErasureSecret(secret, identitySecret, jwtSecret, sessionSecret, pushSecret []byte) error {
+	if len(secret) == 0 {
+		return nil
+	}
+	if err := checkSecret("erasure_secret", secret); err != nil {
+		return err
+	}
+	if len(identitySecret) == 0 {
+		return errors.New("erasure_secret: needs identity_secret (users are erased by the id the site proved)")
+	}
+	for _, other := range [][]byte{identitySecret, jwtSecret, sessionSecret, pushSecret} {
+		if string(secret) == string(other) {
+			return errors.New("erasure_secret: must differ from identity_secret, jwt_secret, session_secret and push_secret")
 		}
 	}
 	return nil

@@ -88,9 +88,17 @@ type ChatProxy struct {
 	// the @n8n/chat widget's metadata. Their user then reaches n8n as
 	// `user` with verified true. Must differ from jwt_secret,
 	// session_secret and push_secret. Default: none, and identity fields
-	// are refused with 401 invalid_identity. It also signs the site's
-	// erasure call, DELETE {prefix}/user/data, which is 404 without it.
+	// are refused with 401 invalid_identity.
 	IdentitySecret string `json:"identity_secret,omitempty"`
+
+	// The HMAC key (at least 32 bytes) that signs the site's erasure call,
+	// DELETE {prefix}/user/data, which is 404 without it. Needs
+	// identity_secret (only verified users have data to erase by id) and
+	// must differ from every other secret: above all from identity_secret,
+	// since a site hands visitors user_hash values, HMACs of user ids under
+	// identity_secret, and a user id chosen as "<timestamp>.<body>" would
+	// make that hash a valid erasure signature.
+	ErasureSecret string `json:"erasure_secret,omitempty"`
 
 	// Where sessions and messages are stored. A `postgres://` or
 	// `postgresql://` URL uses PostgreSQL; `sqlite:<path>` uses the embedded
@@ -279,6 +287,7 @@ type ChatProxy struct {
 	sessionSecret  []byte
 	pushSecret     []byte
 	identitySecret []byte
+	erasureSecret  []byte
 	handoff        *url.URL
 	database       string
 	redisURL       string
@@ -405,18 +414,18 @@ func (cp *ChatProxy) provisionIdentity(_ caddy.Context, hc *handler.Config) erro
 }
 
 // provisionErasure sets up the signature check of the site's erasure call
-// (DELETE {prefix}/user/data) when identity_secret is set: the same
-// scheme as pushes, keyed with identity_secret, replays refused through
-// Redis when configured (so across instances), else in process.
+// (DELETE {prefix}/user/data) when erasure_secret is set: the same scheme
+// as pushes, keyed with erasure_secret, replays refused through Redis when
+// configured (so across instances), else in process.
 func (cp *ChatProxy) provisionErasure(_ caddy.Context, hc *handler.Config) error {
-	if len(cp.identitySecret) == 0 {
+	if len(cp.erasureSecret) == 0 {
 		return nil
 	}
 	var rdb redis.UniversalClient
 	if cp.redis != nil {
 		rdb = cp.redis.Client
 	}
-	hc.Erasure = &signed.Verifier{Secret: cp.identitySecret, Replay: signed.NewReplay(rdb, signed.DefaultReplayPrefix)}
+	hc.Erasure = &signed.Verifier{Secret: cp.erasureSecret, Replay: signed.NewReplay(rdb, signed.DefaultReplayPrefix)}
 	return nil
 }
 

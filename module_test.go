@@ -104,6 +104,16 @@ func TestProvisionErrors(t *testing.T) {
 			"identity_secret: must differ from jwt_secret, session_secret and push_secret"},
 		{"identity_secret from unset env", func(c *ChatProxy) { c.IdentitySecret = "{env.CHATPROXY_MT_UNSET_VAR}" },
 			"identity_secret: evaluated placeholder {env.CHATPROXY_MT_UNSET_VAR} is empty"},
+		{"erasure_secret without identity_secret", func(c *ChatProxy) { c.ErasureSecret = mtPush },
+			"erasure_secret: needs identity_secret (users are erased by the id the site proved)"},
+		{"short erasure_secret", func(c *ChatProxy) { c.IdentitySecret = mtPush; c.ErasureSecret = mtShort },
+			"erasure_secret: must be at least 32 bytes, got 31"},
+		// The one that matters: user_hash values are HMACs under
+		// identity_secret of ids the visitor chose (TestErasureNotForgeableFromUserHash).
+		{"erasure_secret equal to identity_secret", func(c *ChatProxy) { c.IdentitySecret = mtPush; c.ErasureSecret = mtPush },
+			"erasure_secret: must differ from identity_secret, jwt_secret, session_secret and push_secret"},
+		{"erasure_secret equal to jwt_secret", func(c *ChatProxy) { c.IdentitySecret = mtPush; c.ErasureSecret = c.JWTSecret },
+			"erasure_secret: must differ from identity_secret, jwt_secret, session_secret and push_secret"},
 		{"equal secrets via placeholders", func(c *ChatProxy) {
 			c.JWTSecret, c.SessionSecret = "{env.CHATPROXY_MT_SAME}", mtJWT
 		}, "session_secret: must differ from jwt_secret"},

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/cookiejar"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,7 +22,10 @@ import (
 // create, two browsers (two cookie jars) on one conversation, sign-out on
 // one of them, and the site's signed erasure.
 
-const vuIdentitySecret = "test-identity-secret-for-verified-users-0123456789"
+const (
+	vuIdentitySecret = "test-identity-secret-for-verified-users-0123456789"
+	vuErasureSecret  = "test-erasure-secret-for-verified-users-0123456789"
+)
 
 // vuOrigin is the page's origin: a site of its own, so that the metrics
 // this test reads are not moved by the tests that run in parallel.
@@ -140,6 +144,7 @@ func TestVerifiedUserTwoBrowsers(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) {
 				cp.IdentitySecret = vuIdentitySecret
+				cp.ErasureSecret = vuErasureSecret
 				cp.AllowedOrigins = append(cp.AllowedOrigins, vuOrigin)
 			}})
 			e.fake.SetScript(testkit.Output("Hello!"))
@@ -177,7 +182,7 @@ func TestVerifiedUserTwoBrowsers(t *testing.T) {
 
 			// The site erases Ada: both her browsers lose the conversation.
 			body := `{"user_id":"user-42"}`
-			ts, sig := signed.Sign([]byte(vuIdentitySecret), []byte(body), time.Now())
+			ts, sig := signed.Sign([]byte(vuErasureSecret), []byte(body), time.Now())
 			rec := e.serve(t, "DELETE", "/api/v1/user/data", body, map[string]string{signed.HeaderTimestamp: ts, signed.HeaderSignature: sig})
 			if rec.Code != http.StatusNoContent {
 				t.Fatalf("erasure: %d %s", rec.Code, rec.Body)
@@ -195,12 +200,56 @@ func TestVerifiedUserTwoBrowsers(t *testing.T) {
 	}
 }
 
-// Without identity_secret there is no erasure route to call.
-func TestVerifiedUserErasureNeedsIdentitySecret(t *testing.T) {
-	cp := newTestProxy(t, "sqlite", nil)
+// Without erasure_secret there is no erasure route to call, even with
+// identity_secret set.
+func TestVerifiedUserErasureNeedsErasureSecret(t *testing.T) {
+	cp := newTestProxy(t, "sqlite", func(cp *ChatProxy) { cp.IdentitySecret = vuIdentitySecret })
 	body := `{"user_id":"user-42"}`
-	ts, sig := signed.Sign([]byte(vuIdentitySecret), []byte(body), time.Now())
-	wantError(t, serve(t, cp, req{method: "DELETE", path: "/api/v1/user/data", body: body,
-		headers: map[string]string{signed.HeaderTimestamp: ts, signed.HeaderSignature: sig, "Content-Type": "application/json"}}),
-		http.StatusNotFound, "not_found")
+	for _, secret := range []string{vuIdentitySecret, vuErasureSecret} {
+		ts, sig := signed.Sign([]byte(secret), []byte(body), time.Now())
+		wantError(t, serve(t, cp, req{method: "DELETE", path: "/api/v1/user/data", body: body,
+			headers: map[string]string{signed.HeaderTimestamp: ts, signed.HeaderSignature: sig, "Content-Type": "application/json"}}),
+			http.StatusNotFound, "not_found")
+	}
+}
+
+// A site hands its visitors user_hash values: HMACs of their user ids
+// under identity_secret. A visitor whose chosen user id is
+// `<timestamp>.{"user_id":"victim"}` is therefore handed, as their
+// user_hash, exactly the signature of an erasure of "victim" under
+// identity_secret. Signing erasures with a key of their own closes that:
+// the forged call is refused and the victim keeps their conversation.
+func TestErasureNotForgeableFromUserHash(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind, func(t *testing.T) {
+			e := newChatEnv(t, chatEnvOpts{kind: kind, mutate: func(cp *ChatProxy) {
+				cp.IdentitySecret = vuIdentitySecret
+				cp.ErasureSecret = vuErasureSecret
+				cp.AllowedOrigins = append(cp.AllowedOrigins, vuOrigin)
+			}})
+			e.fake.SetScript(testkit.Output("Hello!"))
+			victim := newVUBrowser(t, e)
+			victim.signIn(t, "victim", "Vic")
+			victim.say(t, "my data")
+
+			// The attacker registers the crafted id and signs in: the
+			// proxy accepts it (any id is valid), and the site computed
+			// its user_hash.
+			body := `{"user_id":"victim"}`
+			ts := strconv.FormatInt(time.Now().Unix(), 10)
+			crafted := ts + "." + body
+			attacker := newVUBrowser(t, e)
+			attacker.signIn(t, crafted, "Mallory")
+			mac := hmac.New(sha256.New, []byte(vuIdentitySecret))
+			mac.Write([]byte(crafted))
+			userHash := hex.EncodeToString(mac.Sum(nil))
+
+			rec := e.serve(t, "DELETE", "/api/v1/user/data", body, map[string]string{
+				signed.HeaderTimestamp: ts, signed.HeaderSignature: "sha256=" + userHash})
+			if rec.Code != http.StatusUnauthorized {
+				t.Fatalf("erasure signed with a user_hash: %d %s, want 401", rec.Code, rec.Body)
+			}
+			vuWantHistory(t, "the victim after the forged erasure", victim, "user:my data", "assistant:Hello!")
+		})
+	}
 }

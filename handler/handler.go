@@ -86,7 +86,7 @@ type Config struct {
 	// visitor's socket went away; zero means DefaultWaitTimeout.
 	WaitTimeout time.Duration
 	// Erasure checks the signature of DELETE {prefix}/user/data with
-	// identity_secret; nil (no identity_secret): the route answers 404.
+	// erasure_secret; nil (no erasure_secret): the route answers 404.
 	Erasure *signed.Verifier
 	// Replies carries live replies to resumed streams and stops to the
 	// instance producing a reply (through Redis when it has a client);

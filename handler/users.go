@@ -177,16 +177,16 @@ type erasureRequest struct {
 }
 
 // eraseUser answers DELETE {prefix}/user/data, the site's right-to-erasure
-// call: signed with identity_secret (package signed: timestamp, HMAC of
+// call: signed with erasure_secret (package signed: timestamp, HMAC of
 // "<timestamp>.<body>", each signature accepted once), it deletes every
 // conversation of the user with its messages, and answers 204, also when
 // nothing was stored. Their tokens stop working with their sessions. An
 // unsigned or badly signed request is 401 and deletes nothing; without
-// identity_secret the route is 404. When the store fails (503), the
+// erasure_secret the route is 404. When the store fails (503), the
 // signature is given up again, so the same request can be retried.
 func (h *Handler) eraseUser(w http.ResponseWriter, r *http.Request, _ string) error {
 	if h.cfg.Erasure == nil {
-		return h.writeError(w, r, http.StatusNotFound, "not_found", "user data erasure needs identity_secret")
+		return h.writeError(w, r, http.StatusNotFound, "not_found", "user data erasure needs erasure_secret")
 	}
 	if !h.rateLimit(w, r, ipKey(r)) {
 		return nil
@@ -206,7 +206,7 @@ func (h *Handler) eraseUser(w http.ResponseWriter, r *http.Request, _ string) er
 			return h.writeError(w, r, http.StatusServiceUnavailable, "unavailable", "the request could not be checked; try again with a new signature")
 		}
 		h.cfg.Logger.Info("user data erasure refused", zap.String("reason", err.Error()))
-		return h.writeError(w, r, http.StatusUnauthorized, "invalid_signature", "the request must be signed with identity_secret (X-Chatproxy-Timestamp, X-Chatproxy-Signature), once")
+		return h.writeError(w, r, http.StatusUnauthorized, "invalid_signature", "the request must be signed with erasure_secret (X-Chatproxy-Timestamp, X-Chatproxy-Signature), once")
 	}
 	var req erasureRequest
 	dec := json.NewDecoder(bytes.NewReader(body))

@@ -22,7 +22,7 @@ import (
 // and erasure, on both stores. The user is handed to openSession as the
 // create route does once the site's proof is verified.
 
-const usIdentitySecret = "identity-secret-for-the-erasure-tests-0123456789"
+const usErasureSecret = "erasure-secret-for-the-erasure-tests-0123456789"
 
 func usStores() map[string]func(*testing.T) sessions.Store {
 	return map[string]func(*testing.T) sessions.Store{"postgres": hdPostgres, "sqlite": hdSQLite}
@@ -30,7 +30,7 @@ func usStores() map[string]func(*testing.T) sessions.Store {
 
 func newUSEnv(t *testing.T, store sessions.Store) *hdEnv {
 	return newHDEnv(t, store, func(c *Config) {
-		c.Erasure = &signed.Verifier{Secret: []byte(usIdentitySecret), Replay: signed.NewMemoryReplay(0, nil)}
+		c.Erasure = &signed.Verifier{Secret: []byte(usErasureSecret), Replay: signed.NewMemoryReplay(0, nil)}
 	})
 }
 
@@ -395,7 +395,7 @@ func TestUserErasure(t *testing.T) {
 
 			body := `{"user_id":"user-42"}`
 			now := time.Now()
-			good := func() (string, string) { return signed.Sign([]byte(usIdentitySecret), []byte(body), now) }
+			good := func() (string, string) { return signed.Sign([]byte(usErasureSecret), []byte(body), now) }
 			ts, sig := good()
 			for _, tc := range []struct {
 				name    string
@@ -409,7 +409,7 @@ func TestUserErasure(t *testing.T) {
 				}(), body},
 				{"signature of another body", hdHeaders(signed.HeaderTimestamp, ts, signed.HeaderSignature, sig), `{"user_id":"user-7"}`},
 				{"stale", func() map[string]string {
-					ts, sig := signed.Sign([]byte(usIdentitySecret), []byte(body), now.Add(-time.Hour))
+					ts, sig := signed.Sign([]byte(usErasureSecret), []byte(body), now.Add(-time.Hour))
 					return hdHeaders(signed.HeaderTimestamp, ts, signed.HeaderSignature, sig)
 				}(), body},
 				{"malformed", hdHeaders(signed.HeaderTimestamp, ts, signed.HeaderSignature, "sha256=zz"), body},
@@ -452,13 +452,13 @@ func TestUserErasure(t *testing.T) {
 			// few seconds on: the same second's signature of the same body
 			// would be the one already used).
 			for _, b := range []string{`{"user_id":"nobody"}`, `{"user_id":"user-42"}`} {
-				if rec := usSigned(t, e, usIdentitySecret, b, now.Add(3*time.Second)); rec.Code != http.StatusNoContent {
+				if rec := usSigned(t, e, usErasureSecret, b, now.Add(3*time.Second)); rec.Code != http.StatusNoContent {
 					t.Errorf("erasure of %s: %d %s", b, rec.Code, rec.Body)
 				}
 			}
 			// Signed but not a user: 400.
 			for _, b := range []string{`{"user_id":""}`, `{}`, `[1]`, `{"user_id":"a"} x`} {
-				if rec := usSigned(t, e, usIdentitySecret, b, time.Now()); rec.Code != http.StatusBadRequest {
+				if rec := usSigned(t, e, usErasureSecret, b, time.Now()); rec.Code != http.StatusBadRequest {
 					t.Errorf("erasure with %s: %d %s, want 400", b, rec.Code, rec.Body)
 				}
 			}
@@ -470,7 +470,7 @@ func TestUserErasure(t *testing.T) {
 // Without identity_secret there is nothing to erase by: 404.
 func TestUserErasureOff(t *testing.T) {
 	e := newHDEnv(t, hdSQLite(t), nil)
-	hdWantError(t, usSigned(t, e, usIdentitySecret, `{"user_id":"user-42"}`, time.Now()), http.StatusNotFound, "not_found")
+	hdWantError(t, usSigned(t, e, usErasureSecret, `{"user_id":"user-42"}`, time.Now()), http.StatusNotFound, "not_found")
 }
 
 func usStats(t *testing.T, e *hdEnv) sessions.Stats {
@@ -504,13 +504,13 @@ func TestUserErasureRetryAfterStoreFailure(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			store := &failingErase{Store: open(t), failures: 1}
 			e := newHDEnv(t, store, func(c *Config) {
-				c.Erasure = &signed.Verifier{Secret: []byte(usIdentitySecret), Replay: signed.NewMemoryReplay(0, nil)}
+				c.Erasure = &signed.Verifier{Secret: []byte(usErasureSecret), Replay: signed.NewMemoryReplay(0, nil)}
 			})
 			_, token := usOpen(t, e, usAda, false, nil)
 			usSay(t, e, usBearer(token), "please forget me")
 
 			body := `{"user_id":"user-42"}`
-			ts, sig := signed.Sign([]byte(usIdentitySecret), []byte(body), time.Now())
+			ts, sig := signed.Sign([]byte(usErasureSecret), []byte(body), time.Now())
 			headers := hdHeaders(signed.HeaderTimestamp, ts, signed.HeaderSignature, sig)
 			hdWantError(t, e.do(t, "DELETE", "/api/v1/user/data", body, headers), http.StatusServiceUnavailable, "store_unavailable")
 			if h := usHistoryOf(t, e, usBearer(token), ""); h.TotalCount != 2 {
