@@ -148,7 +148,9 @@ func renameUser(raw json.RawMessage, obj map[string]json.RawMessage) json.RawMes
 // can then be read as the verified user. Anything else is left as it is
 // (and to the message checks).
 func (h *Handler) unverifiedUser(raw json.RawMessage) json.RawMessage {
-	if h.cfg.Identity == nil || !bytes.Contains(raw, []byte(`"user"`)) {
+	// Only context that cannot hold the key is passed over undecoded: a
+	// key may be spelt with escapes ("us\u0065r") that decode to "user".
+	if h.cfg.Identity == nil || !bytes.Contains(raw, []byte("user")) && bytes.IndexByte(raw, '\\') < 0 {
 		return raw
 	}
 	if obj := metadataObject(raw); obj != nil {

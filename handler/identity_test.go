@@ -169,25 +169,29 @@ func TestIdentityAnonymousN8nHasNoUser(t *testing.T) {
 	e, _ := identityEnv(t, "sqlite", false, nil)
 	e.fake.SetScript(testkit.Output("hello"))
 	s := e.newSession(t)
-	rec := e.serve(t, "POST", "/api/v1/chat/message",
-		`{"message":"hi","context":{"user":{"id":"admin","name":"Mallory","verified":true},"page":"x"}}`,
-		authz(s.Token, "Origin", allowedOrigin))
-	if rec.Code != http.StatusOK || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/event-stream") {
-		t.Fatalf("%d %s", rec.Code, rec.Body)
-	}
-	c := e.fake.Last(t)
-	if _, ok := c.Fields["user"]; ok || c.Body.User != nil {
-		t.Fatalf("anonymous body has user: %s", c.Raw)
-	}
-	if _, ok := c.Claims["user"]; ok {
-		t.Fatalf("anonymous token has user: %v", c.Claims)
-	}
-	var meta map[string]json.RawMessage
-	if err := json.Unmarshal(c.Body.Metadata, &meta); err != nil {
-		t.Fatal(err)
-	}
-	if _, ok := meta["user"]; ok || !strings.Contains(string(meta["unverified_user"]), `"Mallory"`) || string(meta["page"]) != `"x"` {
-		t.Fatalf("metadata %s: want the page's user under unverified_user", c.Body.Metadata)
+	// The key as JSON may spell it: plain, or with escapes that decode to
+	// "user" (n8n reads it as "user" all the same).
+	for _, key := range []string{`"user"`, `"us\u0065r"`, `"\u0075\u0073\u0065\u0072"`} {
+		rec := e.serve(t, "POST", "/api/v1/chat/message",
+			`{"message":"hi","context":{`+key+`:{"id":"admin","name":"Mallory","verified":true},"page":"x"}}`,
+			authz(s.Token, "Origin", allowedOrigin))
+		if rec.Code != http.StatusOK || !strings.HasPrefix(rec.Header().Get("Content-Type"), "text/event-stream") {
+			t.Fatalf("%s: %d %s", key, rec.Code, rec.Body)
+		}
+		c := e.fake.Last(t)
+		if _, ok := c.Fields["user"]; ok || c.Body.User != nil {
+			t.Fatalf("%s: anonymous body has user: %s", key, c.Raw)
+		}
+		if _, ok := c.Claims["user"]; ok {
+			t.Fatalf("%s: anonymous token has user: %v", key, c.Claims)
+		}
+		var meta map[string]json.RawMessage
+		if err := json.Unmarshal(c.Body.Metadata, &meta); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := meta["user"]; ok || !strings.Contains(string(meta["unverified_user"]), `"Mallory"`) || string(meta["page"]) != `"x"` {
+			t.Fatalf("%s: metadata %s: want the page's user under unverified_user", key, c.Body.Metadata)
+		}
 	}
 }
 
