@@ -41,6 +41,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    session_secret  <secret>
 //	    identity_secret <secret>
 //	    erasure_secret  <secret>
+//	    identity_proofs user_hash|identity_token...
 //	    database        <postgres-url>|sqlite:<path>
 //	    allowed_origins <origin...>
 //	    path_prefix     <path>
@@ -123,6 +124,12 @@ func (cp *ChatProxy) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				_, perr := parseURLOption(option, cp.HandoffWebhook)
 				err = checked(perr)
 			}
+		case "identity_proofs":
+			cp.IdentityProofs = d.RemainingArgs()
+			if len(cp.IdentityProofs) == 0 {
+				return d.ArgErr()
+			}
+			err = checked(checkProofForms(cp.IdentityProofs))
 		case "erasure_secret":
 			if cp.ErasureSecret, err = singleArg(d, option); err == nil && literal(cp.ErasureSecret) {
 				err = checked(checkSecret(option, []byte(cp.ErasureSecret)))
@@ -308,7 +315,7 @@ func checked(err error) error {
 // caddyfileOptions are the options of the chat_proxy block, for "did you
 // mean" suggestions.
 var caddyfileOptions = []string{
-	"n8n_webhook", "jwt_secret", "session_secret", "identity_secret", "erasure_secret", "database", "allowed_origins", "path_prefix",
+	"n8n_webhook", "jwt_secret", "session_secret", "identity_secret", "erasure_secret", "identity_proofs", "database", "allowed_origins", "path_prefix",
 	"session_ttl", "max_body_size", "cookie", "n8n_token_ttl", "upstream_auth", "upstream_timeout",
 	"stream_idle_timeout", "max_stream_duration", "max_message_length", "on_client_disconnect",
 	"circuit_breaker", "redis", "rate_limit", "rate_limit_block", "bot_detection", "metrics_allow",

@@ -471,6 +471,7 @@ func TestCaddyfileChecksValuesWithTheLine(t *testing.T) {
 	wantCaddyfileError(t, "chat_proxy {\n\tjwt_secret "+same+"\n\tpush_secret "+same+"\n}", "chat_proxy: push_secret: must differ from jwt_secret and session_secret, at Testfile:4")
 	wantCaddyfileError(t, "chat_proxy {\n\tsession_secret "+same+"\n\tidentity_secret "+same+"\n}", "chat_proxy: identity_secret: must differ from jwt_secret, session_secret and push_secret, at Testfile:4")
 	wantCaddyfileError(t, "chat_proxy {\n\tidentity_secret "+same+"\n\terasure_secret "+same+"\n}", "chat_proxy: erasure_secret: must differ from identity_secret, jwt_secret, session_secret and push_secret, at Testfile:4")
+	wantCaddyfileError(t, "chat_proxy {\n\tidentity_proofs user_hash password\n}", `chat_proxy: identity_proofs: unknown proof form "password": use user_hash or identity_token, at Testfile:2`)
 	wantCaddyfileError(t, "chat_proxy {\n\terasure_secret short\n}", "chat_proxy: erasure_secret: must be at least 32 bytes, got 5, at Testfile:2")
 
 	// Placeholders are left for provision time.

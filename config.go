@@ -14,6 +14,7 @@ import (
 
 	"github.com/chatproxy/caddy-chatproxy/guard"
 	"github.com/chatproxy/caddy-chatproxy/handler"
+	"github.com/chatproxy/caddy-chatproxy/identity"
 	"github.com/chatproxy/caddy-chatproxy/metrics"
 	"github.com/chatproxy/caddy-chatproxy/n8n"
 	"github.com/chatproxy/caddy-chatproxy/sessions"
@@ -300,6 +301,7 @@ func (cp *ChatProxy) Validate() error {
 		func() error {
 			return checkIdentitySecret(cp.identitySecret, cp.jwtSecret, cp.sessionSecret, cp.pushSecret)
 		},
+		func() error { return checkIdentityProofs(cp.IdentityProofs, cp.identitySecret) },
 		func() error {
 			return checkErasureSecret(cp.erasureSecret, cp.identitySecret, cp.jwtSecret, cp.sessionSecret, cp.pushSecret)
 		},
@@ -407,6 +409,33 @@ func checkErasureSecret(secret, identitySecret, jwtSecret, sessionSecret, pushSe
 		if string(secret) == string(other) {
 			return errors.New("erasure_secret: must differ from identity_secret, jwt_secret, session_secret and push_secret")
 		}
+	}
+	return nil
+}
+
+// checkIdentityProofs: identity_proofs names known forms, each once, and
+// only with identity_secret, whose proofs it restricts.
+func checkIdentityProofs(forms []string, identitySecret []byte) error {
+	if len(forms) == 0 {
+		return nil
+	}
+	if len(identitySecret) == 0 {
+		return errors.New("identity_proofs: needs identity_secret, whose proofs it restricts")
+	}
+	return checkProofForms(forms)
+}
+
+// checkProofForms: each of identity_proofs' forms is known and named once.
+func checkProofForms(forms []string) error {
+	seen := map[string]bool{}
+	for _, f := range forms {
+		if f != identity.FormHash && f != identity.FormToken {
+			return fmt.Errorf("identity_proofs: unknown proof form %q: use %s or %s", f, identity.FormHash, identity.FormToken)
+		}
+		if seen[f] {
+			return fmt.Errorf("identity_proofs: %s named twice", f)
+		}
+		seen[f] = true
 	}
 	return nil
 }

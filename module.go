@@ -100,6 +100,14 @@ type ChatProxy struct {
 	// make that hash a valid erasure signature.
 	ErasureSecret string `json:"erasure_secret,omitempty"`
 
+	// The proof forms identity_secret accepts: "user_hash",
+	// "identity_token", or both (the default). Both are HMAC-SHA256 under
+	// identity_secret, so a site that computes user_hash over ids its
+	// visitors choose (usernames) hands out what signs an identity_token
+	// for anyone: such a site sets ["identity_token"], and one that never
+	// issues tokens ["user_hash"]. A refused form is 401 invalid_identity.
+	IdentityProofs []string `json:"identity_proofs,omitempty"`
+
 	// Where sessions and messages are stored. A `postgres://` or
 	// `postgresql://` URL uses PostgreSQL; `sqlite:<path>` uses the embedded
 	// store at that file. Default: the embedded store in Caddy's data
@@ -408,6 +416,9 @@ func (cp *ChatProxy) provisionIdentity(_ caddy.Context, hc *handler.Config) erro
 	v, err := identity.NewVerifier(cp.identitySecret, nil)
 	if err != nil {
 		return fmt.Errorf("identity_secret: %w", err)
+	}
+	if err := v.Restrict(cp.IdentityProofs...); err != nil {
+		return fmt.Errorf("identity_proofs: %w", err)
 	}
 	hc.Identity = v
 	return nil

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
 	"github.com/chatproxy/caddy-chatproxy/internal/testkit"
 	"github.com/chatproxy/caddy-chatproxy/signed"
 )
@@ -252,4 +254,27 @@ func TestErasureNotForgeableFromUserHash(t *testing.T) {
 			vuWantHistory(t, "the victim after the forged erasure", victim, "user:my data", "assistant:Hello!")
 		})
 	}
+}
+
+// identity_proofs user_hash: a site that hashes ids its visitors choose
+// accepts no identity_token, so a token signed by a handed-out user_hash
+// gets nowhere (identity.TestRestrictClosesHashTokenForgery shows the
+// forgery); its hashes still work.
+func TestIdentityProofsRestricted(t *testing.T) {
+	e := newChatEnv(t, chatEnvOpts{kind: "sqlite", mutate: func(cp *ChatProxy) {
+		cp.IdentitySecret = vuIdentitySecret
+		cp.IdentityProofs = []string{"user_hash"}
+		cp.AllowedOrigins = append(cp.AllowedOrigins, vuOrigin)
+	}})
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "user-42", "exp": time.Now().Add(time.Hour).Unix()}).
+		SignedString([]byte(vuIdentitySecret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newVUBrowser(t, e)
+	code, out := b.do(t, "POST", "/api/v1/session/create", `{"identity_token":"`+tok+`"}`, nil)
+	if code != http.StatusUnauthorized || !strings.Contains(string(out), "invalid_identity") {
+		t.Fatalf("a token where only user_hash is accepted: %d %s, want 401 invalid_identity", code, out)
+	}
+	b.signIn(t, "user-42", "Ada") // fails the test unless 201
 }

@@ -65,6 +65,7 @@ var ErrInvalid = errors.New("invalid identity")
 // Reasons a proof is refused, for logs and metrics.
 const (
 	ReasonNotConfigured = "not_configured" // identity fields without identity_secret
+	ReasonFormRefused   = "form_refused"   // a proof form identity_proofs leaves out
 	ReasonIncomplete    = "incomplete"     // user_id without user_hash, or the reverse
 	ReasonAmbiguous     = "ambiguous"      // both a hash and a token
 	ReasonMalformedHash = "malformed_hash" // not 64 hex characters
@@ -119,9 +120,19 @@ func (p Proof) Present() bool {
 	return p.UserID != "" || p.UserHash != "" || p.Token != ""
 }
 
+// Proof forms, as the identity_proofs option names them.
+const (
+	FormHash  = "user_hash"
+	FormToken = "identity_token"
+)
+
 // Verifier checks proofs made with one identity_secret. A nil *Verifier
 // (identity_secret not configured) refuses every proof.
 type Verifier struct {
+	// refuseHash and refuseToken leave a proof form out (Restrict); the
+	// zero value accepts both.
+	refuseHash, refuseToken bool
+
 	secret []byte
 	now    func() time.Time
 	parser *jwt.Parser
@@ -152,6 +163,30 @@ func NewVerifier(secret []byte, now func() time.Time) (*Verifier, error) {
 	}, nil
 }
 
+// Restrict makes v accept only the given proof forms (FormHash,
+// FormToken); none given keeps both. Both forms are HMAC-SHA256 under the
+// same secret, so a site that computes user_hash over ids its visitors
+// choose hands out what signs an identity_token for anyone (an id shaped
+// like a token's header.payload); such a site restricts to FormToken, and
+// one that never issues tokens to FormHash.
+func (v *Verifier) Restrict(forms ...string) error {
+	if len(forms) == 0 {
+		return nil
+	}
+	v.refuseHash, v.refuseToken = true, true
+	for _, f := range forms {
+		switch f {
+		case FormHash:
+			v.refuseHash = false
+		case FormToken:
+			v.refuseToken = false
+		default:
+			return fmt.Errorf("unknown proof form %q: use %s or %s", f, FormHash, FormToken)
+		}
+	}
+	return nil
+}
+
 // Hash returns the user_hash of a user id: the hex HMAC-SHA256 of id keyed
 // with secret, as the site's backend computes it.
 func Hash(secret []byte, id string) string {
@@ -169,8 +204,12 @@ func (v *Verifier) Verify(p Proof) (*User, error) {
 	switch {
 	case p.Token != "" && (p.UserID != "" || p.UserHash != ""):
 		return nil, refuse(ReasonAmbiguous, "send either user_id with user_hash or identity_token, not both")
+	case p.Token != "" && v.refuseToken:
+		return nil, refuse(ReasonFormRefused, "this site does not accept identity_token proofs; send user_id with user_hash")
 	case p.Token != "":
 		return v.verifyToken(p.Token)
+	case v.refuseHash:
+		return nil, refuse(ReasonFormRefused, "this site does not accept user_hash proofs; send identity_token")
 	}
 	return v.verifyHash(p)
 }

@@ -3,8 +3,11 @@ package identity
 import (
 	"crypto/rand"
 	"crypto/rsa"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -219,5 +222,62 @@ func TestProofPresent(t *testing.T) {
 		if got := tc.p.Present(); got != tc.want {
 			t.Errorf("%+v.Present() = %v, want %v", tc.p, got, tc.want)
 		}
+	}
+}
+
+// A site that hands out the user_hash of an id its visitor chose hands out
+// an HS256 signature: an id shaped like a token's header.payload hashes to
+// exactly that token's signature. With both forms accepted the forged
+// token is good for any sub; restricted to one form, the other is refused.
+func TestRestrictClosesHashTokenForgery(t *testing.T) {
+	now := testNow
+	enc := base64.RawURLEncoding
+	signingInput := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." +
+		enc.EncodeToString([]byte(fmt.Sprintf(`{"sub":"victim","exp":%d}`, now.Add(time.Hour).Unix())))
+	// What the site computes for the visitor who registered that id.
+	handedOut, err := hex.DecodeString(Hash(testSecret, signingInput))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := Proof{Token: signingInput + "." + enc.EncodeToString(handedOut)}
+
+	both := testVerifier(t)
+	if u, err := both.Verify(forged); err != nil || u.ID != "victim" {
+		t.Fatalf("with both forms the forged token gave %+v, %v: the hole Restrict exists for is not shown", u, err)
+	}
+
+	tokensOnly := testVerifier(t)
+	if err := tokensOnly.Restrict(FormToken); err != nil {
+		t.Fatal(err)
+	}
+	hashesOnly := testVerifier(t)
+	if err := hashesOnly.Restrict(FormHash); err != nil {
+		t.Fatal(err)
+	}
+	good := Proof{UserID: "user-42", UserHash: Hash(testSecret, "user-42")}
+	for _, tc := range []struct {
+		name   string
+		v      *Verifier
+		proof  Proof
+		refuse bool
+	}{
+		{"hashes only: the forged token", hashesOnly, forged, true},
+		{"hashes only: a hash", hashesOnly, good, false},
+		{"tokens only: a hash", tokensOnly, good, true},
+		{"tokens only: a token", tokensOnly, forged, false}, // a site issuing tokens never hands out hashes
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tc.v.Verify(tc.proof)
+			var ie *Error
+			switch {
+			case tc.refuse && (!errors.As(err, &ie) || ie.Reason != ReasonFormRefused):
+				t.Fatalf("got %v, want a %s refusal", err, ReasonFormRefused)
+			case !tc.refuse && err != nil:
+				t.Fatalf("refused: %v", err)
+			}
+		})
+	}
+	if err := testVerifier(t).Restrict("password"); err == nil {
+		t.Error("an unknown proof form was accepted")
 	}
 }
