@@ -70,6 +70,11 @@ const (
 	DefaultLiveTTL   = 30 * time.Minute
 	DefaultEndedTTL  = 5 * time.Minute
 	DefaultWatchTTL  = 5 * time.Second
+	// DefaultAppendEvery: a reply's events reach the other instances at
+	// most this much later than its own client, and a reply relayed
+	// faster costs one Redis round trip (begin to end) instead of one
+	// per event or so.
+	DefaultAppendEvery = 10 * time.Millisecond
 	// pollEvery is how long a Redis follower blocks for new entries, and
 	// how often it refreshes its watch key.
 	pollEvery = time.Second
@@ -88,7 +93,11 @@ type Config struct {
 	LiveTTL, EndedTTL time.Duration
 	// WatchTTL is the expiry of a remote follower's watch key.
 	WatchTTL time.Duration
-	Logger   *zap.Logger
+	// AppendEvery is how long an event waits for those that follow it,
+	// to be appended to the Stream together (the end and errors do not
+	// wait). Default: DefaultAppendEvery.
+	AppendEvery time.Duration
+	Logger      *zap.Logger
 }
 
 // Hub holds the live replies of this process and, with Redis, publishes
@@ -120,6 +129,9 @@ func NewHub(cfg Config) *Hub {
 	}
 	if cfg.WatchTTL <= 0 {
 		cfg.WatchTTL = DefaultWatchTTL
+	}
+	if cfg.AppendEvery <= 0 {
+		cfg.AppendEvery = DefaultAppendEvery
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -271,10 +283,11 @@ func (l *Live) publish(ev Event) uint64 {
 	l.ended = ev.Type == TypeEnd
 	close(l.changed)
 	l.changed = make(chan struct{})
-	l.mu.Unlock()
 	if l.pub != nil {
-		l.pub.add(ev)
+		// Queued under l.mu, so the Stream gets the events in id order.
+		l.pub.add(ev, ev.Type == TypeEnd || ev.Type == TypeError)
 	}
+	l.mu.Unlock()
 	return ev.ID
 }
 
@@ -547,30 +560,40 @@ func cutDash(s string) (string, string, bool) {
 }
 
 // publisher appends a live reply's events to its Redis Stream, in order,
-// from a goroutine of its own, so the relay never waits for Redis.
+// from a goroutine of its own, so the relay never waits for Redis. An
+// event waits AppendEvery for those that follow it, unless the end or an
+// error comes (or the reply closes), which go at once; what is queued then
+// goes in one pipeline (one round trip).
 type publisher struct {
-	h    *Hub
-	key  string
-	mu   sync.Mutex
-	q    []Event
-	done bool
-	wake chan struct{}
-	quit chan struct{}
+	h      *Hub
+	key    string
+	mu     sync.Mutex
+	q      []Event
+	done   bool
+	wake   chan struct{} // an event is queued
+	urgent chan struct{} // the end, an error or close: append now
 }
 
 func newPublisher(h *Hub, id string) *publisher {
-	p := &publisher{h: h, key: h.streamKey(id), wake: make(chan struct{}, 1), quit: make(chan struct{})}
+	p := &publisher{h: h, key: h.streamKey(id), wake: make(chan struct{}, 1), urgent: make(chan struct{}, 1)}
 	go p.run()
 	return p
 }
 
-func (p *publisher) add(ev Event) {
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+func (p *publisher) add(ev Event, urgent bool) {
 	p.mu.Lock()
 	p.q = append(p.q, ev)
 	p.mu.Unlock()
-	select {
-	case p.wake <- struct{}{}:
-	default:
+	signal(p.wake)
+	if urgent {
+		signal(p.urgent)
 	}
 }
 
@@ -579,49 +602,35 @@ func (p *publisher) close() {
 	p.mu.Lock()
 	p.done = true
 	p.mu.Unlock()
-	select {
-	case p.wake <- struct{}{}:
-	default:
-	}
+	signal(p.wake)
+	signal(p.urgent)
 }
 
 func (p *publisher) run() {
-	rdb := p.h.cfg.Redis
 	failed := false
-	for range p.wake {
+	pause := time.NewTimer(time.Hour)
+	pause.Stop()
+	defer pause.Stop()
+	for {
+		<-p.wake
+		// Let the events that follow this one gather, unless one is
+		// urgent.
+		select {
+		case <-p.urgent:
+		default:
+			pause.Reset(p.h.cfg.AppendEvery)
+			select {
+			case <-pause.C:
+			case <-p.urgent:
+				pause.Stop()
+			}
+		}
 		p.mu.Lock()
 		batch, done := p.q, p.done
 		p.q = nil
 		p.mu.Unlock()
 		if len(batch) > 0 {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			pipe := rdb.Pipeline()
-			ended := false
-			for _, ev := range batch {
-				vals := []any{"t", ev.Type}
-				switch ev.Type {
-				case TypeItem:
-					vals = append(vals, "c", ev.Content)
-				case TypeError:
-					vals = append(vals, "e", ev.Code, "m", ev.Message)
-				case TypeEnd:
-					ended = true
-				}
-				pipe.XAdd(ctx, &redis.XAddArgs{
-					Stream: p.key, MaxLen: p.h.cfg.MaxEvents, Approx: true,
-					ID: strconv.FormatUint(ev.ID, 10) + "-0", Values: vals,
-				})
-			}
-			ttl := p.h.cfg.LiveTTL
-			if ended {
-				ttl = p.h.cfg.EndedTTL
-			}
-			pipe.PExpire(ctx, p.key, ttl)
-			if _, err := pipe.Exec(ctx); err != nil && !failed {
-				failed = true // logged once per reply; resumes fall back to the store
-				p.h.cfg.Logger.Warn("publishing reply events to redis", zap.String("key", p.key), zap.Error(err))
-			}
-			cancel()
+			p.append(batch, &failed)
 		}
 		if done {
 			p.mu.Lock()
@@ -630,11 +639,43 @@ func (p *publisher) run() {
 			if left == 0 {
 				return
 			}
-			select {
-			case p.wake <- struct{}{}:
-			default:
-			}
+			signal(p.wake)
+			signal(p.urgent)
 		}
+	}
+}
+
+// append sends batch in one pipeline: an XADD per event and the Stream's
+// expiry.
+func (p *publisher) append(batch []Event, failed *bool) {
+	rdb := p.h.cfg.Redis
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	pipe := rdb.Pipeline()
+	ended := false
+	for _, ev := range batch {
+		vals := []any{"t", ev.Type}
+		switch ev.Type {
+		case TypeItem:
+			vals = append(vals, "c", ev.Content)
+		case TypeError:
+			vals = append(vals, "e", ev.Code, "m", ev.Message)
+		case TypeEnd:
+			ended = true
+		}
+		pipe.XAdd(ctx, &redis.XAddArgs{
+			Stream: p.key, MaxLen: p.h.cfg.MaxEvents, Approx: true,
+			ID: strconv.FormatUint(ev.ID, 10) + "-0", Values: vals,
+		})
+	}
+	ttl := p.h.cfg.LiveTTL
+	if ended {
+		ttl = p.h.cfg.EndedTTL
+	}
+	pipe.PExpire(ctx, p.key, ttl)
+	if _, err := pipe.Exec(ctx); err != nil && !*failed {
+		*failed = true // logged once per reply; resumes fall back to the store
+		p.h.cfg.Logger.Warn("publishing reply events to redis", zap.String("key", p.key), zap.Error(err))
 	}
 }
 

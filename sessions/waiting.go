@@ -149,6 +149,20 @@ func (s *SQLiteStore) TakeWaiting(ctx context.Context, sessionID string, now tim
 	if !storable(sessionID) {
 		return nil, opErr(op, ErrNotFound)
 	}
+	// Most sessions wait on nothing: a read (query_only connections) says
+	// so without the one write connection's BEGIN IMMEDIATE, which every
+	// chat API message took here, queued with the writer's commits. A
+	// record set meanwhile is as if set after this message's DELETE.
+	if err := s.ready(ctx); err != nil {
+		return nil, opErr(op, err)
+	}
+	var waits bool
+	if err := s.r.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM chatproxy_waiting WHERE session_id = ?1)`, sessionID).Scan(&waits); err != nil {
+		return nil, opErr(op, err)
+	}
+	if !waits {
+		return nil, opErr(op, ErrNotFound)
+	}
 	var w Waiting
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		var until int64
