@@ -164,6 +164,8 @@ type socketRelay struct {
 	ended     bool   // n8n's side ended: nothing starts the wait any more
 	shutdown  bool   // the server is exiting
 	waitTimer *time.Timer
+
+	n8nDone chan struct{} // closed when readN8n has ended n8n's side
 }
 
 // run dials n8n and relays until n8n's side ends: n8n closed it (the
@@ -184,11 +186,13 @@ func (rl *socketRelay) run(ctx context.Context) {
 	_, stopWatch := rl.h.cfg.Drain.watchFunc(rl.serverExiting)
 	defer stopWatch()
 	visitorDone := make(chan struct{})
+	rl.n8nDone = make(chan struct{})
 	go func() {
 		defer close(visitorDone)
 		rl.readVisitor(ctx)
 	}()
 	rl.readN8n(ctx)
+	close(rl.n8nDone)
 	rl.mu.Lock()
 	if rl.waitTimer != nil {
 		rl.waitTimer.Stop()
@@ -318,6 +322,11 @@ func (rl *socketRelay) readVisitor(ctx context.Context) {
 			}
 		}
 		if !rl.writeN8n(ctx, data) {
+			// n8n's side is ending, not the visitor's: readN8n learns why
+			// and closes the visitor's socket with n8n's code. Returning at
+			// once would detach the visitor as if they had left, and that
+			// close would become a dropped connection.
+			<-rl.n8nDone
 			return
 		}
 		rl.h.cfg.Metrics.SocketFrameRelayed(metrics.ToN8n)
