@@ -770,7 +770,7 @@ func (s *apiSocket) release(e *errorEvent) {
 		_ = sk.sw.End()
 		sk.openID = ""
 	}
-	_ = sk.sw.Finish()
+	_ = sk.sw.DoneWithoutEnd()
 	close(sk.done)
 }
 

@@ -162,8 +162,10 @@ func (s *SSEWriter) Done() error {
 	return err
 }
 
-// DoneWithoutEnd ends a resumed stream whose end event the client already
-// has: it writes only "data: [DONE]" (once, like Done, which it counts as).
+// DoneWithoutEnd ends a stream with "data: [DONE]" alone, where the end
+// events were written already: a resumed stream whose end the client has,
+// or one carrying several replies each closed with End. It counts as Done
+// (once; later calls, and Done, write nothing).
 func (s *SSEWriter) DoneWithoutEnd() error {
 	s.mu.Lock()
 	if s.done {

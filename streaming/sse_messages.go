@@ -72,25 +72,4 @@ func (s *SSEWriter) Event(v any) error {
 	return s.writeBufLocked()
 }
 
-// Finish ends the stream with "data: [DONE]" alone (the replies were
-// closed with End) and stops the keepalive timer. Like Done, later calls
-// return nil and write nothing; after it, Done writes nothing either.
-func (s *SSEWriter) Finish() error {
-	s.mu.Lock()
-	if s.done {
-		s.mu.Unlock()
-		return nil
-	}
-	err := s.ensureStartedLocked()
-	if err == nil {
-		err = s.writeLocked(sseDone)
-	}
-	stopped := s.finishLocked()
-	s.mu.Unlock()
-	if stopped != nil {
-		<-stopped
-	}
-	return err
-}
-
 var errNotObject = errors.New("streaming: an event must be a JSON object")

@@ -27,9 +27,9 @@ func TestSSESeveralReplies(t *testing.T) {
 				},
 				sw.End,
 				func() error { return sw.Event(map[string]string{"type": "waiting"}) },
-				sw.Finish,
-				sw.Done, // writes nothing after Finish
-				sw.Finish,
+				sw.DoneWithoutEnd,
+				sw.Done, // writes nothing after DoneWithoutEnd
+				sw.DoneWithoutEnd,
 			}
 			for i, step := range steps {
 				if err := step(); err != nil {
