@@ -593,7 +593,7 @@ func drillGoroutines() (total, ours int, dump string) {
 func (e *chatEnv) drillFigures(withStacks bool) drillFigures {
 	f := drillFigures{
 		goroutines: runtime.NumGoroutine(),
-		inflight:   int(e.inflight.Load()),
+		inflight:   e.live.InFlight(),
 		upActive:   e.fake.Active(),
 		upConns:    e.fake.OpenConns(),
 		acquired:   -1,

@@ -4,20 +4,15 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
-	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
-	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
 	"github.com/go-redis/redis_rate/v10"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -280,8 +275,8 @@ type chatEnv struct {
 	srv      *httptest.Server
 	client   *http.Client
 
-	inflight atomic.Int32         // requests the live server is handling
-	reqCtxs  chan context.Context // each live request's context, in arrival order
+	live    *testkit.Live        // the live server: srv, client and reqCtxs are its
+	reqCtxs chan context.Context // each live request's context, in arrival order
 }
 
 type chatEnvOpts struct {
@@ -295,7 +290,7 @@ type chatEnvOpts struct {
 
 func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
 	t.Helper()
-	e := &chatEnv{fake: o.fake, reqCtxs: make(chan context.Context, 64)}
+	e := &chatEnv{fake: o.fake}
 	if e.fake == nil {
 		e.fake = testkit.NewN8n(t, nil)
 		e.fake.RequireJWT(testSessionSecret)
@@ -307,39 +302,8 @@ func newChatEnv(t *testing.T, o chatEnvOpts) *chatEnv {
 	}
 	e.h, e.store = newHandler(t, c)
 	e.audience = sessions.BlockAudience(c.Upstream.WebhookURL)
-	var enc *encode.Encode
-	if o.encode {
-		enc = testkit.NewEncode(t)
-	}
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
-		w.WriteHeader(passedOn)
-		return nil
-	})
-	e.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		e.inflight.Add(1)
-		defer e.inflight.Add(-1)
-		select {
-		case e.reqCtxs <- r.Context():
-		default:
-		}
-		r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, nil)
-		caddyhttp.SetVar(r.Context(), caddyhttp.ClientIPVarKey, chatClientIP)
-		var h caddyhttp.Handler = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-			return e.h.ServeHTTP(w, r, next)
-		})
-		if enc != nil {
-			inner := h
-			h = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-				return enc.ServeHTTP(w, r, inner)
-			})
-		}
-		if err := h.ServeHTTP(w, r); err != nil {
-			t.Errorf("ServeHTTP %s %s returned %v", r.Method, r.URL.Path, err)
-		}
-	}))
-	e.client = &http.Client{Transport: &http.Transport{DisableCompression: true}}
-	t.Cleanup(e.srv.Close)
-	t.Cleanup(e.client.CloseIdleConnections)
+	e.live = testkit.NewLive(t, e.h, testkit.LiveOptions{ClientIP: chatClientIP, UserAgent: chatUA, PassedOn: passedOn, Encode: o.encode})
+	e.srv, e.client, e.reqCtxs = e.live.Server, e.live.Client, e.live.ReqCtxs
 	t.Cleanup(e.fake.Release) // runs first: no handler waits on the fake
 	return e
 }
@@ -357,51 +321,19 @@ func (e *chatEnv) serve(t *testing.T, method, path, body string, headers map[str
 // the end of the test.
 func (e *chatEnv) do(t *testing.T, method, path, body string, headers map[string]string) *http.Response {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	t.Cleanup(cancel)
-	return e.doCtx(t, ctx, method, path, body, headers)
+	return e.live.Do(t, method, path, body, headers)
 }
 
 func (e *chatEnv) doCtx(t *testing.T, ctx context.Context, method, path, body string, headers map[string]string) *http.Response {
 	t.Helper()
-	var rd io.Reader
-	if body != "" {
-		rd = strings.NewReader(body)
-	}
-	r, err := http.NewRequestWithContext(ctx, method, e.srv.URL+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != "" {
-		r.Header.Set("Content-Type", "application/json")
-	}
-	r.Header.Set("User-Agent", chatUA)
-	for k, v := range headers {
-		if v == "" {
-			r.Header.Del(k)
-		} else {
-			r.Header.Set(k, v)
-		}
-	}
-	resp, err := e.client.Do(r)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	t.Cleanup(func() { _ = resp.Body.Close() })
-	return resp
+	return e.live.DoCtx(t, ctx, method, path, body, headers)
 }
 
 // waitIdle waits until the live server has finished every request, so
 // what a handler stores after the client saw the end is in the store.
 func (e *chatEnv) waitIdle(t *testing.T) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for e.inflight.Load() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("timed out waiting for the proxy to finish its requests")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	e.live.WaitIdle(t)
 }
 
 // newSession creates a visitor session from the allowed origin with the
