@@ -41,9 +41,6 @@ const eventsRetry = "3000"
 // reloads, the stream ends with an `end` event and EventSource
 // reconnects (to the new configuration) by itself.
 func (h *Handler) chatEvents(w http.ResponseWriter, r *http.Request, _ string) error {
-	if !h.rateLimit(w, r, ipKey(r)) {
-		return nil
-	}
 	s, claims, ok := h.authenticate(w, r)
 	if !ok {
 		return nil

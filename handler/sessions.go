@@ -88,9 +88,6 @@ type validateResponse struct {
 }
 
 func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ string) error {
-	if !h.rateLimit(w, r, ipKey(r)) {
-		return nil
-	}
 	s, _, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
@@ -105,9 +102,6 @@ func (h *Handler) validateSession(w http.ResponseWriter, r *http.Request, _ stri
 }
 
 func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ string) error {
-	if !h.rateLimit(w, r, ipKey(r)) {
-		return nil
-	}
 	s, claims, ok := h.authenticate(w, r)
 	if !ok {
 		return nil
@@ -122,10 +116,14 @@ func (h *Handler) destroySession(w http.ResponseWriter, r *http.Request, _ strin
 	return nil
 }
 
-// authenticate finds the caller's session from the bearer token or, failing
-// that, the session cookie. Cookie-authenticated requests must also pass
-// the CSRF rule. On failure it has written the response.
+// authenticate spends the caller's ip rate limit, then finds their session
+// from the bearer token or, failing that, the session cookie.
+// Cookie-authenticated requests must also pass the CSRF rule. On failure
+// it has written the response.
 func (h *Handler) authenticate(w http.ResponseWriter, r *http.Request) (*sessions.Session, *sessions.Claims, bool) {
+	if !h.rateLimit(w, r, ipKey(r)) {
+		return nil, nil, false
+	}
 	_, claims, ok := h.authenticateWith(w, r, h.verifyToken)
 	if !ok {
 		return nil, nil, false
